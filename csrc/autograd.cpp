@@ -1,0 +1,107 @@
+// C++ autograd functions of the differentiable ops, registered at the Autograd
+// dispatch key. Forward redispatches below autograd to the CPU / CUDA kernel;
+// backward calls other moeflux ops through the dispatcher, so fake tensors,
+// torch.compile and profiling see them like any ATen op.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "csrc/ops.h"
+
+namespace moeflux {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+class RouteFunction : public torch::autograd::Function<RouteFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, int64_t k, bool renormalize) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = find_op<decltype(route)>("moeflux::route");
+    auto [weights, expert_ids] = op.call(logits, k, renormalize);
+    ctx->save_for_backward({logits, weights, expert_ids});
+    ctx->saved_data["renormalize"] = renormalize;
+    ctx->mark_non_differentiable({expert_ids});
+    return {weights, expert_ids};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<decltype(route_backward)>("moeflux::route_backward");
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad_logits;
+    if (grads[0].defined()) {
+      grad_logits = op.call(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["renormalize"].toBool());
+    }
+    return {grad_logits, at::Tensor(), at::Tensor()};
+  }
+};
+
+class PermuteFunction : public torch::autograd::Function<PermuteFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& tokens, const at::Tensor& expert_ids,
+                               int64_t num_experts, std::optional<int64_t> capacity) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = find_op<decltype(permute)>("moeflux::permute");
+    auto [permuted, tokens_per_expert, row_map] = op.call(tokens, expert_ids, num_experts, capacity);
+    ctx->save_for_backward({row_map});
+    ctx->mark_non_differentiable({tokens_per_expert, row_map});
+    return {permuted, tokens_per_expert, row_map};
+  }
+
+  // d tokens[t] = sum_j d permuted[row_map[t, j]]: an unweighted unpermute.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<decltype(unpermute)>("moeflux::unpermute");
+    at::Tensor grad_tokens;
+    if (grads[0].defined()) grad_tokens = op.call(grads[0], ctx->get_saved_variables()[0], std::nullopt);
+    return {grad_tokens, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class UnpermuteFunction : public torch::autograd::Function<UnpermuteFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& rows, const at::Tensor& row_map,
+                               const std::optional<at::Tensor>& weights) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = find_op<decltype(unpermute)>("moeflux::unpermute");
+    at::Tensor out = op.call(rows, row_map, weights);
+    const bool weighted = weights.has_value() && weights->defined();
+    ctx->save_for_backward({rows, row_map, weighted ? *weights : at::Tensor()});
+    return {out};
+  }
+
+  // d rows[row_map[t, j]] = w[t, j] * d out[t]; d w[t, j] = <d out[t], rows[row_map[t, j]]>.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<decltype(unpermute_backward)>("moeflux::unpermute_backward");
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    const std::optional<at::Tensor> weights = saved[2].defined() ? std::optional(saved[2]) : std::nullopt;
+    auto [grad_rows, grad_weights] = op.call(grads[0], saved[0], saved[1], weights);
+    return {grad_rows, at::Tensor(), weights ? grad_weights : at::Tensor()};
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> route_autograd(const at::Tensor& logits, int64_t k, bool renormalize) {
+  auto out = RouteFunction::apply(logits, k, renormalize);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_autograd(const at::Tensor& tokens,
+                                                                const at::Tensor& expert_ids, int64_t num_experts,
+                                                                std::optional<int64_t> capacity) {
+  auto out = PermuteFunction::apply(tokens, expert_ids, num_experts, capacity);
+  return {out[0], out[1], out[2]};
+}
+
+at::Tensor unpermute_autograd(const at::Tensor& rows, const at::Tensor& row_map,
+                              const std::optional<at::Tensor>& weights) {
+  return UnpermuteFunction::apply(rows, row_map, weights)[0];
+}
+
+}  // namespace moeflux

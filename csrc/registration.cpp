@@ -1,0 +1,52 @@
+// Every op of torch.ops.moeflux: its schema and the kernel behind each
+// dispatch key. Contracts: docs/design.md.
+#include <torch/library.h>
+
+#include "csrc/ops.h"
+
+TORCH_LIBRARY(moeflux, m) {
+  // gate
+  m.def("route(Tensor logits, int k, bool renormalize=False) -> (Tensor weights, Tensor expert_ids)");
+  m.def("route_backward(Tensor grad_weights, Tensor logits, Tensor weights, Tensor expert_ids, bool renormalize) "
+        "-> Tensor");
+  m.def("router_aux_loss(Tensor logits, Tensor expert_ids) -> (Tensor load_balancing_loss, Tensor z_loss)");
+  m.def("apply_capacity(Tensor expert_ids, Tensor weights, int num_experts, int capacity, "
+        "bool drop_by_probability=False) -> Tensor");
+  // scatter / gather
+  m.def("permute(Tensor tokens, Tensor expert_ids, int num_experts, int? capacity=None) "
+        "-> (Tensor permuted, Tensor tokens_per_expert, Tensor row_map)");
+  m.def("unpermute(Tensor rows, Tensor row_map, Tensor? weights=None) -> Tensor");
+  m.def("unpermute_backward(Tensor grad_output, Tensor rows, Tensor row_map, Tensor? weights) "
+        "-> (Tensor grad_rows, Tensor grad_weights)");
+  // experts
+  m.def("grouped_mm(Tensor input, Tensor weight, Tensor tokens_per_expert) -> Tensor");
+}
+
+// Kernels with a CPU and a CUDA implementation share one front-end that checks
+// the arguments and picks the device's kernel.
+#define MOEFLUX_REGISTER_DEVICE_KERNELS(m)                  \
+  m.impl("route", &moeflux::route);                         \
+  m.impl("route_backward", &moeflux::route_backward);       \
+  m.impl("permute", &moeflux::permute);                     \
+  m.impl("unpermute", &moeflux::unpermute);                 \
+  m.impl("unpermute_backward", &moeflux::unpermute_backward)
+
+TORCH_LIBRARY_IMPL(moeflux, CPU, m) { MOEFLUX_REGISTER_DEVICE_KERNELS(m); }
+#ifdef MOEFLUX_WITH_CUDA
+TORCH_LIBRARY_IMPL(moeflux, CUDA, m) { MOEFLUX_REGISTER_DEVICE_KERNELS(m); }
+#endif
+
+TORCH_LIBRARY_IMPL(moeflux, Autograd, m) {
+  m.impl("route", &moeflux::route_autograd);
+  m.impl("permute", &moeflux::permute_autograd);
+  m.impl("unpermute", &moeflux::unpermute_autograd);
+}
+
+// Index bookkeeping on O(T * k) entries: ATen ops on any device, no gradient.
+TORCH_LIBRARY_IMPL(moeflux, CompositeExplicitAutograd, m) { m.impl("apply_capacity", &moeflux::apply_capacity); }
+
+// Built from differentiable ATen ops: autograd derives their backward.
+TORCH_LIBRARY_IMPL(moeflux, CompositeImplicitAutograd, m) {
+  m.impl("router_aux_loss", &moeflux::router_aux_loss);
+  m.impl("grouped_mm", &moeflux::grouped_mm);
+}
