@@ -1,2 +1,24 @@
-import torch
-from . import _C
+"""moeflux: a drop-in Mixture-of-Experts layer for PyTorch on C++/CUDA ops.
+
+    import moeflux
+    mlp = moeflux.MoE(d_model=512, d_ffn=1024, num_experts=8, top_k=2)
+    y = mlp(x)                                  # x: [..., 512]
+    loss = task_loss + moeflux.aux_loss(model)  # load balancing
+
+The ops are ``torch.ops.moeflux.*``; :mod:`moeflux.ops` has typed wrappers.
+"""
+
+import torch  # noqa: F401  (the extension links against torch's libraries)
+
+from . import _C, ops
+from .experts import GroupedExperts
+from .moe import MoE, aux_loss
+from .router import Router, Routing
+
+__all__ = ["MoE", "Router", "Routing", "GroupedExperts", "aux_loss", "ops", "cuda_kernels_built"]
+__version__ = "0.1.0"
+
+
+def cuda_kernels_built() -> bool:
+    """Whether this build of moeflux contains the CUDA kernels."""
+    return bool(_C.with_cuda)

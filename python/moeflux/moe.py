@@ -1,0 +1,138 @@
+"""``moeflux.MoE``: a drop-in Mixture-of-Experts replacement for a transformer MLP block."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .experts import ACTIVATIONS, GroupedExperts
+from .router import Router
+
+DROP_POLICIES = ("position", "probability")
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN: ``[..., d_model] -> [..., d_model]``.
+
+    Each token goes to its ``top_k`` experts, chosen by a linear router, and
+    the experts' outputs are summed with the routing weights::
+
+        routing = router(x)                     # route op: softmax + top-k
+        rows, counts, row_map = permute(x, routing.expert_ids)
+        y = unpermute(experts(rows, counts), row_map, routing.weights)
+
+    Args:
+        d_model: model width.
+        d_ffn: hidden width of each expert.
+        num_experts: number of experts ``E``.
+        top_k: experts per token, ``1 <= top_k <= num_experts``.
+        capacity_factor: ``None`` for dropless routing; otherwise each expert
+            takes at most ``ceil(capacity_factor * tokens * top_k / E)`` tokens
+            and the rest are dropped (their slot contributes zero; keep a
+            residual connection around the layer).
+        activation: ``"swiglu"`` or ``"gelu"``.
+        renormalize: divide the top-k weights by their sum (top-k-then-softmax).
+        drop_policy: with a capacity, which assignments an expert keeps:
+            ``"position"`` (first choices first, then token order; GShard) or
+            ``"probability"`` (highest routing weight first).
+        aux_loss_weight: weight of the load-balancing loss in :attr:`aux_loss`.
+        z_loss_weight: weight of the router z-loss in :attr:`aux_loss`.
+        router_jitter: multiplicative input jitter of the router while training.
+        noisy_gating: learned Gaussian noise on the router logits while training.
+
+    After each forward, :attr:`aux_loss` holds ``aux_loss_weight * load_balancing
+    + z_loss_weight * z_loss`` (differentiable: add it to the training loss, or
+    use :func:`moeflux.aux_loss` to sum it over a model), and
+    :attr:`tokens_per_expert` the load of each expert.
+    """
+
+    aux_loss: Tensor | None
+    tokens_per_expert: Tensor | None
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ffn: int,
+        num_experts: int,
+        top_k: int = 2,
+        capacity_factor: float | None = None,
+        *,
+        activation: str = "swiglu",
+        renormalize: bool = False,
+        drop_policy: str = "position",
+        aux_loss_weight: float = 1e-2,
+        z_loss_weight: float = 0.0,
+        router_jitter: float = 0.0,
+        noisy_gating: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_ffn", d_ffn), ("num_experts", num_experts)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+        if aux_loss_weight < 0 or z_loss_weight < 0:
+            raise ValueError(f"aux_loss_weight and z_loss_weight must be >= 0, got {aux_loss_weight}, {z_loss_weight}")
+
+        self.d_model, self.d_ffn, self.num_experts, self.top_k = d_model, d_ffn, num_experts, top_k
+        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
+        factory = {"device": device, "dtype": dtype}
+        self.router = Router(
+            d_model, num_experts, top_k, renormalize=renormalize, jitter=router_jitter,
+            noisy_gating=noisy_gating, **factory,
+        )
+        self.experts = GroupedExperts(num_experts, d_model, d_ffn, activation, **factory)
+        self.aux_loss = None
+        self.tokens_per_expert = None
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Tokens each expert can take for a batch of ``num_tokens`` tokens (None: dropless)."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoE expects input [..., d_model={self.d_model}], got shape {tuple(x.shape)}")
+        tokens = x.reshape(-1, self.d_model)
+        routing = self.router(tokens)
+        load_balancing, z_loss = ops.router_aux_loss(routing.logits, routing.expert_ids)
+        self.aux_loss = self.aux_loss_weight * load_balancing + self.z_loss_weight * z_loss
+
+        expert_ids = routing.expert_ids
+        capacity = self.capacity(tokens.shape[0])
+        if capacity is not None:
+            expert_ids = ops.apply_capacity(
+                expert_ids, routing.weights, self.num_experts, capacity, self.drop_policy == "probability"
+            )
+        rows, tokens_per_expert, row_map = ops.permute(tokens, expert_ids, self.num_experts, capacity)
+        self.tokens_per_expert = tokens_per_expert
+        out = ops.unpermute(self.experts(rows, tokens_per_expert, capacity), row_map, routing.weights)
+        return out.view(x.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_ffn={self.d_ffn}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}"
+        )
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of :attr:`MoE.aux_loss` over the MoE layers of ``model`` from their last forward."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+    if not losses:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+    return torch.stack(losses).sum()
