@@ -28,19 +28,21 @@ std::tuple<at::Tensor, at::Tensor> router_aux_loss(const at::Tensor& logits, con
   check_same_device(expert_ids, logits, op, "expert_ids", "logits");
   check_size(expert_ids, 0, logits.size(0), op, "expert_ids", "logits.size(0)");
 
+  // Sizes are read as tensors or SymInts, never as ints, so the op traces with
+  // dynamic shapes (torch.compile); empty batches divide by 1 instead of 0.
   const at::Tensor x = logits.to(accumulate_type(logits.scalar_type()));
-  const int64_t num_tokens = x.size(0), num_experts = x.size(1);
-  const double token_norm = static_cast<double>(std::max<int64_t>(num_tokens, 1));
-  const double slot_norm = static_cast<double>(std::max<int64_t>(expert_ids.numel(), 1));
+  const c10::SymInt num_experts = x.sym_size(1);
+  const at::Tensor lse = at::logsumexp(x, {1});
+  const at::Tensor num_tokens = at::ones_like(lse).sum().clamp_min(1);
+  const at::Tensor z_loss = lse.square().sum() / num_tokens;
 
-  const at::Tensor z_loss = at::logsumexp(x, {1}).square().sum() / token_norm;
-
-  const at::Tensor mean_prob = at::softmax(x, 1).sum(0) / token_norm;
+  const at::Tensor mean_prob = at::softmax(x, 1).sum(0) / num_tokens;
   const at::Tensor ids = expert_ids.reshape({-1}).to(at::kLong);
-  const at::Tensor bin = at::where((ids < 0) | (ids >= num_experts), num_experts, ids);  // dropped: extra bin
-  const at::Tensor counts = at::zeros({num_experts + 1}, bin.options()).scatter_add_(0, bin, at::ones_like(bin));
-  const at::Tensor fraction = counts.narrow(0, 0, num_experts).to(x.scalar_type()) / slot_norm;
-  const at::Tensor load_balancing_loss = (fraction * mean_prob).sum() * static_cast<double>(num_experts);
+  const at::Tensor valid = (ids >= 0) & (ids < c10::Scalar(num_experts));  // dropped ids (-1) do not count
+  const at::Tensor counts = at::zeros_symint({num_experts}, x.options())
+                                .scatter_add_(0, at::where(valid, ids, 0), valid.to(x.scalar_type()));
+  const at::Tensor num_slots = at::ones_like(ids, x.options()).sum().clamp_min(1);
+  const at::Tensor load_balancing_loss = (counts / num_slots * mean_prob).sum() * at::ones_like(mean_prob).sum();
   return {load_balancing_loss, z_loss};
 }
 
