@@ -133,12 +133,13 @@ void scatter_rows(const at::Tensor& x, const at::Tensor& row_map, const at::Tens
             if (dot_out) dot_out[slot] = 0;
             continue;
           }
-          if (w) {
+          if (dot_out) {
+            dot_out[slot] = scale_row_and_dot(dst + r * hidden, token, w[slot], other + r * hidden, hidden);
+          } else if (w) {
             scale_row(dst + r * hidden, token, w[slot], hidden);
           } else {
-            std::memcpy(dst + r * hidden, token, hidden * sizeof(scalar_t));
+            copy_row(dst + r * hidden, token, hidden);
           }
-          if (dot_out) dot_out[slot] = dot_row<scalar_t, acc_t>(token, other + r * hidden, hidden);
         }
       }
     });
