@@ -55,9 +55,9 @@ at::Tensor apply_capacity(const at::Tensor& expert_ids, const at::Tensor& weight
 
   // Back to slot-major order, then to [num_tokens, k].
   const at::Tensor slot = order.index_select(0, by_expert);
-  at::Tensor kept = at::empty_like(kept_sorted).index_copy_(0, slot, kept_sorted);
+  at::Tensor kept = at::empty_like(slot).scatter_(0, slot, kept_sorted.to(at::kLong));
   kept = kept.view({expert_ids.size(1), expert_ids.size(0)}).t();
-  return at::where(kept, expert_ids, -1).contiguous();
+  return at::where(kept.to(at::kBool), expert_ids, -1).contiguous();
 }
 
 }  // namespace moeflux
