@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -201,14 +202,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
+    allocator = os.environ.get("LD_PRELOAD") or "default (glibc malloc)"
     print(f"moeflux {moeflux.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
+          f"device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, allocator {allocator}")
     cases = []
     for dtype in args.dtypes:
         for k in args.topk:
             case = run_case(args.device, DTYPES[dtype], args.tokens, args.hidden, args.experts, k, args.repeat)
             print_case(case)
             cases.append(case)
+    for case in cases:
+        case["allocator"] = allocator
     (args.out / f"ops_{args.device}.json").write_text(json.dumps(cases, indent=2))
     plot(cases, args.out / f"ops_{args.device}.png")
     print(f"\nwrote {args.out / f'ops_{args.device}.json'} and {args.out / f'ops_{args.device}.png'}")

@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "csrc/cpu/huge_pages.h"
 #include "csrc/cpu/row_loops.h"
 #include "csrc/kernels.h"
 
@@ -116,6 +117,7 @@ void scatter_rows(const at::Tensor& x, const at::Tensor& row_map, const at::Tens
                   const at::Tensor& dot_rows, at::Tensor& dot) {
   const int64_t num_tokens = x.size(0), hidden = x.size(1), k = row_map.size(1), num_rows = out.size(0);
   const std::vector<uint8_t> covered = check_row_map(row_map, num_rows, /*unique=*/true, "scatter");
+  advise_huge_pages(out);
   const int32_t* rows = row_map.const_data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moeflux_scatter_rows_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -154,6 +156,7 @@ void scatter_rows(const at::Tensor& x, const at::Tensor& row_map, const at::Tens
 void gather_rows(const at::Tensor& rows, const at::Tensor& row_map, const at::Tensor& weights, at::Tensor& out) {
   const int64_t num_tokens = out.size(0), hidden = out.size(1), k = row_map.size(1);
   check_row_map(row_map, rows.size(0), /*unique=*/false, "unpermute");
+  advise_huge_pages(out);
   const int32_t* map = row_map.const_data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "moeflux_gather_rows_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
