@@ -5,6 +5,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <numeric>
+
 #include "csrc/ops.h"
 
 namespace moeflux {
@@ -85,7 +87,102 @@ class UnpermuteFunction : public torch::autograd::Function<UnpermuteFunction> {
   }
 };
 
+class AllToAllFunction : public torch::autograd::Function<AllToAllFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, at::IntArrayRef output_split_sizes,
+                               at::IntArrayRef input_split_sizes, const std::string& group_name) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = find_op<decltype(all_to_all)>("moeflux::all_to_all");
+    ctx->saved_data["output_split_sizes"] = output_split_sizes.vec();
+    ctx->saved_data["input_split_sizes"] = input_split_sizes.vec();
+    ctx->saved_data["group_name"] = group_name;
+    return {op.call(input, output_split_sizes, input_split_sizes, group_name)};
+  }
+
+  // The gradient travels back the same way: the all-to-all with the splits swapped.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<decltype(all_to_all)>("moeflux::all_to_all");
+    const auto out_splits = ctx->saved_data["output_split_sizes"].toIntVector();
+    const auto in_splits = ctx->saved_data["input_split_sizes"].toIntVector();
+    const std::string group = ctx->saved_data["group_name"].toStringRef();
+    return {op.call(grads[0], in_splits, out_splits, group), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class DispatchFunction : public torch::autograd::Function<DispatchFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& tokens, const at::Tensor& expert_ids,
+                               int64_t num_experts, std::optional<int64_t> capacity, const std::string& group_name) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = find_op<decltype(dispatch)>("moeflux::dispatch");
+    auto [rows, tokens_per_local_expert, row_map, regroup_map, send_splits, recv_splits] =
+        op.call(tokens, expert_ids, num_experts, capacity, group_name);
+    ctx->save_for_backward({row_map, regroup_map, send_splits, recv_splits});
+    ctx->saved_data["group_name"] = group_name;
+    ctx->mark_non_differentiable({tokens_per_local_expert, row_map, regroup_map, send_splits, recv_splits});
+    return {rows, tokens_per_local_expert, row_map, regroup_map, send_splits, recv_splits};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<decltype(dispatch_backward)>("moeflux::dispatch_backward");
+    const auto saved = ctx->get_saved_variables();
+    // Gradients are materialised (zeros for unused outputs), so every rank takes part in the all-to-all.
+    const at::Tensor grad_tokens =
+        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["group_name"].toStringRef());
+    return {grad_tokens, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class CombineFunction : public torch::autograd::Function<CombineFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& expert_out, const at::Tensor& row_map,
+                               const at::Tensor& regroup_map, const at::Tensor& send_splits,
+                               const at::Tensor& recv_splits, const std::optional<at::Tensor>& weights,
+                               const std::string& group_name) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = find_op<decltype(combine)>("moeflux::combine");
+    auto [output, returned] = op.call(expert_out, row_map, regroup_map, send_splits, recv_splits, weights, group_name);
+    const bool weighted = weights.has_value() && weights->defined();
+    ctx->save_for_backward({returned, row_map, regroup_map, send_splits, recv_splits,
+                            weighted ? *weights : at::Tensor()});
+    ctx->saved_data["group_name"] = group_name;
+    ctx->mark_non_differentiable({returned});
+    return {output, returned};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<decltype(combine_backward)>("moeflux::combine_backward");
+    const auto saved = ctx->get_saved_variables();
+    const std::optional<at::Tensor> weights = saved[5].defined() ? std::optional(saved[5]) : std::nullopt;
+    auto [grad_expert_out, grad_weights] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                                   weights, ctx->saved_data["group_name"].toStringRef());
+    return {grad_expert_out, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            weights ? grad_weights : at::Tensor(), at::Tensor()};
+  }
+};
+
 }  // namespace
+
+at::Tensor all_to_all_autograd(const at::Tensor& input, at::IntArrayRef output_split_sizes,
+                               at::IntArrayRef input_split_sizes, const std::string& group_name) {
+  return AllToAllFunction::apply(input, output_split_sizes, input_split_sizes, group_name)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_autograd(
+    const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
+    const std::string& group_name) {
+  auto out = DispatchFunction::apply(tokens, expert_ids, num_experts, capacity, group_name);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_autograd(const at::Tensor& expert_out, const at::Tensor& row_map,
+                                                    const at::Tensor& regroup_map, const at::Tensor& send_splits,
+                                                    const at::Tensor& recv_splits,
+                                                    const std::optional<at::Tensor>& weights,
+                                                    const std::string& group_name) {
+  auto out = CombineFunction::apply(expert_out, row_map, regroup_map, send_splits, recv_splits, weights, group_name);
+  return {out[0], out[1]};
+}
 
 std::tuple<at::Tensor, at::Tensor> route_autograd(const at::Tensor& logits, int64_t k, bool renormalize) {
   auto out = RouteFunction::apply(logits, k, renormalize);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -25,6 +26,31 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_out
                                                       const at::Tensor& row_map,
                                                       const std::optional<at::Tensor>& weights);
 
+// Row movement without argument checks, for ops built on permute / unpermute.
+// scatter: out[row_map[t, j]] = x[t], other rows zero; gather: out[t] = sum_j w[t, j] rows[row_map[t, j]]
+// (weights may be undefined: factor 1, else in the rows' accumulation type).
+at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& row_map, int64_t num_rows);
+at::Tensor gather_rows(const at::Tensor& rows, const at::Tensor& row_map, const at::Tensor& weights);
+
+// ---- expert parallelism (csrc/distributed/)
+at::Tensor all_to_all(const at::Tensor& input, at::IntArrayRef output_split_sizes, at::IntArrayRef input_split_sizes,
+                      const std::string& group_name);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch(
+    const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
+    const std::string& group_name);
+at::Tensor dispatch_backward(const at::Tensor& grad_expert_rows, const at::Tensor& row_map,
+                             const at::Tensor& regroup_map, const at::Tensor& send_splits,
+                             const at::Tensor& recv_splits, const std::string& group_name);
+std::tuple<at::Tensor, at::Tensor> combine(const at::Tensor& expert_out, const at::Tensor& row_map,
+                                           const at::Tensor& regroup_map, const at::Tensor& send_splits,
+                                           const at::Tensor& recv_splits, const std::optional<at::Tensor>& weights,
+                                           const std::string& group_name);
+std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_output, const at::Tensor& returned_rows,
+                                                    const at::Tensor& row_map, const at::Tensor& regroup_map,
+                                                    const at::Tensor& send_splits, const at::Tensor& recv_splits,
+                                                    const std::optional<at::Tensor>& weights,
+                                                    const std::string& group_name);
+
 // ---- experts
 at::Tensor grouped_mm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& tokens_per_expert);
 
@@ -35,6 +61,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_autograd(const at::Tensor
                                                                 std::optional<int64_t> capacity);
 at::Tensor unpermute_autograd(const at::Tensor& rows, const at::Tensor& row_map,
                               const std::optional<at::Tensor>& weights);
+at::Tensor all_to_all_autograd(const at::Tensor& input, at::IntArrayRef output_split_sizes,
+                               at::IntArrayRef input_split_sizes, const std::string& group_name);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_autograd(
+    const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
+    const std::string& group_name);
+std::tuple<at::Tensor, at::Tensor> combine_autograd(const at::Tensor& expert_out, const at::Tensor& row_map,
+                                                    const at::Tensor& regroup_map, const at::Tensor& send_splits,
+                                                    const at::Tensor& recv_splits,
+                                                    const std::optional<at::Tensor>& weights,
+                                                    const std::string& group_name);
 
 // The float type kernels accumulate in: double for float64, float otherwise.
 inline at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }

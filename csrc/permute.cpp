@@ -40,6 +40,19 @@ at::Tensor checked_weights(const std::optional<at::Tensor>& weights, const at::T
 
 }  // namespace
 
+at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& row_map, int64_t num_rows) {
+  at::Tensor out = at::empty({num_rows, x.size(1)}, x.options());
+  at::Tensor no_dot;
+  MOEFLUX_ON_DEVICE(x, scatter_rows, x.contiguous(), row_map.contiguous(), at::Tensor(), out, at::Tensor(), no_dot);
+  return out;
+}
+
+at::Tensor gather_rows(const at::Tensor& rows, const at::Tensor& row_map, const at::Tensor& weights) {
+  at::Tensor out = at::empty({row_map.size(0), rows.size(1)}, rows.options());
+  MOEFLUX_ON_DEVICE(rows, gather_rows, rows.contiguous(), row_map.contiguous(), weights, out);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const at::Tensor& tokens, const at::Tensor& expert_ids,
                                                        int64_t num_experts, std::optional<int64_t> capacity) {
   check_rows(tokens, "permute", "tokens", "[num_tokens, hidden]");
@@ -57,21 +70,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const at::Tensor& tokens,
   at::Tensor tokens_per_expert = at::empty({num_experts}, ids.options());
   MOEFLUX_ON_DEVICE(ids, build_row_map, ids, num_experts, capacity.value_or(-1), row_map, tokens_per_expert);
 
-  at::Tensor permuted = at::empty({num_rows, tokens.size(1)}, tokens.options());
-  at::Tensor no_dot;
-  MOEFLUX_ON_DEVICE(tokens, scatter_rows, tokens.contiguous(), row_map, at::Tensor(), permuted, at::Tensor(),
-                    no_dot);
-  return {permuted, tokens_per_expert, row_map};
+  return {scatter_rows(tokens, row_map, num_rows), tokens_per_expert, row_map};
 }
 
 at::Tensor unpermute(const at::Tensor& rows, const at::Tensor& row_map, const std::optional<at::Tensor>& weights) {
   check_rows(rows, "unpermute", "rows", "[num_rows, hidden]");
   check_dim(row_map, 2, "unpermute", "row_map", "[num_tokens, k]");
   check_index(row_map, rows, row_map.size(0), "unpermute", "row_map", "rows");
-  const at::Tensor w = checked_weights(weights, row_map, rows, "unpermute");
-  at::Tensor out = at::empty({row_map.size(0), rows.size(1)}, rows.options());
-  MOEFLUX_ON_DEVICE(rows, gather_rows, rows.contiguous(), row_map.contiguous(), w, out);
-  return out;
+  return gather_rows(rows, row_map, checked_weights(weights, row_map, rows, "unpermute"));
 }
 
 std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_output, const at::Tensor& rows,

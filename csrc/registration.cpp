@@ -18,6 +18,18 @@ TORCH_LIBRARY(moeflux, m) {
   m.def("unpermute(Tensor rows, Tensor row_map, Tensor? weights=None) -> Tensor");
   m.def("unpermute_backward(Tensor grad_output, Tensor rows, Tensor row_map, Tensor? weights) "
         "-> (Tensor grad_rows, Tensor grad_weights)");
+  // expert parallelism: collectives over a c10d process group named by group_name
+  m.def("all_to_all(Tensor input, int[] output_split_sizes, int[] input_split_sizes, str group_name) -> Tensor");
+  m.def("dispatch(Tensor tokens, Tensor expert_ids, int num_experts, int? capacity, str group_name) "
+        "-> (Tensor expert_rows, Tensor tokens_per_local_expert, Tensor row_map, Tensor regroup_map, "
+        "Tensor send_splits, Tensor recv_splits)");
+  m.def("dispatch_backward(Tensor grad_expert_rows, Tensor row_map, Tensor regroup_map, Tensor send_splits, "
+        "Tensor recv_splits, str group_name) -> Tensor");
+  m.def("combine(Tensor expert_out, Tensor row_map, Tensor regroup_map, Tensor send_splits, Tensor recv_splits, "
+        "Tensor? weights, str group_name) -> (Tensor output, Tensor returned_rows)");
+  m.def("combine_backward(Tensor grad_output, Tensor returned_rows, Tensor row_map, Tensor regroup_map, "
+        "Tensor send_splits, Tensor recv_splits, Tensor? weights, str group_name) "
+        "-> (Tensor grad_expert_out, Tensor grad_weights)");
   // experts
   m.def("grouped_mm(Tensor input, Tensor weight, Tensor tokens_per_expert) -> Tensor");
 }
@@ -29,7 +41,12 @@ TORCH_LIBRARY(moeflux, m) {
   m.impl("route_backward", &moeflux::route_backward);       \
   m.impl("permute", &moeflux::permute);                     \
   m.impl("unpermute", &moeflux::unpermute);                 \
-  m.impl("unpermute_backward", &moeflux::unpermute_backward)
+  m.impl("unpermute_backward", &moeflux::unpermute_backward); \
+  m.impl("all_to_all", &moeflux::all_to_all);               \
+  m.impl("dispatch", &moeflux::dispatch);                   \
+  m.impl("dispatch_backward", &moeflux::dispatch_backward); \
+  m.impl("combine", &moeflux::combine);                     \
+  m.impl("combine_backward", &moeflux::combine_backward)
 
 TORCH_LIBRARY_IMPL(moeflux, CPU, m) { MOEFLUX_REGISTER_DEVICE_KERNELS(m); }
 #ifdef MOEFLUX_WITH_CUDA
@@ -40,6 +57,9 @@ TORCH_LIBRARY_IMPL(moeflux, Autograd, m) {
   m.impl("route", &moeflux::route_autograd);
   m.impl("permute", &moeflux::permute_autograd);
   m.impl("unpermute", &moeflux::unpermute_autograd);
+  m.impl("all_to_all", &moeflux::all_to_all_autograd);
+  m.impl("dispatch", &moeflux::dispatch_autograd);
+  m.impl("combine", &moeflux::combine_autograd);
 }
 
 // Index bookkeeping on O(T * k) entries: ATen ops on any device, no gradient.

@@ -96,7 +96,7 @@ def test_moe_aux_loss_trains_balance(device):
 def test_moe_state_dict_round_trip(device):
     moe = make_moe(device, noisy_gating=True)
     keys = set(moe.state_dict())
-    assert keys == {"router.weight", "router.noise_weight", "experts.w_in", "experts.w_out"}
+    assert keys == {"router.weight", "router.noise_weight"} | {f"experts.{e}.{w}" for e in range(4) for w in ("w_in", "w_out")}
     other = make_moe(device, seed=7, noisy_gating=True)
     other.load_state_dict(moe.state_dict())
     x = torch.randn(5, 12, dtype=torch.float64, device=device)

@@ -11,11 +11,22 @@ The ops are ``torch.ops.moeflux.*``; :mod:`moeflux.ops` has typed wrappers.
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
 from . import _C, ops
+from .distributed import ExpertParallelGroups, init_expert_parallel
 from .experts import GroupedExperts
 from .moe import MoE, aux_loss
 from .router import Router, Routing
 
-__all__ = ["MoE", "Router", "Routing", "GroupedExperts", "aux_loss", "ops", "cuda_kernels_built"]
+__all__ = [
+    "MoE",
+    "Router",
+    "Routing",
+    "GroupedExperts",
+    "aux_loss",
+    "ops",
+    "init_expert_parallel",
+    "ExpertParallelGroups",
+    "cuda_kernels_built",
+]
 __version__ = "0.1.0"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,13 @@ class GroupedExperts(nn.Module):
     ``F_in = 2 * d_ffn`` for SwiGLU (gate and up projections side by side) and
     ``d_ffn`` for GELU. Initialised like ``nn.Linear``:
     ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+
+    Under expert parallelism a rank holds experts ``first_expert ..
+    first_expert + num_experts - 1`` of the layer. Each expert is initialised
+    from its own generator, seeded with ``seed`` and its global index, so a
+    layer holds the same experts whatever the number of ranks it is split
+    over; the state dict names each expert by its global index
+    (``experts.7.w_in``), so checkpoints load across expert-parallel layouts.
     """
 
     def __init__(
@@ -29,6 +37,8 @@ class GroupedExperts(nn.Module):
         d_ffn: int,
         activation: str = "swiglu",
         *,
+        first_expert: int = 0,
+        seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -36,6 +46,8 @@ class GroupedExperts(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.num_experts, self.d_model, self.d_ffn, self.activation = num_experts, d_model, d_ffn, activation
+        self.first_expert = first_expert
+        self.seed = int(torch.randint(2**62, ()).item()) if seed is None else seed
         factory = {"device": device, "dtype": dtype}
         in_features = 2 * d_ffn if activation == "swiglu" else d_ffn
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, in_features, **factory))
@@ -43,8 +55,42 @@ class GroupedExperts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.uniform_(self.w_in, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
-        nn.init.uniform_(self.w_out, -1 / math.sqrt(self.d_ffn), 1 / math.sqrt(self.d_ffn))
+        with torch.no_grad():
+            for i in range(self.num_experts):
+                gen = torch.Generator().manual_seed(self.seed + self.first_expert + i)
+                for weight, fan_in in ((self.w_in, self.d_model), (self.w_out, self.d_ffn)):
+                    bound = 1 / math.sqrt(fan_in)
+                    values = torch.empty(weight.shape[1:], dtype=torch.float64).uniform_(-bound, bound, generator=gen)
+                    weight[i].copy_(values)
+
+    # ---- state dict: one entry per expert, named by its global index
+
+    _WEIGHTS = ("w_in", "w_out")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name in self._WEIGHTS:
+            weight = getattr(self, name)
+            for i in range(self.num_experts):
+                destination[f"{prefix}{self.first_expert + i}.{name}"] = weight[i] if keep_vars else weight[i].detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in self._WEIGHTS:
+            weight = getattr(self, name)
+            for i in range(self.num_experts):
+                key = f"{prefix}{self.first_expert + i}.{name}"
+                if key not in state_dict:
+                    missing_keys.append(key)
+                elif state_dict[key].shape != weight.shape[1:]:
+                    error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                      f"{tuple(state_dict[key].shape)} from checkpoint, the shape in current model "
+                                      f"is {tuple(weight.shape[1:])}.")
+                else:
+                    with torch.no_grad():
+                        weight[i].copy_(state_dict[key])
+        # Entries of experts held by other ranks are expected in a full checkpoint; anything else is not.
+        pattern = re.compile(rf"{re.escape(prefix)}\d+\.({'|'.join(self._WEIGHTS)})")
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and not pattern.fullmatch(k))
 
     def _activate(self, h: Tensor) -> Tensor:
         if self.activation == "swiglu":
@@ -67,4 +113,5 @@ class GroupedExperts(nn.Module):
         return ops.grouped_mm(self._activate(h), self.w_out, tokens_per_expert)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ffn={self.d_ffn}, activation={self.activation}"
+        first = f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1}, "
+        return f"{first}d_model={self.d_model}, d_ffn={self.d_ffn}, activation={self.activation}"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import ops
+from .distributed import check_agreement
 from .experts import ACTIVATIONS, GroupedExperts
 from .router import Router
 
@@ -42,6 +44,14 @@ class MoE(nn.Module):
         z_loss_weight: weight of the router z-loss in :attr:`aux_loss`.
         router_jitter: multiplicative input jitter of the router while training.
         noisy_gating: learned Gaussian noise on the router logits while training.
+        ep_group: expert parallelism: the ``torch.distributed`` group of ``P``
+            ranks that split the experts (see :func:`moeflux.init_expert_parallel`);
+            this rank then holds experts ``[rank * E / P, (rank + 1) * E / P)``
+            and tokens travel to them by all-to-all. Constructing the layer is
+            collective: every rank of the group must agree on the configuration,
+            or all of them raise. With a capacity every rank must route the same
+            number of tokens (the capacity is computed from it); dropless
+            routing takes any number, zero included.
 
     After each forward, :attr:`aux_loss` holds ``aux_loss_weight * load_balancing
     + z_loss_weight * z_loss`` (differentiable: add it to the training loss, or
@@ -50,7 +60,7 @@ class MoE(nn.Module):
     """
 
     aux_loss: Tensor | None
-    tokens_per_expert: Tensor | None
+    tokens_per_expert: Tensor | None  # [E] rows per expert; under expert parallelism [E / P], this rank's experts
 
     def __init__(
         self,
@@ -67,6 +77,7 @@ class MoE(nn.Module):
         z_loss_weight: float = 0.0,
         router_jitter: float = 0.0,
         noisy_gating: bool = False,
+        ep_group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -85,6 +96,19 @@ class MoE(nn.Module):
         if aux_loss_weight < 0 or z_loss_weight < 0:
             raise ValueError(f"aux_loss_weight and z_loss_weight must be >= 0, got {aux_loss_weight}, {z_loss_weight}")
 
+        self.ep_group = ep_group
+        self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
+        self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
+        if num_experts % self.ep_size != 0:
+            raise ValueError(f"num_experts ({num_experts}) must be a multiple of the expert-parallel size "
+                             f"({self.ep_size})")
+        if ep_group is not None:
+            check_agreement(
+                ep_group, "moeflux.MoE", num_experts=num_experts, ep_size=self.ep_size, d_model=d_model, d_ffn=d_ffn,
+                top_k=top_k, dtype=dtype or torch.get_default_dtype(), capacity_factor=capacity_factor,
+                activation=activation, renormalize=renormalize,
+            )
+
         self.d_model, self.d_ffn, self.num_experts, self.top_k = d_model, d_ffn, num_experts, top_k
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
@@ -93,7 +117,10 @@ class MoE(nn.Module):
             d_model, num_experts, top_k, renormalize=renormalize, jitter=router_jitter,
             noisy_gating=noisy_gating, **factory,
         )
-        self.experts = GroupedExperts(num_experts, d_model, d_ffn, activation, **factory)
+        local_experts = num_experts // self.ep_size
+        self.experts = GroupedExperts(
+            local_experts, d_model, d_ffn, activation, first_expert=self.ep_rank * local_experts, **factory
+        )
         self.aux_loss = None
         self.tokens_per_expert = None
 
@@ -117,15 +144,22 @@ class MoE(nn.Module):
             expert_ids = ops.apply_capacity(
                 expert_ids, routing.weights, self.num_experts, capacity, self.drop_policy == "probability"
             )
-        rows, tokens_per_expert, row_map = ops.permute(tokens, expert_ids, self.num_experts, capacity)
-        self.tokens_per_expert = tokens_per_expert
-        out = ops.unpermute(self.experts(rows, tokens_per_expert, capacity), row_map, routing.weights)
+        if self.ep_group is None:
+            rows, tokens_per_expert, row_map = ops.permute(tokens, expert_ids, self.num_experts, capacity)
+            self.tokens_per_expert = tokens_per_expert
+            out = ops.unpermute(self.experts(rows, tokens_per_expert, capacity), row_map, routing.weights)
+        else:
+            rows, plan = ops.dispatch(tokens, expert_ids, self.num_experts, capacity, self.ep_group)
+            self.tokens_per_expert = plan.tokens_per_local_expert
+            expert_capacity = None if capacity is None else capacity * self.ep_size  # rows per local expert
+            out = ops.combine(self.experts(rows, plan.tokens_per_local_expert, expert_capacity), plan,
+                              routing.weights)
         return out.view(x.shape)
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_ffn={self.d_ffn}, num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}"
+            f"capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}, ep_size={self.ep_size}"
         )
 
 

@@ -12,10 +12,13 @@ Routing weights are float32 (float64 for float64 logits).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loading the extension registers the ops)
+from . import _C  # loading the extension registers the ops
 
 __all__ = [
     "route",
@@ -24,6 +27,12 @@ __all__ = [
     "permute",
     "unpermute",
     "grouped_mm",
+    "all_to_all",
+    "dispatch",
+    "combine",
+    "DispatchPlan",
+    "collective_counts",
+    "reset_collective_counts",
 ]
 
 _ops = torch.ops.moeflux
@@ -108,6 +117,93 @@ def grouped_mm(input: Tensor, weight: Tensor, tokens_per_expert: Tensor) -> Tens
     return _ops.grouped_mm(input, weight, tokens_per_expert)
 
 
+# ---- expert parallelism
+
+
+def _group_name(group: dist.ProcessGroup | str | None) -> str:
+    if isinstance(group, str):
+        return group
+    return (group if group is not None else dist.group.WORLD).group_name
+
+
+def all_to_all(
+    input: Tensor,
+    output_split_sizes: list[int],
+    input_split_sizes: list[int],
+    group: dist.ProcessGroup | str | None = None,
+) -> Tensor:
+    """All-to-all of the rows of ``input`` over ``group`` (default: the world).
+
+    ``input_split_sizes[r]`` rows go to rank ``r``; ``output_split_sizes[r]``
+    rows arrive from rank ``r``. Goes through the group's c10d backend (gloo
+    for CPU tensors, NCCL for CUDA tensors). Differentiable: the backward is
+    the all-to-all with the splits swapped.
+    """
+    return _ops.all_to_all(input, output_split_sizes, input_split_sizes, _group_name(group))
+
+
+class DispatchPlan(NamedTuple):
+    """Routing state that :func:`dispatch` creates and :func:`combine` consumes."""
+
+    tokens_per_local_expert: Tensor  # [E_local] int32: rows of each local expert in expert_rows
+    row_map: Tensor  # [T, k] int32: row of each (token, slot) in the sent block, -1 if dropped
+    regroup_map: Tensor  # [M, 1] int32: received row that becomes expert row m
+    send_splits: Tensor  # [P] int64 (CPU): rows sent to each rank
+    recv_splits: Tensor  # [P] int64 (CPU): rows received from each rank
+    group_name: str
+    capacity: int | None
+
+
+def dispatch(
+    tokens: Tensor,
+    expert_ids: Tensor,
+    num_experts: int,
+    capacity: int | None = None,
+    group: dist.ProcessGroup | str | None = None,
+) -> tuple[Tensor, DispatchPlan]:
+    """Send every token to the ranks that hold its experts.
+
+    Expert ``e`` lives on rank ``e // (num_experts // P)`` of the
+    expert-parallel ``group`` of ``P`` ranks. Returns ``expert_rows [M, H]``,
+    the rows this rank's experts must process, grouped by local expert (and by
+    source rank within an expert), and the :class:`DispatchPlan`.
+
+    Dropless (``capacity=None``): one all-to-all of per-expert counts (which
+    also checks that every rank agrees on the hidden size, dtype and
+    ``num_experts``), one host synchronisation, then the tokens. With a
+    capacity every rank sends ``capacity`` rows per expert (zero padded): fixed
+    splits, no count exchange, no host synchronisation; every rank must then
+    use the same capacity. Differentiable with respect to ``tokens``.
+    """
+    name = _group_name(group)
+    rows, counts, row_map, regroup_map, send, recv = _ops.dispatch(tokens, expert_ids, num_experts, capacity, name)
+    return rows, DispatchPlan(counts, row_map, regroup_map, send, recv, name, capacity)
+
+
+def combine(expert_out: Tensor, plan: DispatchPlan, weights: Tensor | None = None) -> Tensor:
+    """Send expert outputs back and sum them per token: the inverse of :func:`dispatch`.
+
+    ``expert_out [M, H]`` in the order of dispatch's ``expert_rows``; returns
+    ``out[t] = sum_j weights[t, j] * expert_output(t, j)`` ``[T, H]``,
+    accumulated in float32. Differentiable with respect to ``expert_out`` and
+    ``weights``.
+    """
+    output, _ = _ops.combine(
+        expert_out, plan.row_map, plan.regroup_map, plan.send_splits, plan.recv_splits, weights, plan.group_name
+    )
+    return output
+
+
+def collective_counts() -> dict[str, int]:
+    """Collectives this process has issued through moeflux ops:
+    ``{"token_all_to_alls": ..., "count_exchanges": ...}``."""
+    return _C.collective_counts()
+
+
+def reset_collective_counts() -> None:
+    _C.reset_collective_counts()
+
+
 # ---- fake kernels: output shapes and dtypes without touching data
 
 
@@ -160,3 +256,52 @@ def _unpermute_backward_fake(
     if weights is None:
         return grad_rows, rows.new_empty((0,))
     return grad_rows, torch.empty_like(weights, memory_format=torch.contiguous_format)
+
+
+def _group_size(group_name: str) -> int:
+    return dist.distributed_c10d._resolve_process_group(group_name).size()
+
+
+@torch.library.register_fake("moeflux::all_to_all")
+def _all_to_all_fake(input: Tensor, output_split_sizes: list[int], input_split_sizes: list[int], group_name: str):
+    return input.new_empty((sum(output_split_sizes), *input.shape[1:]))
+
+
+@torch.library.register_fake("moeflux::dispatch")
+def _dispatch_fake(tokens: Tensor, expert_ids: Tensor, num_experts: int, capacity: int | None, group_name: str):
+    world = _group_size(group_name)
+    local = num_experts // world
+    if capacity is None:  # how many rows arrive is data-dependent
+        num_rows = torch.library.get_ctx().new_dynamic_size()
+    else:
+        num_rows = world * local * capacity
+    splits = torch.empty((world,), dtype=torch.int64, device="cpu")
+    return (
+        tokens.new_empty((num_rows, tokens.shape[1])),
+        expert_ids.new_empty((local,)),
+        torch.empty_like(expert_ids, memory_format=torch.contiguous_format),
+        expert_ids.new_empty((num_rows, 1)),
+        splits,
+        torch.empty_like(splits),
+    )
+
+
+@torch.library.register_fake("moeflux::dispatch_backward")
+def _dispatch_backward_fake(grad_expert_rows, row_map, regroup_map, send_splits, recv_splits, group_name):
+    return grad_expert_rows.new_empty((row_map.shape[0], grad_expert_rows.shape[1]))
+
+
+@torch.library.register_fake("moeflux::combine")
+def _combine_fake(expert_out, row_map, regroup_map, send_splits, recv_splits, weights, group_name):
+    returned = torch.library.get_ctx().new_dynamic_size()
+    return (
+        expert_out.new_empty((row_map.shape[0], expert_out.shape[1])),
+        expert_out.new_empty((returned, expert_out.shape[1])),
+    )
+
+
+@torch.library.register_fake("moeflux::combine_backward")
+def _combine_backward_fake(grad_output, returned_rows, row_map, regroup_map, send_splits, recv_splits, weights,
+                           group_name):
+    grad_weights = grad_output.new_empty((0,)) if weights is None else torch.empty_like(weights)
+    return grad_output.new_empty((regroup_map.shape[0], grad_output.shape[1])), grad_weights

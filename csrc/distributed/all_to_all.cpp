@@ -1,0 +1,81 @@
+// all_to_all op: ProcessGroup::alltoall_base with uneven splits, resolved by
+// group name (the public registry), never by casting to a backend class.
+#include "csrc/distributed/all_to_all.h"
+
+#include <atomic>
+#include <numeric>
+
+#include <ATen/ops/empty.h>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+
+#include "csrc/checks.h"
+#include "csrc/ops.h"
+
+namespace moeflux {
+namespace {
+
+std::atomic<int64_t> token_all_to_alls{0};
+std::atomic<int64_t> count_exchanges{0};
+
+int64_t sum(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
+
+void check_splits(const std::vector<int64_t>& splits, int64_t world, const char* op, const char* name) {
+  TORCH_CHECK(static_cast<int64_t>(splits.size()) == world, "moeflux.", op, ": ", name,
+              " must have one entry per rank of the group (", world, "), got ", splits.size());
+  for (size_t r = 0; r < splits.size(); ++r) {
+    TORCH_CHECK(splits[r] >= 0, "moeflux.", op, ": ", name, " must be >= 0, got ", splits[r], " for rank ", r);
+  }
+}
+
+}  // namespace
+
+c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_name, const char* op) {
+  try {
+    return c10d::resolve_process_group(group_name);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "moeflux.", op, ": no process group is registered under group_name '", group_name,
+                "' (pass group.group_name of a torch.distributed group): ", e.what_without_backtrace());
+  }
+}
+
+at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
+                         const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group, const char* op) {
+  const int64_t world = group.getSize();
+  check_splits(output_split_sizes, world, op, "output_split_sizes");
+  check_splits(input_split_sizes, world, op, "input_split_sizes");
+  TORCH_CHECK(input.dim() >= 1 && sum(input_split_sizes) == input.size(0), "moeflux.", op,
+              ": input_split_sizes must sum to input.size(0) = ", input.dim() >= 1 ? input.size(0) : 0, ", got ",
+              sum(input_split_sizes));
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape[0] = sum(output_split_sizes);
+  at::Tensor output = at::empty(shape, input.options());
+  at::Tensor in = input.contiguous();
+  std::vector<int64_t> out_splits = output_split_sizes, in_splits = input_split_sizes;
+  // alltoall_base is the all-to-all that every supported torch has (2.14 adds
+  // all_to_all_single and deprecates this name).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  group.alltoall_base(output, in, out_splits, in_splits)->wait();
+#pragma GCC diagnostic pop
+  return output;
+}
+
+at::Tensor all_to_all(const at::Tensor& input, at::IntArrayRef output_split_sizes, at::IntArrayRef input_split_sizes,
+                      const std::string& group_name) {
+  check_device_supported(input, "all_to_all", "input");
+  const auto group = resolve_group(group_name, "all_to_all");
+  count_token_all_to_all();
+  return exchange_rows(input, output_split_sizes.vec(), input_split_sizes.vec(), *group, "all_to_all");
+}
+
+CollectiveCounts collective_counts() { return {token_all_to_alls.load(), count_exchanges.load()}; }
+
+void reset_collective_counts() {
+  token_all_to_alls = 0;
+  count_exchanges = 0;
+}
+
+void count_token_all_to_all() { ++token_all_to_alls; }
+void count_count_exchange() { ++count_exchanges; }
+
+}  // namespace moeflux

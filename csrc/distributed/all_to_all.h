@@ -1,0 +1,31 @@
+// The all-to-all of the c10d ProcessGroup, for tensors of any device, with
+// the group passed by name (group.group_name in Python).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+namespace moeflux {
+
+// The process group registered under `group_name`, or a clear error.
+c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_name, const char* op);
+
+// Rows [sum(input_split_sizes), ...] of `input` go out, split_sizes[r] rows to
+// rank r; rows [sum(output_split_sizes), ...] come back. Waits for the result.
+at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
+                         const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group, const char* op);
+
+// How many collectives the ops have issued, for tests and profiling.
+struct CollectiveCounts {
+  int64_t token_all_to_alls;  // all_to_all calls and the token exchanges of dispatch / combine
+  int64_t count_exchanges;    // dispatch's exchanges of tokens-per-expert (dropless mode)
+};
+CollectiveCounts collective_counts();
+void reset_collective_counts();
+void count_token_all_to_all();
+void count_count_exchange();
+
+}  // namespace moeflux
