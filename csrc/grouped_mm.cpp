@@ -58,7 +58,11 @@ at::Tensor grouped_mm(const at::Tensor& input, const at::Tensor& weight, const a
     return at::_grouped_mm(input, weight, offsets);
   }
 
-  // One matmul per expert; the segment sizes must be known on the host.
+  // One matmul per expert; the segment sizes must be known on the host. Experts
+  // without rows still get their (empty) matmul, so the output depends on
+  // every weight and on the input: their gradients are zeros rather than
+  // missing, and backward always reaches the ops upstream (under expert
+  // parallelism every rank must take part in the backward all-to-alls).
   const at::Tensor counts = tokens_per_expert.to(at::kCPU, at::kLong);
   const int64_t* count = counts.const_data_ptr<int64_t>();
   std::vector<at::Tensor> pieces;
@@ -67,11 +71,10 @@ at::Tensor grouped_mm(const at::Tensor& input, const at::Tensor& weight, const a
     TORCH_CHECK(count[e] >= 0 && start + count[e] <= num_rows, "moeflux.grouped_mm: tokens_per_expert must be >= 0 ",
                 "and sum to at most input.size(0) = ", num_rows, ", got ", count[e], " rows for expert ", e,
                 " after ", start);
-    if (count[e] > 0) pieces.push_back(at::mm(input.narrow(0, start, count[e]), weight.select(0, e)));
+    pieces.push_back(at::mm(input.narrow(0, start, count[e]), weight.select(0, e)));
     start += count[e];
   }
   if (start < num_rows) pieces.push_back(at::zeros({num_rows - start, out_features}, input.options()));
-  if (pieces.empty()) return at::zeros({0, out_features}, input.options());
   return pieces.size() == 1 ? pieces.front() : at::cat(pieces);
 }
 

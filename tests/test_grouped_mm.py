@@ -33,6 +33,18 @@ def test_grouped_mm_gradcheck(device, gen):
     assert torch.autograd.gradcheck(lambda a, b: ops.grouped_mm(a, b, tpe), (x, w))
 
 
+def test_grouped_mm_experts_without_rows_get_zero_gradients(device, gen):
+    # Backward must reach every weight and the input even when no expert has rows:
+    # under expert parallelism every rank has to run its backward all-to-alls.
+    for counts in ([0, 0, 0], [0, 3, 0]):
+        x = torch.randn(sum(counts), 4, generator=gen).to(device).requires_grad_()
+        w = torch.randn(3, 4, 5, generator=gen).to(device).requires_grad_()
+        out = ops.grouped_mm(x, w, torch.tensor(counts, dtype=torch.int32, device=device))
+        assert out.requires_grad
+        grad_x, grad_w = torch.autograd.grad(out.sum(), (x, w))
+        assert grad_x.shape == x.shape and (grad_w[0] == 0).all() and (grad_w[2] == 0).all()
+
+
 def test_grouped_mm_opcheck(device, gen):
     # The per-expert path reads the counts on the host, so only the schema and
     # the autograd registration are checked (no FakeTensor / AOT tracing).
