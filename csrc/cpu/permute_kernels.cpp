@@ -164,6 +164,16 @@ void gather_rows(const at::Tensor& rows, const at::Tensor& row_map, const at::Te
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const acc_t* w = weights.defined() ? weights.const_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, num_tokens, token_grain(k * hidden * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+      if (k == 1 && !w) {  // a plain row gather (regrouping rows): no accumulator
+        for (int64_t t = begin; t < end; ++t) {
+          if (map[t] >= 0) {
+            copy_row(dst + t * hidden, src + map[t] * hidden, hidden);
+          } else {
+            std::memset(dst + t * hidden, 0, hidden * sizeof(scalar_t));
+          }
+        }
+        return;
+      }
       std::vector<acc_t> acc(hidden);
       for (int64_t t = begin; t < end; ++t) {
         std::fill(acc.begin(), acc.end(), acc_t(0));

@@ -9,6 +9,7 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 #include "csrc/checks.h"
+#include "csrc/cpu/huge_pages.h"
 #include "csrc/ops.h"
 
 namespace moeflux {
@@ -49,6 +50,7 @@ at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& ou
   std::vector<int64_t> shape = input.sizes().vec();
   shape[0] = sum(output_split_sizes);
   at::Tensor output = at::empty(shape, input.options());
+  cpu::advise_huge_pages(output);
   at::Tensor in = input.contiguous();
   std::vector<int64_t> out_splits = output_split_sizes, in_splits = input_split_sizes;
   // alltoall_base is the all-to-all that every supported torch has (2.14 adds
