@@ -108,6 +108,12 @@ def mismatch_worker(rank, world):
         moeflux.MoE(D_MODEL, D_FFN, 7, ep_group=groups.ep_group)
     with pytest.raises(ValueError, match="ep_size must be a positive divisor of the world size"):
         moeflux.init_expert_parallel(3)
+    # A rank whose input has the wrong width makes every rank raise at the count exchange, none waits.
+    moe = moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups.ep_group)
+    x = torch.randn(4, D_MODEL if rank == 0 else D_MODEL - 1)
+    with pytest.raises(RuntimeError, match=f"ranks of the expert-parallel group disagree: .*hidden size {D_MODEL - 1}"):
+        moe(x)
+    moe(torch.randn(3, D_MODEL)).sum().backward()  # and the group still works
     return True
 
 

@@ -132,6 +132,11 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_model:
+            if self.ep_group is not None and self.capacity_factor is None:
+                # The other ranks are about to wait in dispatch's count exchange: take part with no
+                # tokens, so that it reports the mismatch on every rank instead of leaving them waiting.
+                no_ids = torch.empty((0, self.top_k), dtype=torch.int32, device=x.device)
+                ops.dispatch(x.new_empty((0, x.shape[-1])), no_ids, self.num_experts, None, self.ep_group)
             raise ValueError(f"MoE expects input [..., d_model={self.d_model}], got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.d_model)
         routing = self.router(tokens)
