@@ -1,47 +1,60 @@
 // moeflux._C: importing it runs the static registrations of the ops
 // (registration.cpp) linked into this module; the ops are reached as
-// torch.ops.moeflux.*. The module itself only reports how the library was
-// built and counts collectives.
-#include <Python.h>
+// torch.ops.moeflux.*. The module also binds the gradient bucketer (a C++
+// class with Python communication hooks) and the collective counters.
+#include <torch/csrc/distributed/c10d/python_comm_hook.h>
+#include <torch/csrc/utils/pybind.h>
 
+#include "csrc/bucketer/bucketer.h"
 #include "csrc/distributed/all_to_all.h"
 
-namespace {
+namespace py = pybind11;
 
-PyObject* collective_counts(PyObject*, PyObject*) {
-  const moeflux::CollectiveCounts counts = moeflux::collective_counts();
-  return Py_BuildValue("{s:L,s:L}", "token_all_to_alls", static_cast<long long>(counts.token_all_to_alls),
-                       "count_exchanges", static_cast<long long>(counts.count_exchanges));
-}
-
-PyObject* reset_collective_counts(PyObject*, PyObject*) {
-  moeflux::reset_collective_counts();
-  Py_RETURN_NONE;
-}
-
-PyMethodDef methods[] = {
-    {"collective_counts", collective_counts, METH_NOARGS,
-     "Collectives issued by this process: {'token_all_to_alls': n, 'count_exchanges': m}."},
-    {"reset_collective_counts", reset_collective_counts, METH_NOARGS, "Set the collective counts to zero."},
-    {nullptr, nullptr, 0, nullptr},
-};
-
-PyModuleDef moeflux_module = {
-    PyModuleDef_HEAD_INIT, "_C", "moeflux C++/CUDA ops, registered as torch.ops.moeflux", -1, methods,
-};
-
-}  // namespace
-
-PyMODINIT_FUNC PyInit__C(void) {
-  PyObject* module = PyModule_Create(&moeflux_module);
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "moeflux C++/CUDA ops (torch.ops.moeflux) and the gradient bucketer";
 #ifdef MOEFLUX_WITH_CUDA
-  const long with_cuda = 1;
+  m.attr("with_cuda") = true;
 #else
-  const long with_cuda = 0;
+  m.attr("with_cuda") = false;
 #endif
-  if (module != nullptr && PyModule_AddIntConstant(module, "with_cuda", with_cuda) != 0) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
+
+  m.def("collective_counts", [] {
+    const moeflux::CollectiveCounts counts = moeflux::collective_counts();
+    return py::dict(py::arg("token_all_to_alls") = counts.token_all_to_alls,
+                    py::arg("count_exchanges") = counts.count_exchanges);
+  });
+  m.def("reset_collective_counts", &moeflux::reset_collective_counts);
+
+  py::class_<moeflux::GradientBucketer>(m, "GradientBucketer")
+      .def(py::init([](std::vector<at::Tensor> params, std::vector<std::string> names,
+                       std::vector<int64_t> param_group, std::vector<std::string> group_names,
+                       std::vector<double> divisors, int64_t first_bucket_bytes, int64_t bucket_bytes,
+                       bool gradient_as_bucket_view, bool find_unused_parameters) {
+             moeflux::BucketerOptions options{first_bucket_bytes, bucket_bytes, gradient_as_bucket_view,
+                                              find_unused_parameters};
+             return std::make_unique<moeflux::GradientBucketer>(std::move(params), std::move(names),
+                                                                std::move(param_group), std::move(group_names),
+                                                                std::move(divisors), options);
+           }),
+           py::arg("params"), py::arg("names"), py::arg("param_group"), py::arg("group_names"), py::arg("divisors"),
+           py::arg("first_bucket_bytes"), py::arg("bucket_bytes"), py::arg("gradient_as_bucket_view"),
+           py::arg("find_unused_parameters"))
+      .def("set_builtin_comm_hook", &moeflux::GradientBucketer::set_builtin_comm_hook, py::arg("name"))
+      .def(
+          "set_python_comm_hook",
+          [](moeflux::GradientBucketer& self, std::vector<py::object> states, py::object hook) {
+            std::vector<std::unique_ptr<c10d::CommHookInterface>> hooks;
+            for (auto& state : states) hooks.push_back(std::make_unique<c10d::PythonCommHook>(state, hook));
+            self.set_comm_hooks(std::move(hooks));
+          },
+          py::arg("states"), py::arg("hook"))
+      .def("set_require_sync", &moeflux::GradientBucketer::set_require_sync, py::arg("require_sync"))
+      .def("bucket_indices", &moeflux::GradientBucketer::bucket_indices)
+      .def("ready_order", &moeflux::GradientBucketer::ready_order)
+      .def("buckets_rebuilt", &moeflux::GradientBucketer::buckets_rebuilt)
+      .def("launch_log", [](const moeflux::GradientBucketer& self) {
+        py::list out;
+        for (const auto& record : self.launch_log()) out.append(py::make_tuple(record.bucket, record.gradients_pending));
+        return out;
+      });
 }

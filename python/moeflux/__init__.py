@@ -11,6 +11,7 @@ The ops are ``torch.ops.moeflux.*``; :mod:`moeflux.ops` has typed wrappers.
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
 from . import _C, ops
+from .data_parallel import CommHookState, DataParallel
 from .distributed import ExpertParallelGroups, init_expert_parallel
 from .experts import GroupedExperts
 from .moe import MoE, aux_loss
@@ -25,6 +26,8 @@ __all__ = [
     "ops",
     "init_expert_parallel",
     "ExpertParallelGroups",
+    "DataParallel",
+    "CommHookState",
     "cuda_kernels_built",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import ops
-from .distributed import check_agreement
+from .distributed import ExpertParallelGroups, check_agreement
 from .experts import ACTIVATIONS, GroupedExperts
 from .router import Router
 
@@ -44,9 +44,11 @@ class MoE(nn.Module):
         z_loss_weight: weight of the router z-loss in :attr:`aux_loss`.
         router_jitter: multiplicative input jitter of the router while training.
         noisy_gating: learned Gaussian noise on the router logits while training.
-        ep_group: expert parallelism: the ``torch.distributed`` group of ``P``
-            ranks that split the experts (see :func:`moeflux.init_expert_parallel`);
-            this rank then holds experts ``[rank * E / P, (rank + 1) * E / P)``
+        ep_group: expert parallelism: the :class:`moeflux.ExpertParallelGroups`
+            from :func:`moeflux.init_expert_parallel` (or just the
+            ``torch.distributed`` group of ``P`` ranks that split the experts;
+            :class:`moeflux.DataParallel` then cannot tell where the experts'
+            replicas are); this rank holds experts ``[rank * E / P, (rank + 1) * E / P)``
             and tokens travel to them by all-to-all. Constructing the layer is
             collective: every rank of the group must agree on the configuration,
             or all of them raise. With a capacity every rank must route the same
@@ -77,7 +79,7 @@ class MoE(nn.Module):
         z_loss_weight: float = 0.0,
         router_jitter: float = 0.0,
         noisy_gating: bool = False,
-        ep_group: dist.ProcessGroup | None = None,
+        ep_group: ExpertParallelGroups | dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -96,6 +98,10 @@ class MoE(nn.Module):
         if aux_loss_weight < 0 or z_loss_weight < 0:
             raise ValueError(f"aux_loss_weight and z_loss_weight must be >= 0, got {aux_loss_weight}, {z_loss_weight}")
 
+        if isinstance(ep_group, ExpertParallelGroups):
+            ep_group, self.edp_group = ep_group.ep_group, ep_group.edp_group
+        else:
+            self.edp_group = None  # unknown: the caller holds the expert-data-parallel group
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
         self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
