@@ -145,6 +145,19 @@ def moe_worker(rank, world, ep_size, view):
         for name in ("moe.experts.w_in", "moe.experts.w_out"):
             torch.testing.assert_close(ours[name], ref[name][first:first + local], atol=1e-6, rtol=1e-5,
                                        msg=lambda m: f"{name}: {m}")
+
+    # Every token to experts 0 and 1: the other experts (on ranks other than the first with ep > 1)
+    # get no rows, still produce zero gradients, and nobody waits for them.
+    x = torch.full((4, 6), 0.5)
+    with torch.no_grad():
+        hidden = torch.tanh(model.module.embed(x[:1]))[0]  # what the router sees
+        model.module.moe.router.weight.zero_()
+        model.module.moe.router.weight[:2] = 10 * hidden  # large logits for experts 0 and 1 only
+    model.zero_grad()
+    nn.functional.mse_loss(model(x), torch.zeros(4, 4)).backward()
+    if first >= 2:
+        assert int(model.module.moe.tokens_per_expert.sum()) == 0
+        assert (model.module.moe.experts.w_in.grad == 0).all()
     return True
 
 
