@@ -1,174 +1,300 @@
-"""Train a small byte-level Mixture-of-Experts language model on the Python
-standard library's own source files, with moeflux.MoE as every block's MLP.
+"""Train a byte-level Mixture-of-Experts language model on the Python standard
+library's own source files, expert-parallel, with moeflux.MoE in every block
+and moeflux.DataParallel synchronising the gradients.
 
-    python -m moeflux.train --steps 300
+    python -m moeflux.train                          # 2 ranks on this machine (gloo), a few minutes on 2 cores
+    python -m moeflux.train --nproc 4 --experts 16 --steps 600
+    torchrun --nproc-per-node 8 -m moeflux.train     # one rank per GPU (NCCL), or CPU ranks with gloo
+    python -m moeflux.train --resume runs/moe-lm/checkpoint.pt --steps 800   # continue, on any number of ranks
 
-Prints the loss and throughput while training, then the held-out bits per byte
-(on files it never trained on) next to the unigram baseline of the same bytes.
+It shows a progress bar with the loss and tokens/s, evaluates bits per byte on
+held-out files (never trained on) next to the unigram baseline, and writes a
+run folder: metrics.json, loss.png, expert_load.png and checkpoint.pt.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
 import sysconfig
+import tempfile
 import time
-import zlib
+from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 import moeflux
+from moeflux.lm import checkpoint, data, plots
+from moeflux.lm.model import ByteLM, ModelConfig
 
 
-def stdlib_files(root: Path) -> list[Path]:
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
-    if not files:
-        raise SystemExit(f"error: no .py files under {root}; pass --data DIR with some text files")
-    return files
-
-
-def load_corpus(root: Path, held_out_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bytes of the training files and of the held-out files, split by a hash of the path."""
-    train, test = bytearray(), bytearray()
-    for path in stdlib_files(root):
-        data = path.read_bytes()
-        bucket = zlib.crc32(str(path.relative_to(root)).encode()) % 1000
-        (test if bucket < held_out_fraction * 1000 else train).extend(data)
-    if not train or not test:
-        raise SystemExit(f"error: {root} holds too little text to split into train and held-out sets")
-    as_tensor = lambda b: torch.frombuffer(b, dtype=torch.uint8).long()  # noqa: E731
-    return as_tensor(train), as_tensor(test)
-
-
-class Block(nn.Module):
-    def __init__(self, d_model: int, heads: int, moe: moeflux.MoE) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = nn.MultiheadAttention(d_model, heads, batch_first=True)
-        self.mlp = moe
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
-
-
-class ByteLM(nn.Module):
-    def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__()
-        d = args.d_model
-        self.embed = nn.Embedding(256, d)
-        self.pos = nn.Parameter(torch.zeros(args.seq_len, d))
-        self.blocks = nn.ModuleList(
-            Block(d, args.heads, moeflux.MoE(d, args.d_ffn, args.experts, args.top_k, args.capacity_factor))
-            for _ in range(args.layers)
-        )
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, 256)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        seq = idx.shape[1]
-        mask = torch.triu(torch.full((seq, seq), float("-inf"), device=idx.device), diagonal=1)
-        x = self.embed(idx) + self.pos[:seq]
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.head(self.norm(x))
-
-
-def batches(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator):
-    while True:
-        starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=gen)
-        window = torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()])
-        yield window[:, :-1], window[:, 1:]
-
-
-@torch.no_grad()
-def bits_per_byte(model: ByteLM, data: torch.Tensor, seq_len: int, max_bytes: int) -> float:
-    model.eval()
-    data = data[: max_bytes + 1]
-    usable = (data.numel() - 1) // seq_len * seq_len
-    x = data[:usable].view(-1, seq_len)
-    y = data[1:usable + 1].view(-1, seq_len)
-    total = 0.0
-    for i in range(0, x.shape[0], 32):
-        logits = model(x[i:i + 32])
-        total += F.cross_entropy(logits.flatten(0, 1), y[i:i + 32].flatten(), reduction="sum").item()
-    model.train()
-    return total / usable / math.log(2)
-
-
-def unigram_bits_per_byte(train: torch.Tensor, test: torch.Tensor) -> float:
-    counts = torch.bincount(train, minlength=256).double() + 1  # add-one smoothing
-    log_p = torch.log2(counts / counts.sum())
-    return float(-log_p[test].mean())
+class UsageError(ValueError):
+    """A bad option, reported as one line."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path(sysconfig.get_paths()["stdlib"]),
-                   help="folder of text (*.py) files (default: this Python's standard library)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=128, help="bytes per sequence")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--d-ffn", type=int, default=256, help="hidden width of each expert")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2, help="experts per token")
-    p.add_argument("--capacity-factor", type=float, default=None, help="expert capacity factor (default: dropless)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--eval-bytes", type=int, default=200_000, help="held-out bytes to evaluate on")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.batch < 1 or args.seq_len < 2:
-        p.error("--steps and --batch must be >= 1 and --seq-len >= 2")
+    p = argparse.ArgumentParser(prog="python -m moeflux.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=Path, default=Path(sysconfig.get_paths()["stdlib"]),
+                   help="folder of .py files to train on (default: this Python's standard library); "
+                        "5%% of the files are held out for evaluation")
+    g.add_argument("--seq-len", type=int, default=128, help="bytes per training sequence (default 128)")
+    g.add_argument("--batch", type=int, default=16, help="sequences per rank per step (default 16)")
+    g = p.add_argument_group("model")
+    g.add_argument("--layers", type=int, default=2, help="transformer blocks, each with an MoE MLP (default 2)")
+    g.add_argument("--d-model", type=int, default=128, help="model width (default 128)")
+    g.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    g.add_argument("--d-ffn", type=int, default=256, help="hidden width of each expert (default 256)")
+    g.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
+    g.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    g.add_argument("--capacity-factor", type=float, default=None,
+                   help="cap every expert at factor * tokens * top_k / experts tokens (default: dropless)")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--nproc", type=int, default=None,
+                   help="ranks to start on this machine when not under torchrun (default: one per GPU, else 2)")
+    g.add_argument("--ep-size", type=int, default=None,
+                   help="expert-parallel size: experts are split over this many ranks, the rest are replicas "
+                        "(default: all ranks); must divide the number of ranks and --experts")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=700, help="total optimizer steps (default 700)")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    g.add_argument("--aux-loss-weight", type=float, default=1e-2, help="load-balancing loss weight (default 0.01)")
+    g.add_argument("--eval-bytes", type=int, default=100_000, help="held-out bytes to evaluate on (default 100000)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
+    g.add_argument("--out", type=Path, default=Path("runs/moe-lm"), help="run folder (default runs/moe-lm)")
+    g.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue from")
+    g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
+    return p.parse_args(argv)
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(args.layers, args.d_model, args.heads, args.d_ffn, args.experts, args.top_k,
+                       args.capacity_factor, args.seq_len)
+
+
+def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
+    """Everything that can be checked before any rank starts; raises UsageError."""
+    positive = {"--steps": args.steps, "--batch": args.batch, "--layers": args.layers, "--d-model": args.d_model,
+                "--heads": args.heads, "--d-ffn": args.d_ffn, "--experts": args.experts, "--eval-bytes": args.eval_bytes,
+                "--checkpoint-every": args.checkpoint_every}
+    for name, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+    if args.seq_len < 2:
+        raise UsageError(f"--seq-len must be >= 2, got {args.seq_len}")
+    if args.seq_len + 1 >= train_bytes:
+        raise UsageError(f"--seq-len {args.seq_len} is longer than the training data ({train_bytes} bytes)")
+    if args.d_model % args.heads:
+        raise UsageError(f"--heads {args.heads} must divide --d-model {args.d_model}")
     if not 1 <= args.top_k <= args.experts:
-        p.error(f"--top-k must be in [1, --experts={args.experts}], got {args.top_k}")
-    if not args.data.is_dir():
-        p.error(f"--data {args.data} is not a folder")
-    return args
+        raise UsageError(f"--top-k must be in [1, --experts={args.experts}], got {args.top_k}")
+    if args.capacity_factor is not None and args.capacity_factor <= 0:
+        raise UsageError(f"--capacity-factor must be > 0, got {args.capacity_factor}")
+    ep = args.ep_size or world
+    if ep < 1 or world % ep:
+        raise UsageError(f"--ep-size {ep} must divide the number of ranks ({world})")
+    if args.experts % ep:
+        raise UsageError(f"--ep-size {ep} must divide --experts {args.experts}")
+    if args.resume is not None:
+        if not args.resume.is_file():
+            raise UsageError(f"--resume {args.resume}: no such file")
+        checkpoint.check_config(args.resume, checkpoint.read_config(args.resume), asdict(model_config(args)))
+
+
+# ---- one rank
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, ep_group: dist.ProcessGroup) -> float:
+    """Clip by the norm of all gradients of the model, experts of every rank of the group included."""
+    dense, experts = torch.zeros(()), torch.zeros(())
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            sq = p.grad.detach().float().square().sum().cpu()
+            if ".experts." in name:
+                experts += sq
+            else:
+                dense += sq
+    dist.all_reduce(experts, group=ep_group)
+    norm = float((dense + experts).sqrt())
+    if norm > max_norm:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def global_expert_load(model: ByteLM, groups: moeflux.ExpertParallelGroups) -> list[list[float]]:
+    """Share of all routed tokens that each expert of each layer got, over every rank."""
+    loads = []
+    for layer in model.moe_layers():
+        full = torch.zeros(layer.num_experts)
+        first = layer.experts.first_expert
+        full[first:first + layer.experts.num_experts] = layer.tokens_per_expert.float().cpu()
+        dist.all_reduce(full)
+        loads.append((full / full.sum().clamp(min=1)).tolist())
+    return loads
+
+
+@torch.no_grad()
+def held_out_bits_per_byte(model, test: torch.Tensor, args, device) -> float:
+    """Every rank evaluates its share of the windows; every rank runs the same number of
+    forwards (their all-to-alls must match), padding with masked windows."""
+    model.eval()
+    x, y = data.held_out_windows(test, args.seq_len, args.eval_bytes)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = math.ceil(x.shape[0] / world)
+    mine = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    valid = mine < x.shape[0]
+    mine = torch.where(valid, mine, 0)
+    total = torch.zeros(2, dtype=torch.float64)  # summed nats, bytes
+    for i in range(0, per_rank, args.batch):
+        idx, ok = mine[i:i + args.batch], valid[i:i + args.batch]
+        logits = model(x[idx].to(device))
+        nats = F.cross_entropy(logits.flatten(0, 1), y[idx].to(device).flatten(), reduction="none").view(len(idx), -1)
+        total[0] += float(nats[ok.to(device)].sum())
+        total[1] += float(ok.sum()) * args.seq_len
+    dist.all_reduce(total)
+    model.train()
+    return data.to_bits(float(total[0] / total[1]))
+
+
+def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    train_data, test = corpus
+    groups = moeflux.init_expert_parallel(args.ep_size or world)
+    config = model_config(args)
+    torch.manual_seed(args.seed)
+    model = moeflux.DataParallel(ByteLM(config, groups).to(device))
+    lm: ByteLM = model.module
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warmup = max(1, args.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    metrics = {"config": asdict(config), "world_size": world, "ep_size": groups.ep_size, "steps": [],
+               "train_bits_per_byte": [], "tokens_per_second": [], "load_steps": [], "expert_load": [], "eval": []}
+    start_step = 0
+    if args.resume is not None:
+        start_step, saved = checkpoint.load(args.resume, lm, optimizer, schedule)
+        for key in ("steps", "train_bits_per_byte", "tokens_per_second", "load_steps", "expert_load", "eval"):
+            metrics[key] = saved.get(key, [])
+    args.out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        metrics["unigram_bits_per_byte"] = data.unigram_bits_per_byte(train_data, test[: args.eval_bytes])
+
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
+    tokens_per_step = args.batch * args.seq_len * world
+    log_every = max(1, min(20, args.steps // 20))
+    started, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+    for step in range(start_step + 1, args.steps + 1):
+        x, y = data.batch(train_data, args.batch, args.seq_len, seed=args.seed * 1_000_003 + step * 1009 + rank)
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        (loss + moeflux.aux_loss(lm) * (args.aux_loss_weight / 1e-2)).backward()
+        clip_grad_norm(lm, 1.0, groups.ep_group)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        schedule.step()
+        window_steps += 1
+        if step % log_every == 0 or step == args.steps:
+            mean_loss = loss.detach().float().cpu()
+            dist.all_reduce(mean_loss)
+            bits = data.to_bits(float(mean_loss) / world)
+            speed = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+            load = global_expert_load(lm, groups)
+            if rank == 0:
+                metrics["steps"].append(step)
+                metrics["train_bits_per_byte"].append(bits)
+                metrics["tokens_per_second"].append(speed)
+                metrics["load_steps"].append(step)
+                metrics["expert_load"].append(load)
+                bar.set_postfix_str(f"loss {bits:.3f} bits/byte, {speed:,.0f} tokens/s")
+            window_start, window_steps = time.perf_counter(), 0
+        if bar is not None:
+            bar.update(1)
+        if step % args.checkpoint_every == 0 and step != args.steps:
+            checkpoint.save(args.out / "checkpoint.pt", lm, optimizer, schedule, step, asdict(config), metrics)
+    if bar is not None:
+        bar.close()
+    train_seconds = time.perf_counter() - started
+
+    bpb = held_out_bits_per_byte(model, test, args, device)
+    if rank == 0:
+        metrics["eval"].append({"step": args.steps, "bits_per_byte": bpb})
+        metrics["train_seconds"] = train_seconds
+        metrics["mean_tokens_per_second"] = (args.steps - start_step) * tokens_per_step / max(train_seconds, 1e-9)
+    checkpoint.save(args.out / "checkpoint.pt", lm, optimizer, schedule, args.steps, asdict(config), metrics)
+    if rank == 0:
+        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if metrics["steps"]:
+            plots.loss_curve(metrics, args.out / "loss.png")
+            plots.expert_load(metrics, args.out / "expert_load.png")
+        print(f"held-out: {bpb:.3f} bits/byte (unigram baseline {metrics['unigram_bits_per_byte']:.3f}); "
+              f"{metrics['mean_tokens_per_second']:,.0f} tokens/s over {world} ranks (ep size {groups.ep_size}); "
+              f"training {train_seconds:.0f} s")
+        print(f"run folder: {args.out}/ (metrics.json, loss.png, expert_load.png, checkpoint.pt)")
+
+
+# ---- launching
+
+
+def _use_gpus() -> bool:
+    return torch.cuda.is_available() and moeflux.cuda_kernels_built()
+
+
+def _rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace, corpus) -> None:
+    backend = "nccl" if _use_gpus() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(minutes=10))
+    try:
+        train(args, corpus)
+    finally:
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    train, test = load_corpus(args.data, held_out_fraction=0.05)
-    if train.numel() <= args.seq_len + 1:
-        raise SystemExit(f"error: --seq-len {args.seq_len} is longer than the training data ({train.numel()} bytes)")
-    print(f"data: {train.numel() / 1e6:.1f} MB train, {test.numel() / 1e6:.1f} MB held out, from {args.data}")
-    model = ByteLM(args)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.layers} layers, d_model {args.d_model}, {args.experts} experts top-{args.top_k}, "
-          f"{params / 1e6:.2f} M parameters")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.1)
-    data = batches(train, args.batch, args.seq_len, torch.Generator().manual_seed(args.seed))
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if under_torchrun else (
+        args.nproc or (torch.cuda.device_count() if _use_gpus() else 2))
+    try:
+        if world < 1:
+            raise UsageError(f"--nproc must be >= 1, got {world}")
+        corpus = data.load_corpus(args.data)
+        validate(args, world, corpus[0].numel())
+    except (UsageError, data.DataError, checkpoint.CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
 
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        x, y = next(data)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        (loss + moeflux.aux_loss(model)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        schedule.step()
-        if step % max(1, args.steps // 10) == 0 or step == args.steps:
-            elapsed = time.perf_counter() - start
-            load = torch.stack([b.mlp.tokens_per_expert.float() for b in model.blocks]).mean(0)
-            print(f"step {step:5d}  loss {loss.item():.3f} ({loss.item() / math.log(2):.2f} bits/byte)  "
-                  f"{step * args.batch * args.seq_len / elapsed:7.0f} tokens/s  "
-                  f"expert load max/mean {load.max() / load.mean():.2f}", flush=True)
-
-    bpb = bits_per_byte(model, test, args.seq_len, args.eval_bytes)
-    baseline = unigram_bits_per_byte(train, test[: args.eval_bytes])
-    print(f"held-out: {bpb:.3f} bits/byte (unigram baseline {baseline:.3f}) after {args.steps} steps in "
-          f"{time.perf_counter() - start:.0f} s")
+    if under_torchrun:
+        if _use_gpus():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if _use_gpus() else "gloo", timeout=timedelta(minutes=10))
+        try:
+            train(args, corpus)
+        finally:
+            dist.destroy_process_group()
+        return
+    print(f"moeflux {moeflux.__version__}: {world} ranks ({'NCCL' if _use_gpus() else 'gloo, CPU'}), "
+          f"{corpus[0].numel() / 1e6:.1f} MB of training text, {corpus[1].numel() / 1e6:.1f} MB held out")
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.start_processes(
+            _rank_main, args=(world, f"file://{tmp}/store", args, corpus), nprocs=world, start_method="spawn")
 
 
 if __name__ == "__main__":

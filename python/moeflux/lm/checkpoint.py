@@ -1,0 +1,115 @@
+"""One checkpoint file for an expert-parallel model, loadable on any number of ranks.
+
+Experts are sharded over ranks, so every rank sends its share to rank 0, which
+writes one file in which every expert, and its optimizer state, is stored
+under its global index (``blocks.0.mlp.experts.7.w_in``). Loading, each rank
+takes the dense parameters and the experts it holds in its own layout.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import moeflux
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the run, reported as a one-line error."""
+
+
+def _expert_slices(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Stacked expert parameter name -> (prefix for per-expert names, first global expert, local count)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, moeflux.GroupedExperts):
+            for weight in ("w_in", "w_out"):
+                out[f"{name}.{weight}"] = (f"{name}.", module.first_expert, module.num_experts)
+    return out
+
+
+def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    slices = _expert_slices(model)
+    by_name = {}
+    for name, param in model.named_parameters():
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        if name in slices:
+            prefix, first, count = slices[name]
+            weight = name.rsplit(".", 1)[1]
+            for i in range(count):
+                by_name[f"{prefix}{first + i}.{weight}"] = {
+                    k: (v[i] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()}
+        else:
+            by_name[name] = dict(state)
+    return by_name
+
+
+def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int, config: dict,
+         metrics: dict) -> None:
+    """Collective: every rank calls it; rank 0 writes `path` (atomically)."""
+    local = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+             "optimizer": {k: {s: (t.cpu() if torch.is_tensor(t) else t) for s, t in v.items()}
+                           for k, v in _optimizer_state_by_name(model, optimizer).items()}}
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, gathered, dst=0)
+    if dist.get_rank() == 0:
+        merged_model, merged_optim = {}, {}
+        for part in gathered:  # replicas hold equal values; every expert appears at least once
+            merged_model.update(part["model"])
+            merged_optim.update(part["optimizer"])
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        tmp = path.with_suffix(".tmp")
+        torch.save({"format": "moeflux-lm/1", "config": config, "step": step, "model": merged_model,
+                    "optimizer": merged_optim, "param_groups": groups, "scheduler": scheduler.state_dict(),
+                    "metrics": metrics}, tmp)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def read_config(path: Path) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"--resume {path}: cannot read it ({e.__class__.__name__})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != "moeflux-lm/1":
+        raise CheckpointError(f"--resume {path}: not a checkpoint of python -m moeflux.train")
+    return checkpoint["config"]
+
+
+def check_config(path: Path, saved: dict, current: dict) -> None:
+    differ = [f"{k} {saved.get(k)!r} (now {current.get(k)!r})" for k in current if saved.get(k) != current.get(k)]
+    if differ:
+        raise CheckpointError(f"--resume {path} was written for a different model: {', '.join(differ)}")
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, dict]:
+    """Every rank loads its share; returns (step, metrics)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    saved = checkpoint["optimizer"]
+    slices = _expert_slices(model)
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if name in slices:
+            prefix, first, count = slices[name]
+            weight = name.rsplit(".", 1)[1]
+            parts = [saved.get(f"{prefix}{first + i}.{weight}") for i in range(count)]
+            if any(p is None for p in parts):
+                continue
+            state = {k: (torch.stack([p[k] for p in parts]) if torch.is_tensor(v) and v.dim() > 0 else v)
+                     for k, v in parts[0].items()}
+        elif name in saved:
+            state = saved[name]
+        else:
+            continue
+        optimizer.state[param] = {k: (v.to(param.device) if torch.is_tensor(v) else v) for k, v in state.items()}
+    for group, saved_group in zip(optimizer.param_groups, checkpoint["param_groups"]):
+        group.update(saved_group)
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    return checkpoint["step"], checkpoint["metrics"]

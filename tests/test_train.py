@@ -1,0 +1,85 @@
+"""The main job, python -m moeflux.train: a tiny end-to-end run on 2 ranks, resume on
+another number of ranks, determinism, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TINY = ["--steps", "6", "--batch", "2", "--seq-len", "16", "--d-model", "16", "--heads", "2", "--d-ffn", "16",
+        "--experts", "4", "--eval-bytes", "2000", "--checkpoint-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small folder of real Python source (a slice of the standard library)."""
+    import json as json_module  # any stdlib package works; json is small
+
+    src = tmp_path_factory.mktemp("data")
+    from pathlib import Path
+
+    for path in sorted(Path(json_module.__file__).parent.glob("*.py")):
+        (src / path.name).write_bytes(path.read_bytes())
+    for i in range(30):  # more files so that some are held out
+        (src / f"copy{i}.py").write_bytes((Path(json_module.__file__).parent / "decoder.py").read_bytes())
+    return src
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "moeflux.train", *args], capture_output=True, text=True,
+                            timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stdout + result.stderr)
+    return result
+
+
+def test_trains_writes_run_folder_and_resumes_on_another_number_of_ranks(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = run("--data", str(corpus), "--out", str(out), "--nproc", "2", *TINY)
+    assert "held-out:" in result.stdout and "unigram baseline" in result.stdout
+    for name in ("metrics.json", "loss.png", "expert_load.png", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["ep_size"] == 2 and metrics["steps"][-1] == 6
+    assert len(metrics["expert_load"][0]) == 2 and len(metrics["expert_load"][0][0]) == 4  # [layers][experts]
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert {f"blocks.0.mlp.experts.{e}.w_in" for e in range(4)} <= set(saved["model"])  # every expert, by index
+
+    resumed = tmp_path / "resumed"
+    run("--data", str(corpus), "--out", str(resumed), "--nproc", "1", "--resume", str(out / "checkpoint.pt"),
+        *TINY[:1], "9", *TINY[2:])
+    assert json.loads((resumed / "metrics.json").read_text())["steps"][-1] == 9
+
+
+def test_same_seed_same_run(corpus, tmp_path):
+    first = run("--data", str(corpus), "--out", str(tmp_path / "a"), "--nproc", "2", *TINY)
+    second = run("--data", str(corpus), "--out", str(tmp_path / "b"), "--nproc", "2", *TINY)
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert a["train_bits_per_byte"] == b["train_bits_per_byte"] and a["eval"] == b["eval"]
+    assert first.stdout.splitlines()[-2].split(";")[0] == second.stdout.splitlines()[-2].split(";")[0]
+
+
+def test_bad_input_is_one_line(corpus, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "run").mkdir()
+    other = tmp_path / "other.pt"
+    run("--data", str(corpus), "--out", str(tmp_path / "run"), "--nproc", "1", *TINY)
+    cases = {
+        ("--data", str(tmp_path / "missing")): "no such folder",
+        ("--data", str(empty)): "holds no .py files",
+        ("--data", str(corpus), "--seq-len", "100000000"): "is longer than the training data",
+        ("--data", str(corpus), "--nproc", "2", "--ep-size", "3"): "--ep-size 3 must divide the number of ranks (2)",
+        ("--data", str(corpus), "--nproc", "2", "--experts", "3"): "--ep-size 2 must divide --experts 3",
+        ("--data", str(corpus), "--experts", "8", "--resume", str(tmp_path / "run" / "checkpoint.pt")):
+            "was written for a different model: experts 4 (now 8)",
+        ("--data", str(corpus), "--resume", str(other)): "no such file",
+    }
+    for extra, message in cases.items():
+        result = run(*TINY, *extra, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), (extra, result.stderr)
+        assert message in lines[0], (extra, lines[0])
