@@ -22,24 +22,31 @@ c10::TypedOperatorHandle<Fn> find_op(const char* name) {
 
 class RouteFunction : public torch::autograd::Function<RouteFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, int64_t k, bool renormalize) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, int64_t k, bool renormalize,
+                               c10::string_view scoring, const std::optional<at::Tensor>& expert_bias,
+                               int64_t num_groups, int64_t top_groups, double scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = find_op<decltype(route)>("moeflux::route");
-    auto [weights, expert_ids] = op.call(logits, k, renormalize);
+    auto [weights, expert_ids] = op.call(logits, k, renormalize, scoring, expert_bias, num_groups, top_groups, scale);
     ctx->save_for_backward({logits, weights, expert_ids});
     ctx->saved_data["renormalize"] = renormalize;
+    ctx->saved_data["scoring"] = std::string(scoring);
+    ctx->saved_data["scale"] = scale;
     ctx->mark_non_differentiable({expert_ids});
     return {weights, expert_ids};
   }
 
+  // The expert bias and the group limit only steer the choice: no gradient flows through them.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<decltype(route_backward)>("moeflux::route_backward");
     const auto saved = ctx->get_saved_variables();
     at::Tensor grad_logits;
     if (grads[0].defined()) {
-      grad_logits = op.call(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["renormalize"].toBool());
+      grad_logits = op.call(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["renormalize"].toBool(),
+                            ctx->saved_data["scoring"].toStringRef(), ctx->saved_data["scale"].toDouble());
     }
-    return {grad_logits, at::Tensor(), at::Tensor()};
+    return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -184,8 +191,11 @@ std::tuple<at::Tensor, at::Tensor> combine_autograd(const at::Tensor& expert_out
   return {out[0], out[1]};
 }
 
-std::tuple<at::Tensor, at::Tensor> route_autograd(const at::Tensor& logits, int64_t k, bool renormalize) {
-  auto out = RouteFunction::apply(logits, k, renormalize);
+std::tuple<at::Tensor, at::Tensor> route_autograd(const at::Tensor& logits, int64_t k, bool renormalize,
+                                                  c10::string_view scoring,
+                                                  const std::optional<at::Tensor>& expert_bias, int64_t num_groups,
+                                                  int64_t top_groups, double scale) {
+  auto out = RouteFunction::apply(logits, k, renormalize, scoring, expert_bias, num_groups, top_groups, scale);
   return {out[0], out[1]};
 }
 

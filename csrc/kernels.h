@@ -7,6 +7,14 @@
 #include <ATen/core/Tensor.h>
 
 namespace moeflux {
+
+// How route turns logits into weights (see route() in ops.h).
+struct RouteOptions {
+  bool renormalize = false;  // divide the k weights by their sum
+  bool sigmoid = false;      // scores: sigmoid(logits) instead of softmax(logits)
+  double scale = 1.0;        // multiplies the final weights (DeepSeek's routed_scaling_factor)
+};
+
 namespace cpu {
 #include "csrc/kernel_api.inc"
 }

@@ -7,13 +7,16 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 namespace moeflux {
 
 // ---- gate
-std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& logits, int64_t k, bool renormalize);
+std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& logits, int64_t k, bool renormalize,
+                                         c10::string_view scoring, const std::optional<at::Tensor>& expert_bias,
+                                         int64_t num_groups, int64_t top_groups, double scale);
 at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& weights,
-                          const at::Tensor& expert_ids, bool renormalize);
+                          const at::Tensor& expert_ids, bool renormalize, c10::string_view scoring, double scale);
 std::tuple<at::Tensor, at::Tensor> router_aux_loss(const at::Tensor& logits, const at::Tensor& expert_ids);
 at::Tensor apply_capacity(const at::Tensor& expert_ids, const at::Tensor& weights, int64_t num_experts,
                           int64_t capacity, bool drop_by_probability);
@@ -55,7 +58,10 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_outpu
 at::Tensor grouped_mm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& tokens_per_expert);
 
 // ---- Autograd-key kernels (autograd.cpp): C++ autograd functions around the ops above.
-std::tuple<at::Tensor, at::Tensor> route_autograd(const at::Tensor& logits, int64_t k, bool renormalize);
+std::tuple<at::Tensor, at::Tensor> route_autograd(const at::Tensor& logits, int64_t k, bool renormalize,
+                                                  c10::string_view scoring,
+                                                  const std::optional<at::Tensor>& expert_bias, int64_t num_groups,
+                                                  int64_t top_groups, double scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_autograd(const at::Tensor& tokens,
                                                                 const at::Tensor& expert_ids, int64_t num_experts,
                                                                 std::optional<int64_t> capacity);

@@ -24,6 +24,32 @@ def route(logits: Tensor, k: int, renormalize: bool = False) -> tuple[Tensor, Te
     return weights, ids
 
 
+def route_general(logits, k, renormalize=False, scoring="softmax", expert_bias=None, num_groups=1, top_groups=1,
+                  scale=1.0):
+    """Every router option, token by token, in float64 (DeepSeek-V3's group-limited choice included)."""
+    x = logits.double()
+    num_tokens, num_experts = x.shape
+    scores = torch.sigmoid(x) if scoring == "sigmoid" else torch.softmax(x, -1)
+    weights = torch.zeros(num_tokens, k, dtype=torch.float64)
+    ids = torch.zeros(num_tokens, k, dtype=torch.int32)
+    per_group = num_experts // num_groups
+    for t in range(num_tokens):
+        choice = (scores[t] + expert_bias.double()).tolist() if expert_bias is not None else x[t].tolist()
+        allowed = set(range(num_experts))
+        if num_groups > 1:
+            group_score = [sum(sorted(choice[g * per_group:(g + 1) * per_group], reverse=True)[:2])
+                           for g in range(num_groups)]
+            best = sorted(range(num_groups), key=lambda g: (-group_score[g], g))[:top_groups]
+            allowed = {e for g in best for e in range(g * per_group, (g + 1) * per_group)}
+        order = sorted(allowed, key=lambda e: (-choice[e], e))[:k]
+        chosen = [scores[t, e].item() for e in order]
+        total = (sum(chosen) + (1e-20 if scoring == "sigmoid" else 0.0)) if renormalize else 1.0
+        for j, e in enumerate(order):
+            weights[t, j] = scale * chosen[j] / total
+            ids[t, j] = e
+    return weights, ids
+
+
 def router_aux_loss(logits: Tensor, expert_ids: Tensor) -> tuple[Tensor, Tensor]:
     num_tokens, num_experts = logits.shape
     x = logits.double()

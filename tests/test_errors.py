@@ -24,8 +24,15 @@ OP_CASES = {
     "route: k = 0": (lambda: ops.route(logits, 0), "k must be in [1, num_experts = 3], got 0"),
     "route: k < 0": (lambda: ops.route(logits, -2), "k must be in [1, num_experts = 3], got -2"),
     "route: k > E": (lambda: ops.route(logits, 4), "k must be in [1, num_experts = 3], got 4"),
+    "route: unknown scoring": (lambda: ops.route(logits, 1, scoring="tanh"), "scoring must be 'softmax' or 'sigmoid'"),
+    "route: groups do not divide": (lambda: ops.route(logits, 1, num_groups=2), "num_groups must divide num_experts"),
+    "route: too many top groups": (lambda: ops.route(logits, 1, num_groups=3, top_groups=4), "top_groups must be in"),
+    "route: k beyond the groups": (lambda: ops.route(logits, 2, num_groups=3, top_groups=1), "k = 2 exceeds the 1"),
+    "route: bias shape": (lambda: ops.route(logits, 1, expert_bias=torch.zeros(4)), "expert_bias must have shape"),
+    "route: scale": (lambda: ops.route(logits, 1, scale=0.0), "scale must be a positive number"),
     "route_backward: mismatched grad": (
-        lambda: ops._ops.route_backward(torch.ones(3, 2), logits, weights, ids, False), "grad_weights.size(0)"),
+        lambda: ops._ops.route_backward(torch.ones(3, 2), logits, weights, ids, False, "softmax", 1.0),
+        "grad_weights.size(0)"),
     # permute
     "permute: int64 ids": (lambda: ops.permute(tokens, ids.long(), 3), "expert_ids must be Int"),
     "permute: id too large": (lambda: ops.permute(tokens, ids + 1, 3), "expert_ids must be in [0, num_experts = 3)"),

@@ -82,7 +82,7 @@ def test_route_backward_opcheck(device, gen):
     logits = random_logits(9, 12, torch.float32, device, gen)
     weights, ids = ops.route(logits, 3)
     grad = torch.randn_like(weights)
-    torch.library.opcheck(torch.ops.moeflux.route_backward.default, (grad, logits, weights, ids, False))
+    torch.library.opcheck(torch.ops.moeflux.route_backward.default, (grad, logits, weights, ids, False, "softmax", 1.0))
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
@@ -93,3 +93,41 @@ def test_route_cuda_matches_cpu(dtype, gen):
         w_gpu, ids_gpu = ops.route(logits.cuda(), 8, renormalize)
         torch.testing.assert_close(ids_gpu.cpu(), ids_cpu, rtol=0, atol=0)
         torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=1e-6, atol=1e-6)
+
+
+DEEPSEEK_LIKE = [
+    dict(scoring="sigmoid"),
+    dict(scoring="sigmoid", renormalize=True, scale=2.5),
+    dict(scoring="sigmoid", renormalize=True, bias=True),
+    dict(scoring="sigmoid", renormalize=True, bias=True, num_groups=4, top_groups=2, scale=2.5),  # DeepSeek-V3
+    dict(scoring="softmax", bias=True, num_groups=2, top_groups=1),
+    dict(scoring="softmax", renormalize=True, scale=0.5),
+]
+
+
+@pytest.mark.parametrize("options", DEEPSEEK_LIKE, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_route_options_match_reference(options, dtype, device, gen):
+    options = dict(options)
+    bias = (torch.randn(16, generator=gen) * 0.3).to(device) if options.pop("bias", False) else None
+    logits = random_logits(37, 16, dtype, device, gen)
+    weights, ids = ops.route(logits, 3, expert_bias=bias, **options)
+    ref_w, ref_ids = reference.route_general(logits.cpu(), 3, expert_bias=None if bias is None else bias.cpu(),
+                                             **options)
+    torch.testing.assert_close(ids.cpu(), ref_ids, rtol=0, atol=0)
+    tol = 1e-12 if dtype == torch.float64 else 5e-6
+    torch.testing.assert_close(weights.cpu().double(), ref_w, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("options", DEEPSEEK_LIKE, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_route_options_gradcheck(options, device, gen):
+    options = dict(options)
+    bias = (torch.randn(16, generator=gen, dtype=torch.float64) * 0.3).to(device) if options.pop("bias", False) \
+        else None
+    logits = random_logits(5, 16, torch.float64, device, gen).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: ops.route(x, 3, expert_bias=bias, **options)[0], (logits,))
+
+
+def test_route_options_opcheck(device, gen):
+    logits = random_logits(9, 16, torch.float32, device, gen).requires_grad_()
+    bias = torch.randn(16, generator=gen).to(device)
+    torch.library.opcheck(torch.ops.moeflux.route.default, (logits, 3, True, "sigmoid", bias, 4, 2, 2.5))

@@ -13,7 +13,7 @@ import torch  # noqa: F401  (the extension links against torch's libraries)
 from . import _C, ops
 from .data_parallel import CommHookState, DataParallel
 from .distributed import ExpertParallelGroups, init_expert_parallel
-from .experts import GroupedExperts
+from .experts import GroupedExperts, SharedExpert
 from .moe import MoE, aux_loss
 from .router import Router, Routing
 
@@ -22,6 +22,7 @@ __all__ = [
     "Router",
     "Routing",
     "GroupedExperts",
+    "SharedExpert",
     "aux_loss",
     "ops",
     "init_expert_parallel",

@@ -115,3 +115,22 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         first = f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1}, "
         return f"{first}d_model={self.d_model}, d_ffn={self.d_ffn}, activation={self.activation}"
+
+
+class SharedExpert(nn.Module):
+    """A dense SwiGLU FFN that every token goes through, next to the routed experts
+    (Qwen2-MoE's ``shared_expert``, DeepSeek's ``shared_experts``); with
+    ``gated=True`` its output is scaled per token by ``sigmoid(shared_expert_gate(x))``
+    as in Qwen2-MoE."""
+
+    def __init__(self, d_model: int, d_ffn: int, gated: bool = False, *, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype, "bias": False}
+        self.gate_proj = nn.Linear(d_model, d_ffn, **factory)
+        self.up_proj = nn.Linear(d_model, d_ffn, **factory)
+        self.down_proj = nn.Linear(d_ffn, d_model, **factory)
+        self.gate = nn.Linear(d_model, 1, **factory) if gated else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out if self.gate is None else torch.sigmoid(self.gate(x)) * out

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .distributed import ExpertParallelGroups, check_agreement
-from .experts import ACTIVATIONS, GroupedExperts
+from .experts import ACTIVATIONS, GroupedExperts, SharedExpert
 from .router import Router
 
 DROP_POLICIES = ("position", "probability")
@@ -44,6 +44,13 @@ class MoE(nn.Module):
         z_loss_weight: weight of the router z-loss in :attr:`aux_loss`.
         router_jitter: multiplicative input jitter of the router while training.
         noisy_gating: learned Gaussian noise on the router logits while training.
+        scoring, expert_bias, num_groups, top_groups, routed_scaling_factor,
+        router_dtype: router variants (sigmoid scores, DeepSeek-V3's bias and
+            group-limited choice, a factor on the weights, float32 logits); see
+            :class:`moeflux.Router` and :func:`moeflux.ops.route`.
+        shared_expert_ffn: hidden width of a dense SwiGLU expert every token
+            also goes through (0: none); ``shared_expert_gate`` scales its output
+            by a learned per-token sigmoid gate (Qwen2-MoE).
         ep_group: expert parallelism: the :class:`moeflux.ExpertParallelGroups`
             from :func:`moeflux.init_expert_parallel` (or just the
             ``torch.distributed`` group of ``P`` ranks that split the experts;
@@ -79,6 +86,14 @@ class MoE(nn.Module):
         z_loss_weight: float = 0.0,
         router_jitter: float = 0.0,
         noisy_gating: bool = False,
+        scoring: str = "softmax",
+        expert_bias: bool = False,
+        num_groups: int = 1,
+        top_groups: int = 1,
+        routed_scaling_factor: float = 1.0,
+        router_dtype: torch.dtype | None = None,
+        shared_expert_ffn: int = 0,
+        shared_expert_gate: bool = False,
         ep_group: ExpertParallelGroups | dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -112,7 +127,8 @@ class MoE(nn.Module):
             check_agreement(
                 ep_group, "moeflux.MoE", num_experts=num_experts, ep_size=self.ep_size, d_model=d_model, d_ffn=d_ffn,
                 top_k=top_k, dtype=dtype or torch.get_default_dtype(), capacity_factor=capacity_factor,
-                activation=activation, renormalize=renormalize,
+                activation=activation, renormalize=renormalize, scoring=scoring, num_groups=num_groups,
+                top_groups=top_groups, shared_expert_ffn=shared_expert_ffn,
             )
 
         self.d_model, self.d_ffn, self.num_experts, self.top_k = d_model, d_ffn, num_experts, top_k
@@ -120,8 +136,12 @@ class MoE(nn.Module):
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
         factory = {"device": device, "dtype": dtype}
         self.router = Router(
-            d_model, num_experts, top_k, renormalize=renormalize, jitter=router_jitter,
-            noisy_gating=noisy_gating, **factory,
+            d_model, num_experts, top_k, renormalize=renormalize, scoring=scoring, expert_bias=expert_bias,
+            num_groups=num_groups, top_groups=top_groups, scale=routed_scaling_factor, logits_dtype=router_dtype,
+            jitter=router_jitter, noisy_gating=noisy_gating, **factory,
+        )
+        self.shared_expert = (
+            SharedExpert(d_model, shared_expert_ffn, shared_expert_gate, **factory) if shared_expert_ffn else None
         )
         local_experts = num_experts // self.ep_size
         self.experts = GroupedExperts(
@@ -165,6 +185,8 @@ class MoE(nn.Module):
             expert_capacity = None if capacity is None else capacity * self.ep_size  # rows per local expert
             out = ops.combine(self.experts(rows, plan.tokens_per_local_expert, expert_capacity), plan,
                               routing.weights)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
         return out.view(x.shape)
 
     def extra_repr(self) -> str:

@@ -38,17 +38,33 @@ __all__ = [
 _ops = torch.ops.moeflux
 
 
-def route(logits: Tensor, k: int, renormalize: bool = False) -> tuple[Tensor, Tensor]:
-    """Fused softmax + top-k of router logits ``[T, E]``.
+def route(
+    logits: Tensor,
+    k: int,
+    renormalize: bool = False,
+    scoring: str = "softmax",
+    expert_bias: Tensor | None = None,
+    num_groups: int = 1,
+    top_groups: int = 1,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Fused scoring + top-k of router logits ``[T, E]``.
 
     Returns ``weights [T, k]`` (float32; float64 for float64 logits) and
-    ``expert_ids [T, k]`` (int32), largest weight first; ties go to the lower
-    expert index. ``weights`` are the softmax probabilities of the chosen
-    experts; with ``renormalize=True`` they are divided by their sum, which is
-    the softmax over the top-k logits (Mixtral's top-k-then-softmax,
-    Qwen-MoE's ``norm_topk_prob``). Differentiable with respect to ``logits``.
+    ``expert_ids [T, k]`` (int32), best choice first; ties go to the lower
+    expert index. The weights are the scores of the chosen experts:
+    ``softmax(logits)`` or ``sigmoid(logits)`` (``scoring``); with
+    ``renormalize=True`` divided by their sum (for softmax that is the softmax
+    over the top-k logits: Mixtral's top-k-then-softmax, Qwen-MoE's
+    ``norm_topk_prob``); finally multiplied by ``scale``.
+
+    DeepSeek-V3 routing: ``expert_bias [E]`` is added to the scores for the
+    choice only (not to the weights), and with ``num_groups > 1`` the experts
+    form ``num_groups`` groups of which only the ``top_groups`` best (by the
+    sum of their two best biased scores) may be chosen. Differentiable with
+    respect to ``logits`` (the bias and the group limit steer the choice only).
     """
-    return _ops.route(logits, k, renormalize)
+    return _ops.route(logits, k, renormalize, scoring, expert_bias, num_groups, top_groups, scale)
 
 
 def router_aux_loss(logits: Tensor, expert_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -212,14 +228,17 @@ def _weight_dtype(t: Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("moeflux::route")
-def _route_fake(logits: Tensor, k: int, renormalize: bool = False) -> tuple[Tensor, Tensor]:
+def _route_fake(logits: Tensor, k: int, renormalize: bool = False, scoring: str = "softmax",
+                expert_bias: Tensor | None = None, num_groups: int = 1, top_groups: int = 1,
+                scale: float = 1.0) -> tuple[Tensor, Tensor]:
     shape = (logits.shape[0], k)
     return logits.new_empty(shape, dtype=_weight_dtype(logits)), logits.new_empty(shape, dtype=torch.int32)
 
 
 @torch.library.register_fake("moeflux::route_backward")
 def _route_backward_fake(
-    grad_weights: Tensor, logits: Tensor, weights: Tensor, expert_ids: Tensor, renormalize: bool
+    grad_weights: Tensor, logits: Tensor, weights: Tensor, expert_ids: Tensor, renormalize: bool, scoring: str,
+    scale: float,
 ) -> Tensor:
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 

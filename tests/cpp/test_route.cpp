@@ -29,6 +29,11 @@ std::pair<at::Tensor, at::Tensor> reference_route(const at::Tensor& logits, int6
   return {weights, ids};
 }
 
+// The Mixtral / Switch router: softmax scores, no bias, no groups, no scaling.
+std::tuple<at::Tensor, at::Tensor> softmax_route(const at::Tensor& logits, int64_t k, bool renormalize) {
+  return route(logits, k, renormalize, "softmax", std::nullopt, 1, 1, 1.0);
+}
+
 }  // namespace
 
 TEST_CASE("route matches a brute-force sort on random logits", "[route]") {
@@ -38,7 +43,7 @@ TEST_CASE("route matches a brute-force sort on random logits", "[route]") {
       for (const int64_t k : {int64_t{1}, std::min<int64_t>(2, num_experts), num_experts}) {
         for (const bool renormalize : {false, true}) {
           const at::Tensor logits = at::randn({37, num_experts}, gen);
-          const auto [weights, ids] = route(logits.to(device), k, renormalize);
+          const auto [weights, ids] = softmax_route(logits.to(device), k, renormalize);
           const auto [ref_w, ref_ids] = reference_route(logits, k, renormalize);
           INFO("device " << device << " E " << num_experts << " k " << k << " renormalize " << renormalize);
           CHECK(at::equal(ids.cpu(), ref_ids));
@@ -52,7 +57,7 @@ TEST_CASE("route matches a brute-force sort on random logits", "[route]") {
 TEST_CASE("route breaks ties towards the lower expert index", "[route]") {
   for (const at::Device device : test::devices()) {
     const at::Tensor logits = at::tensor({0.5f, 2.0f, 2.0f, 2.0f}).view({1, 4}).to(device);
-    const auto [weights, ids] = route(logits, 3, false);
+    const auto [weights, ids] = softmax_route(logits, 3, false);
     CHECK(at::equal(ids.cpu(), at::tensor({1, 2, 3}, at::kInt).view({1, 3})));
   }
 }
@@ -61,9 +66,9 @@ TEST_CASE("route_backward is the transposed Jacobian", "[route]") {
   auto gen = test::seeded(3);
   for (const bool renormalize : {false, true}) {
     const at::Tensor logits = at::randn({6, 7}, gen, at::kDouble);
-    const auto [weights, ids] = route(logits, 3, renormalize);
+    const auto [weights, ids] = softmax_route(logits, 3, renormalize);
     const at::Tensor grad = at::randn({6, 3}, gen, at::kDouble);
-    const at::Tensor grad_logits = route_backward(grad, logits, weights, ids, renormalize);
+    const at::Tensor grad_logits = route_backward(grad, logits, weights, ids, renormalize, "softmax", 1.0);
     // Central differences of <grad, weights(logits)>.
     const double eps = 1e-6;
     at::Tensor numeric = at::zeros_like(logits);
@@ -71,8 +76,8 @@ TEST_CASE("route_backward is the transposed Jacobian", "[route]") {
       at::Tensor plus = logits.clone(), minus = logits.clone();
       plus.view(-1)[i] += eps;
       minus.view(-1)[i] -= eps;
-      const double f_plus = (std::get<0>(route(plus, 3, renormalize)) * grad).sum().item<double>();
-      const double f_minus = (std::get<0>(route(minus, 3, renormalize)) * grad).sum().item<double>();
+      const double f_plus = (std::get<0>(softmax_route(plus, 3, renormalize)) * grad).sum().item<double>();
+      const double f_minus = (std::get<0>(softmax_route(minus, 3, renormalize)) * grad).sum().item<double>();
       numeric.view(-1)[i] = (f_plus - f_minus) / (2 * eps);
     }
     CHECK(at::allclose(grad_logits, numeric, 1e-6, 1e-7));
@@ -81,7 +86,7 @@ TEST_CASE("route_backward is the transposed Jacobian", "[route]") {
 
 TEST_CASE("route rejects k outside [1, E] with the argument's name", "[route][errors]") {
   const at::Tensor logits = at::zeros({2, 4});
-  CHECK_THROWS_WITH(route(logits, 0, false), Catch::Contains("k must be in [1, num_experts = 4], got 0"));
-  CHECK_THROWS_WITH(route(logits, 5, false), Catch::Contains("got 5"));
-  CHECK_THROWS_WITH(route(logits.to(at::kInt), 1, false), Catch::Contains("logits must be float32"));
+  CHECK_THROWS_WITH(softmax_route(logits, 0, false), Catch::Contains("k must be in [1, num_experts = 4], got 0"));
+  CHECK_THROWS_WITH(softmax_route(logits, 5, false), Catch::Contains("got 5"));
+  CHECK_THROWS_WITH(softmax_route(logits.to(at::kInt), 1, false), Catch::Contains("logits must be float32"));
 }
