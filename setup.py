@@ -73,5 +73,9 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
-    extras_require={"test": ["pytest", "pytest-timeout", "expecttest", "numpy"], "plot": ["matplotlib", "tqdm"]},
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "expecttest", "numpy"],
+        "train": ["matplotlib", "tqdm"],
+        "hf": ["transformers>=5"],  # moeflux.hf: converting transformers MoE blocks
+    },
 )
