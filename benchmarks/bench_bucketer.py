@@ -15,20 +15,18 @@ communication time that no longer adds to the step.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import moeflux
+from gloo_ranks import run_on_ranks, save
 
 
 def make_model(args) -> nn.Module:
@@ -102,15 +100,6 @@ def print_result(r: dict) -> None:
     print(f"  speedup over backward + flat all-reduce: {r['speedup']:.2f}x; communication hidden: {r['hidden']:.0%}")
 
 
-def worker(rank, world, store, args, queue):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    result = measure(args)
-    if rank == 0:
-        queue.put(result)
-    dist.destroy_process_group()
-
-
 def plot(results, path: Path) -> None:
     import matplotlib
 
@@ -146,19 +135,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"moeflux {moeflux.__version__}, torch {torch.__version__}, {os.cpu_count()} cores")
     results = []
-    ctx = mp.get_context("spawn")
     for world in args.worlds:
-        queue = ctx.Queue()
-        with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(worker, args=(world, os.path.join(tmp, "store"), args, queue), nprocs=world,
-                               start_method="spawn")
-        results.append(queue.get())
+        results.append(run_on_ranks(measure, world, args))
         print_result(results[-1])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bucketer_gloo.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.out / "bucketer_gloo.png")
-    print(f"\nwrote {args.out / 'bucketer_gloo.json'} and {args.out / 'bucketer_gloo.png'}")
-
+    save(results, args.out, "bucketer_gloo", plot)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -15,19 +15,17 @@ count exchange, regroup, weighted unpermute and their backward) is overhead.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import moeflux
+from gloo_ranks import run_on_ranks, save
 from moeflux import ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -114,15 +112,6 @@ def print_result(r: dict) -> None:
     print(f"  overhead of dispatch+combine fwd+bwd over the four bare all-to-alls: {r['overhead']:+.1%}")
 
 
-def worker(rank: int, world: int, store: str, args, queue) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    result = measure(args)
-    if rank == 0:
-        queue.put(result)
-    dist.destroy_process_group()
-
-
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -171,22 +160,12 @@ def main(argv=None) -> None:
 
     print(f"moeflux {moeflux.__version__}, torch {torch.__version__}, {os.cpu_count()} cores")
     results = []
-    ctx = mp.get_context("spawn")
     for dtype in args.dtypes:
         for world in args.worlds:
             args.dtype = dtype
-            queue = ctx.Queue()
-            with tempfile.TemporaryDirectory() as tmp:
-                mp.start_processes(worker, args=(world, os.path.join(tmp, "store"), args, queue), nprocs=world,
-                                   start_method="spawn")
-            result = queue.get()
-            print_result(result)
-            results.append(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dispatch_gloo.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.out / "dispatch_gloo.png")
-    print(f"\nwrote {args.out / 'dispatch_gloo.json'} and {args.out / 'dispatch_gloo.png'}")
-
+            results.append(run_on_ranks(measure, world, args))
+            print_result(results[-1])
+    save(results, args.out, "dispatch_gloo", plot)
 
 if __name__ == "__main__":
     main(sys.argv[1:])
