@@ -5,8 +5,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <numeric>
-
 #include "csrc/ops.h"
 
 namespace moeflux {

@@ -170,7 +170,8 @@ def to_hf_block(moe: MoE) -> nn.Module:
 
 
 def _replace(model: nn.Module, predicate: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]
-             ) -> list[tuple[str, str]]:
+             ) -> list[tuple[str, nn.Module]]:
+    """Replaces every submodule that satisfies `predicate` by make(submodule); returns (name, new module)."""
     report = []
     for name, module in list(model.named_modules()):
         if not name or not predicate(module):
@@ -208,5 +209,5 @@ def convert_model(model: nn.Module, ep_group: ExpertParallelGroups | dist.Proces
 def revert_model(model: nn.Module) -> list[tuple[str, str]]:
     """Put transformers blocks back in place of converted moeflux layers (collective under expert parallelism)."""
     replaced = _replace(model, lambda m: isinstance(m, MoE) and getattr(m, "hf_origin", None) is not None,
-                        lambda m: (to_hf_block(m), m.hf_origin[2])[0])
+                        to_hf_block)
     return [(name, FAMILIES[type(block).__name__].name) for name, block in replaced]

@@ -175,6 +175,8 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
     torch.manual_seed(args.seed)
     model = moeflux.DataParallel(ByteLM(config, groups).to(device))
     lm: ByteLM = model.module
+    for moe in lm.moe_layers():
+        moe.aux_loss_weight = args.aux_loss_weight
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -202,7 +204,7 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
         x, y = data.batch(train_data, args.batch, args.seq_len, seed=args.seed * 1_000_003 + step * 1009 + rank)
         x, y = x.to(device), y.to(device)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        (loss + moeflux.aux_loss(lm) * (args.aux_loss_weight / 1e-2)).backward()
+        (loss + moeflux.aux_loss(lm)).backward()
         clip_grad_norm(lm, 1.0, groups.ep_group)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
