@@ -178,3 +178,26 @@ def bad_config_worker(rank, world):
 
 def test_bad_configurations_raise():
     run_ranks(2, bad_config_worker)
+
+
+def test_needs_an_initialised_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="call torch.distributed.init_process_group first"):
+        moeflux.DataParallel(Dense())
+    with pytest.raises(RuntimeError, match="call torch.distributed.init_process_group first"):
+        moeflux.init_expert_parallel(1)
+
+
+def bucketer_arguments_worker(rank, world):
+    with pytest.raises(ValueError, match="bucket sizes must be > 0"):
+        moeflux.DataParallel(Dense(), bucket_cap_mb=0)
+    frozen = Dense()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="no parameters to synchronise"):
+        moeflux.DataParallel(frozen)
+    return True
+
+
+def test_bucketer_rejects_bad_arguments():
+    run_ranks(2, bucketer_arguments_worker)
