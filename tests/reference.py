@@ -9,24 +9,9 @@ import torch
 from torch import Tensor
 
 
-def route(logits: Tensor, k: int, renormalize: bool = False) -> tuple[Tensor, Tensor]:
-    probs = torch.softmax(logits.double(), dim=-1)
-    weights = torch.zeros(logits.shape[0], k, dtype=torch.float64)
-    ids = torch.zeros(logits.shape[0], k, dtype=torch.int32)
-    for t in range(logits.shape[0]):
-        row = logits[t].double().tolist()
-        order = sorted(range(len(row)), key=lambda e: (-row[e], e))[:k]  # ties: lower index first
-        chosen = [probs[t, e].item() for e in order]
-        total = sum(chosen) if renormalize else 1.0
-        for j, e in enumerate(order):
-            weights[t, j] = chosen[j] / total
-            ids[t, j] = e
-    return weights, ids
-
-
-def route_general(logits, k, renormalize=False, scoring="softmax", expert_bias=None, num_groups=1, top_groups=1,
-                  scale=1.0):
-    """Every router option, token by token, in float64 (DeepSeek-V3's group-limited choice included)."""
+def route(logits, k, renormalize=False, scoring="softmax", expert_bias=None, num_groups=1, top_groups=1, scale=1.0):
+    """Every router option, token by token, in float64 (DeepSeek-V3's group-limited choice included).
+    Ties go to the lower expert index."""
     x = logits.double()
     num_tokens, num_experts = x.shape
     scores = torch.sigmoid(x) if scoring == "sigmoid" else torch.softmax(x, -1)

@@ -50,11 +50,13 @@ void route_forward(const at::Tensor& logits, const RouteOptions& options, const 
       std::vector<int32_t> order;
       for (int64_t t = begin; t < end; ++t) {
         for (int64_t e = 0; e < num_experts; ++e) logit[e] = static_cast<acc_t>(in[t * num_experts + e]);
-        const auto [max, sum] = softmax_stats(logit.data(), num_experts);
-        for (int64_t e = 0; e < num_experts; ++e) {
-          score[e] = options.sigmoid ? sigmoid(logit[e]) : std::exp(logit[e] - max) / sum;
-          choice[e] = b ? score[e] + b[e] : logit[e];
+        if (options.sigmoid) {
+          for (int64_t e = 0; e < num_experts; ++e) score[e] = sigmoid(logit[e]);
+        } else {
+          const auto [max, sum] = softmax_stats(logit.data(), num_experts);
+          for (int64_t e = 0; e < num_experts; ++e) score[e] = std::exp(logit[e] - max) / sum;
         }
+        for (int64_t e = 0; e < num_experts; ++e) choice[e] = b ? score[e] + b[e] : logit[e];
         order.clear();
         for (int32_t e = 0; e < num_experts; ++e) {
           if (!ok || ok[t * num_experts + e]) order.push_back(e);

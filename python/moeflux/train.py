@@ -112,22 +112,23 @@ def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
 # ---- one rank
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float, ep_group: dist.ProcessGroup) -> float:
-    """Clip by the norm of all gradients of the model, experts of every rank of the group included."""
-    dense, experts = torch.zeros(()), torch.zeros(())
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            sq = p.grad.detach().float().square().sum().cpu()
-            if ".experts." in name:
-                experts += sq
-            else:
-                dense += sq
+def clip_grad_norm(model: ByteLM, max_norm: float, ep_group: dist.ProcessGroup) -> float:
+    """Clip by the norm of all gradients of the model, experts of every rank of the group included.
+    The squares are summed on the gradients' device: one host synchronisation per step."""
+    expert_params = {id(p) for moe in model.moe_layers() for p in moe.experts.parameters()}
+    grads = [(id(p) in expert_params, p.grad.detach()) for p in model.parameters() if p.grad is not None]
+    device = grads[0][1].device
+    dense, experts = torch.zeros((), device=device), torch.zeros((), device=device)
+    for is_expert, grad in grads:
+        if is_expert:
+            experts += grad.float().square().sum()
+        else:
+            dense += grad.float().square().sum()
     dist.all_reduce(experts, group=ep_group)
     norm = float((dense + experts).sqrt())
     if norm > max_norm:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(max_norm / (norm + 1e-6))
+        for _, grad in grads:
+            grad.mul_(max_norm / (norm + 1e-6))
     return norm
 
 
