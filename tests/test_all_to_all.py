@@ -112,6 +112,27 @@ def test_dispatch_raises_on_every_rank_when_hidden_sizes_differ():
     run_ranks(2, mismatched_hidden_worker)
 
 
+def bad_splits_worker(rank, world):
+    x = torch.zeros(3, 2)
+    cases = {
+        "input_split_sizes must have one entry per rank of the group (2), got 1": ([3, 0], [3]),
+        "output_split_sizes must be >= 0, got -1 for rank 1": ([4, -1], [3, 0]),
+        "input_split_sizes must sum to input.size(0) = 3, got 4": ([3, 1], [2, 2]),
+    }
+    for message, (out_splits, in_splits) in cases.items():  # every rank fails the same way, before any collective
+        with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            ops.all_to_all(x, out_splits, in_splits)
+    with pytest.raises(RuntimeError, match="num_experts must be a positive multiple of the expert-parallel group "
+                                           "size 2, got 3"):
+        ops.dispatch(x, torch.zeros(3, 1, dtype=torch.int32), 3)
+    dist.barrier()
+    return True
+
+
+def test_bad_split_sizes_and_expert_counts_raise():
+    run_ranks(2, bad_splits_worker)
+
+
 def test_unknown_group_name_is_a_clear_error():
     with pytest.raises(RuntimeError, match="no process group is registered under group_name 'nope'"):
         ops.all_to_all(torch.zeros(2, 2), [2], [2], "nope")

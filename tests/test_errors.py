@@ -87,6 +87,10 @@ MODULE_CASES = {
     "unknown drop policy": (dict(capacity_factor=1.0, drop_policy="random"), "drop_policy must be one of"),
     "negative aux weight": (dict(aux_loss_weight=-1.0), "aux_loss_weight"),
     "jitter too large": (dict(router_jitter=1.5), "jitter must be in [0, 1)"),
+    "unknown scoring": (dict(scoring="relu"), "scoring must be 'softmax' or 'sigmoid'"),
+    "groups do not divide": (dict(num_groups=3), "num_groups must divide num_experts (4)"),
+    "top_k beyond the groups": (dict(num_groups=4, top_groups=1), "top_k=2 exceeds the 1 experts of top_groups=1"),
+    "non-positive scale": (dict(routed_scaling_factor=0.0), "scale must be > 0"),
 }
 
 

@@ -77,6 +77,11 @@ def test_bad_input_is_one_line(corpus, tmp_path):
         ("--data", str(corpus), "--experts", "8", "--resume", str(tmp_path / "run" / "checkpoint.pt")):
             "was written for a different model: experts 4 (now 8)",
         ("--data", str(corpus), "--resume", str(other)): "no such file",
+        ("--data", str(corpus), "--heads", "3"): "--heads 3 must divide --d-model 16",
+        ("--data", str(corpus), "--top-k", "5"): "--top-k must be in [1, --experts=4], got 5",
+        ("--data", str(corpus), "--capacity-factor", "0"): "--capacity-factor must be > 0, got 0.0",
+        ("--data", str(corpus), "--steps", "0"): "--steps must be >= 1, got 0",
+        ("--data", str(corpus), "--seq-len", "1"): "--seq-len must be >= 2, got 1",
     }
     for extra, message in cases.items():
         result = run(*TINY, *extra, check=False)
