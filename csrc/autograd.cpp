@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "csrc/ops.h"
+#include "csrc/profiling/comm_stats.h"
 
 namespace moeflux {
 namespace {
@@ -18,13 +19,22 @@ c10::TypedOperatorHandle<Fn> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
+// The ops' signatures as the dispatcher calls them (the Autograd kernels have the same ones).
+using RouteOp = decltype(route_autograd);
+using PermuteOp = decltype(permute_autograd);
+using UnpermuteOp = decltype(unpermute_autograd);
+using RouteBackwardOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+                                   c10::string_view, double);
+using UnpermuteBackwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                               const at::Tensor&, const std::optional<at::Tensor>&);
+
 class RouteFunction : public torch::autograd::Function<RouteFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, int64_t k, bool renormalize,
                                c10::string_view scoring, const std::optional<at::Tensor>& expert_bias,
                                int64_t num_groups, int64_t top_groups, double scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto op = find_op<decltype(route)>("moeflux::route");
+    static const auto op = find_op<RouteOp>("moeflux::route");
     auto [weights, expert_ids] = op.call(logits, k, renormalize, scoring, expert_bias, num_groups, top_groups, scale);
     ctx->save_for_backward({logits, weights, expert_ids});
     ctx->saved_data["renormalize"] = renormalize;
@@ -36,7 +46,7 @@ class RouteFunction : public torch::autograd::Function<RouteFunction> {
 
   // The expert bias and the group limit only steer the choice: no gradient flows through them.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = find_op<decltype(route_backward)>("moeflux::route_backward");
+    static const auto op = find_op<RouteBackwardOp>("moeflux::route_backward");
     const auto saved = ctx->get_saved_variables();
     at::Tensor grad_logits;
     if (grads[0].defined()) {
@@ -53,7 +63,7 @@ class PermuteFunction : public torch::autograd::Function<PermuteFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& tokens, const at::Tensor& expert_ids,
                                int64_t num_experts, std::optional<int64_t> capacity) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto op = find_op<decltype(permute)>("moeflux::permute");
+    static const auto op = find_op<PermuteOp>("moeflux::permute");
     auto [permuted, tokens_per_expert, row_map] = op.call(tokens, expert_ids, num_experts, capacity);
     ctx->save_for_backward({row_map});
     ctx->mark_non_differentiable({tokens_per_expert, row_map});
@@ -62,7 +72,7 @@ class PermuteFunction : public torch::autograd::Function<PermuteFunction> {
 
   // d tokens[t] = sum_j d permuted[row_map[t, j]]: an unweighted unpermute.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = find_op<decltype(unpermute)>("moeflux::unpermute");
+    static const auto op = find_op<UnpermuteOp>("moeflux::unpermute");
     at::Tensor grad_tokens;
     if (grads[0].defined()) grad_tokens = op.call(grads[0], ctx->get_saved_variables()[0], std::nullopt);
     return {grad_tokens, at::Tensor(), at::Tensor(), at::Tensor()};
@@ -74,7 +84,7 @@ class UnpermuteFunction : public torch::autograd::Function<UnpermuteFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& rows, const at::Tensor& row_map,
                                const std::optional<at::Tensor>& weights) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto op = find_op<decltype(unpermute)>("moeflux::unpermute");
+    static const auto op = find_op<UnpermuteOp>("moeflux::unpermute");
     at::Tensor out = op.call(rows, row_map, weights);
     const bool weighted = weights.has_value() && weights->defined();
     ctx->save_for_backward({rows, row_map, weighted ? *weights : at::Tensor()});
@@ -83,7 +93,7 @@ class UnpermuteFunction : public torch::autograd::Function<UnpermuteFunction> {
 
   // d rows[row_map[t, j]] = w[t, j] * d out[t]; d w[t, j] = <d out[t], rows[row_map[t, j]]>.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = find_op<decltype(unpermute_backward)>("moeflux::unpermute_backward");
+    static const auto op = find_op<UnpermuteBackwardOp>("moeflux::unpermute_backward");
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto saved = ctx->get_saved_variables();
     const std::optional<at::Tensor> weights = saved[2].defined() ? std::optional(saved[2]) : std::nullopt;
@@ -124,6 +134,7 @@ class DispatchFunction : public torch::autograd::Function<DispatchFunction> {
         op.call(tokens, expert_ids, num_experts, capacity, group_name);
     ctx->save_for_backward({row_map, regroup_map, send_splits, recv_splits});
     ctx->saved_data["group_name"] = group_name;
+    ctx->saved_data["layer"] = comm_stats::current_layer();
     ctx->mark_non_differentiable({tokens_per_local_expert, row_map, regroup_map, send_splits, recv_splits});
     return {rows, tokens_per_local_expert, row_map, regroup_map, send_splits, recv_splits};
   }
@@ -131,6 +142,7 @@ class DispatchFunction : public torch::autograd::Function<DispatchFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<decltype(dispatch_backward)>("moeflux::dispatch_backward");
     const auto saved = ctx->get_saved_variables();
+    const comm_stats::LayerScope layer(ctx->saved_data["layer"].toStringRef());
     // Gradients are materialised (zeros for unused outputs), so every rank takes part in the all-to-all.
     const at::Tensor grad_tokens =
         op.call(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["group_name"].toStringRef());
@@ -151,6 +163,7 @@ class CombineFunction : public torch::autograd::Function<CombineFunction> {
     ctx->save_for_backward({returned, row_map, regroup_map, send_splits, recv_splits,
                             weighted ? *weights : at::Tensor()});
     ctx->saved_data["group_name"] = group_name;
+    ctx->saved_data["layer"] = comm_stats::current_layer();
     ctx->mark_non_differentiable({returned});
     return {output, returned};
   }
@@ -159,6 +172,7 @@ class CombineFunction : public torch::autograd::Function<CombineFunction> {
     static const auto op = find_op<decltype(combine_backward)>("moeflux::combine_backward");
     const auto saved = ctx->get_saved_variables();
     const std::optional<at::Tensor> weights = saved[5].defined() ? std::optional(saved[5]) : std::nullopt;
+    const comm_stats::LayerScope layer(ctx->saved_data["layer"].toStringRef());
     auto [grad_expert_out, grad_weights] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
                                                    weights, ctx->saved_data["group_name"].toStringRef());
     return {grad_expert_out, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),

@@ -1,6 +1,7 @@
 // grouped_mm: out[rows of expert e] = input[rows of expert e] @ weight[e], over
 // the contiguous per-expert segments that permute produces. Rows past the last
-// segment are zero. Built from ATen ops (CompositeImplicitAutograd), so its
+// segment are zero on the per-expert path and left unwritten by
+// torch._grouped_mm: callers must not read them. Built from ATen ops (CompositeImplicitAutograd), so its
 // gradient is ATen's: torch._grouped_mm where the hardware has it, else one
 // matmul per expert.
 #include <vector>

@@ -1,5 +1,7 @@
 // The ops of torch.ops.moeflux, as C++ functions. Schemas and dispatch keys
-// are in registration.cpp; the contracts are in docs/design.md.
+// are in registration.cpp; the contracts are in docs/design.md. The ops with
+// per-device kernels take the device's kernel table first; registration.cpp
+// binds one table per dispatch key.
 #pragma once
 
 #include <optional>
@@ -9,31 +11,39 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include "csrc/kernels.h"
+
 namespace moeflux {
 
 // ---- gate
-std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& logits, int64_t k, bool renormalize,
-                                         c10::string_view scoring, const std::optional<at::Tensor>& expert_bias,
-                                         int64_t num_groups, int64_t top_groups, double scale);
-at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& weights,
-                          const at::Tensor& expert_ids, bool renormalize, c10::string_view scoring, double scale);
+std::tuple<at::Tensor, at::Tensor> route(const DeviceKernels& kernels, const at::Tensor& logits, int64_t k,
+                                         bool renormalize, c10::string_view scoring,
+                                         const std::optional<at::Tensor>& expert_bias, int64_t num_groups,
+                                         int64_t top_groups, double scale);
+at::Tensor route_backward(const DeviceKernels& kernels, const at::Tensor& grad_weights, const at::Tensor& logits,
+                          const at::Tensor& weights, const at::Tensor& expert_ids, bool renormalize,
+                          c10::string_view scoring, double scale);
 std::tuple<at::Tensor, at::Tensor> router_aux_loss(const at::Tensor& logits, const at::Tensor& expert_ids);
 at::Tensor apply_capacity(const at::Tensor& expert_ids, const at::Tensor& weights, int64_t num_experts,
                           int64_t capacity, bool drop_by_probability);
 
 // ---- scatter / gather
-std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const at::Tensor& tokens, const at::Tensor& expert_ids,
-                                                       int64_t num_experts, std::optional<int64_t> capacity);
-at::Tensor unpermute(const at::Tensor& rows, const at::Tensor& row_map, const std::optional<at::Tensor>& weights);
-std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_output, const at::Tensor& rows,
-                                                      const at::Tensor& row_map,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const DeviceKernels& kernels, const at::Tensor& tokens,
+                                                       const at::Tensor& expert_ids, int64_t num_experts,
+                                                       std::optional<int64_t> capacity);
+at::Tensor unpermute(const DeviceKernels& kernels, const at::Tensor& rows, const at::Tensor& row_map,
+                     const std::optional<at::Tensor>& weights);
+std::tuple<at::Tensor, at::Tensor> unpermute_backward(const DeviceKernels& kernels, const at::Tensor& grad_output,
+                                                      const at::Tensor& rows, const at::Tensor& row_map,
                                                       const std::optional<at::Tensor>& weights);
 
 // Row movement without argument checks, for ops built on permute / unpermute.
 // scatter: out[row_map[t, j]] = x[t], other rows zero; gather: out[t] = sum_j w[t, j] rows[row_map[t, j]]
 // (weights may be undefined: factor 1, else in the rows' accumulation type).
-at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& row_map, int64_t num_rows);
-at::Tensor gather_rows(const at::Tensor& rows, const at::Tensor& row_map, const at::Tensor& weights);
+at::Tensor scatter_rows(const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& row_map,
+                        int64_t num_rows);
+at::Tensor gather_rows(const DeviceKernels& kernels, const at::Tensor& rows, const at::Tensor& row_map,
+                       const at::Tensor& weights);
 
 // ---- expert parallelism (csrc/distributed/)
 at::Tensor all_to_all(const at::Tensor& input, at::IntArrayRef output_split_sizes, at::IntArrayRef input_split_sizes,

@@ -1,6 +1,6 @@
 // Front-ends of permute (scatter tokens into rows grouped by expert) and
 // unpermute (gather the rows back into tokens, weighted): argument checks,
-// allocation, device dispatch. Both directions share two kernels,
+// allocation, then one device's kernels. Both directions share two kernels,
 // scatter_rows and gather_rows; each op's backward is the other direction.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -15,7 +15,6 @@ namespace {
 void check_rows(const at::Tensor& t, const char* op, const char* name, const char* layout) {
   check_dim(t, 2, op, name, layout);
   check_float(t, op, name);
-  check_device_supported(t, op, name);
 }
 
 void check_index(const at::Tensor& t, const at::Tensor& ref, int64_t num_tokens, const char* op, const char* name,
@@ -40,21 +39,32 @@ at::Tensor checked_weights(const std::optional<at::Tensor>& weights, const at::T
 
 }  // namespace
 
-at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& row_map, int64_t num_rows) {
+const DeviceKernels& kernels_for(const at::Tensor& t) {
+#ifdef MOEFLUX_WITH_CUDA
+  if (t.is_cuda()) return cuda::kernels;
+#endif
+  TORCH_CHECK(t.device().is_cpu(), "moeflux: no kernels for tensors on ", t.device());
+  return cpu::kernels;
+}
+
+at::Tensor scatter_rows(const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& row_map,
+                        int64_t num_rows) {
   at::Tensor out = at::empty({num_rows, x.size(1)}, x.options());
   at::Tensor no_dot;
-  MOEFLUX_ON_DEVICE(x, scatter_rows, x.contiguous(), row_map.contiguous(), at::Tensor(), out, at::Tensor(), no_dot);
+  kernels.scatter_rows(x.contiguous(), row_map.contiguous(), at::Tensor(), out, at::Tensor(), no_dot);
   return out;
 }
 
-at::Tensor gather_rows(const at::Tensor& rows, const at::Tensor& row_map, const at::Tensor& weights) {
+at::Tensor gather_rows(const DeviceKernels& kernels, const at::Tensor& rows, const at::Tensor& row_map,
+                       const at::Tensor& weights) {
   at::Tensor out = at::empty({row_map.size(0), rows.size(1)}, rows.options());
-  MOEFLUX_ON_DEVICE(rows, gather_rows, rows.contiguous(), row_map.contiguous(), weights, out);
+  kernels.gather_rows(rows.contiguous(), row_map.contiguous(), weights, out);
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const at::Tensor& tokens, const at::Tensor& expert_ids,
-                                                       int64_t num_experts, std::optional<int64_t> capacity) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const DeviceKernels& kernels, const at::Tensor& tokens,
+                                                       const at::Tensor& expert_ids, int64_t num_experts,
+                                                       std::optional<int64_t> capacity) {
   check_rows(tokens, "permute", "tokens", "[num_tokens, hidden]");
   check_index(expert_ids, tokens, tokens.size(0), "permute", "expert_ids", "tokens");
   TORCH_CHECK(num_experts >= 1, "moeflux.permute: num_experts must be >= 1, got ", num_experts);
@@ -68,20 +78,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const at::Tensor& tokens,
   const at::Tensor ids = expert_ids.contiguous();
   at::Tensor row_map = at::empty_like(ids);
   at::Tensor tokens_per_expert = at::empty({num_experts}, ids.options());
-  MOEFLUX_ON_DEVICE(ids, build_row_map, ids, num_experts, capacity.value_or(-1), row_map, tokens_per_expert);
+  kernels.build_row_map(ids, num_experts, capacity.value_or(-1), row_map, tokens_per_expert);
 
-  return {scatter_rows(tokens, row_map, num_rows), tokens_per_expert, row_map};
+  return {scatter_rows(kernels, tokens, row_map, num_rows), tokens_per_expert, row_map};
 }
 
-at::Tensor unpermute(const at::Tensor& rows, const at::Tensor& row_map, const std::optional<at::Tensor>& weights) {
+at::Tensor unpermute(const DeviceKernels& kernels, const at::Tensor& rows, const at::Tensor& row_map,
+                     const std::optional<at::Tensor>& weights) {
   check_rows(rows, "unpermute", "rows", "[num_rows, hidden]");
   check_dim(row_map, 2, "unpermute", "row_map", "[num_tokens, k]");
   check_index(row_map, rows, row_map.size(0), "unpermute", "row_map", "rows");
-  return gather_rows(rows, row_map, checked_weights(weights, row_map, rows, "unpermute"));
+  return gather_rows(kernels, rows, row_map, checked_weights(weights, row_map, rows, "unpermute"));
 }
 
-std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_output, const at::Tensor& rows,
-                                                      const at::Tensor& row_map,
+std::tuple<at::Tensor, at::Tensor> unpermute_backward(const DeviceKernels& kernels, const at::Tensor& grad_output,
+                                                      const at::Tensor& rows, const at::Tensor& row_map,
                                                       const std::optional<at::Tensor>& weights) {
   check_rows(rows, "unpermute_backward", "rows", "[num_rows, hidden]");
   check_dim(row_map, 2, "unpermute_backward", "row_map", "[num_tokens, k]");
@@ -95,8 +106,8 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_out
   at::Tensor grad_rows = at::empty_like(rows, at::MemoryFormat::Contiguous);
   at::Tensor grad_weights = w.defined() ? at::empty_like(w) : at::empty({0}, rows.options());
   at::Tensor no_dot;
-  MOEFLUX_ON_DEVICE(rows, scatter_rows, grad_output.to(rows.scalar_type()).contiguous(), row_map.contiguous(), w,
-                    grad_rows, w.defined() ? rows.contiguous() : at::Tensor(), w.defined() ? grad_weights : no_dot);
+  kernels.scatter_rows(grad_output.to(rows.scalar_type()).contiguous(), row_map.contiguous(), w, grad_rows,
+                       w.defined() ? rows.contiguous() : at::Tensor(), w.defined() ? grad_weights : no_dot);
   if (w.defined()) grad_weights = grad_weights.to(weights->scalar_type());
   return {grad_rows, grad_weights};
 }

@@ -7,6 +7,7 @@
 
 #include "csrc/bucketer/bucketer.h"
 #include "csrc/distributed/all_to_all.h"
+#include "csrc/profiling/comm_stats.h"
 
 namespace py = pybind11;
 
@@ -24,6 +25,20 @@ PYBIND11_MODULE(_C, m) {
                     py::arg("count_exchanges") = counts.count_exchanges);
   });
   m.def("reset_collective_counts", &moeflux::reset_collective_counts);
+
+  namespace stats = moeflux::comm_stats;
+  m.def("comm_stats_enabled", &stats::enabled);
+  m.def("set_comm_stats_enabled", &stats::set_enabled, py::arg("enabled"));
+  m.def("exchange_comm_stats_layer", &stats::exchange_current_layer, py::arg("layer"));
+  m.def("drain_comm_stats", [] {
+    py::list out;
+    for (const stats::Record& r : stats::drain()) {
+      out.append(py::dict(py::arg("layer") = r.layer, py::arg("phase") = r.phase, py::arg("group") = r.group,
+                          py::arg("rank") = r.rank, py::arg("start_s") = r.start_s, py::arg("seconds") = r.seconds, py::arg("wait_seconds") = r.wait_seconds,
+                          py::arg("bytes_to_rank") = r.bytes_to_rank));
+    }
+    return out;
+  });
 
   py::class_<moeflux::GradientBucketer>(m, "GradientBucketer")
       .def(py::init([](std::vector<at::Tensor> params, std::vector<std::string> names,

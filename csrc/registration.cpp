@@ -1,8 +1,37 @@
-// Every op of torch.ops.moeflux: its schema and the kernel behind each
-// dispatch key. Contracts: docs/design.md.
+// Every op of torch.ops.moeflux: one block of schemas, then the kernels of
+// each dispatch key. Contracts: docs/design.md.
+#include <utility>
+
 #include <torch/library.h>
 
 #include "csrc/ops.h"
+
+namespace moeflux {
+namespace {
+
+// Binds an op front-end to one device's kernel table:
+// OnDevice<&route, cpu::kernels>::call(logits, ...) == route(cpu::kernels, logits, ...).
+template <auto FrontEnd, const DeviceKernels& kernels>
+struct OnDevice;
+
+template <typename Result, typename... Args, Result (*FrontEnd)(const DeviceKernels&, Args...),
+          const DeviceKernels& kernels>
+struct OnDevice<FrontEnd, kernels> {
+  static Result call(Args... args) { return FrontEnd(kernels, std::forward<Args>(args)...); }
+};
+
+// The ops with per-device kernels: one front-end (argument checks, allocation) bound to a device's table.
+template <const DeviceKernels& kernels>
+void register_device_ops(torch::Library& m) {
+  m.impl("route", TORCH_FN((OnDevice<&route, kernels>::call)));
+  m.impl("route_backward", TORCH_FN((OnDevice<&route_backward, kernels>::call)));
+  m.impl("permute", TORCH_FN((OnDevice<&permute, kernels>::call)));
+  m.impl("unpermute", TORCH_FN((OnDevice<&unpermute, kernels>::call)));
+  m.impl("unpermute_backward", TORCH_FN((OnDevice<&unpermute_backward, kernels>::call)));
+}
+
+}  // namespace
+}  // namespace moeflux
 
 TORCH_LIBRARY(moeflux, m) {
   // gate
@@ -35,23 +64,9 @@ TORCH_LIBRARY(moeflux, m) {
   m.def("grouped_mm(Tensor input, Tensor weight, Tensor tokens_per_expert) -> Tensor");
 }
 
-// Kernels with a CPU and a CUDA implementation share one front-end that checks
-// the arguments and picks the device's kernel.
-#define MOEFLUX_REGISTER_DEVICE_KERNELS(m)                  \
-  m.impl("route", &moeflux::route);                         \
-  m.impl("route_backward", &moeflux::route_backward);       \
-  m.impl("permute", &moeflux::permute);                     \
-  m.impl("unpermute", &moeflux::unpermute);                 \
-  m.impl("unpermute_backward", &moeflux::unpermute_backward); \
-  m.impl("all_to_all", &moeflux::all_to_all);               \
-  m.impl("dispatch", &moeflux::dispatch);                   \
-  m.impl("dispatch_backward", &moeflux::dispatch_backward); \
-  m.impl("combine", &moeflux::combine);                     \
-  m.impl("combine_backward", &moeflux::combine_backward)
-
-TORCH_LIBRARY_IMPL(moeflux, CPU, m) { MOEFLUX_REGISTER_DEVICE_KERNELS(m); }
+TORCH_LIBRARY_IMPL(moeflux, CPU, m) { moeflux::register_device_ops<moeflux::cpu::kernels>(m); }
 #ifdef MOEFLUX_WITH_CUDA
-TORCH_LIBRARY_IMPL(moeflux, CUDA, m) { MOEFLUX_REGISTER_DEVICE_KERNELS(m); }
+TORCH_LIBRARY_IMPL(moeflux, CUDA, m) { moeflux::register_device_ops<moeflux::cuda::kernels>(m); }
 #endif
 
 TORCH_LIBRARY_IMPL(moeflux, Autograd, m) {
@@ -63,8 +78,16 @@ TORCH_LIBRARY_IMPL(moeflux, Autograd, m) {
   m.impl("combine", &moeflux::combine_autograd);
 }
 
-// Index bookkeeping on O(T * k) entries: ATen ops on any device, no gradient.
-TORCH_LIBRARY_IMPL(moeflux, CompositeExplicitAutograd, m) { m.impl("apply_capacity", &moeflux::apply_capacity); }
+// Device-generic: index bookkeeping from ATen ops (apply_capacity), and the collectives, which run on any
+// device their process group serves and move rows with the kernels of the tokens' device.
+TORCH_LIBRARY_IMPL(moeflux, CompositeExplicitAutograd, m) {
+  m.impl("apply_capacity", &moeflux::apply_capacity);
+  m.impl("all_to_all", &moeflux::all_to_all);
+  m.impl("dispatch", &moeflux::dispatch);
+  m.impl("dispatch_backward", &moeflux::dispatch_backward);
+  m.impl("combine", &moeflux::combine);
+  m.impl("combine_backward", &moeflux::combine_backward);
+}
 
 // Built from differentiable ATen ops: autograd derives their backward.
 TORCH_LIBRARY_IMPL(moeflux, CompositeImplicitAutograd, m) {

@@ -1,4 +1,4 @@
-// Front-end of the route op: argument checks, allocation, device dispatch.
+// Front-end of the route op: argument checks, allocation, then one device's kernels.
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -16,7 +16,6 @@ namespace {
 void check_logits(const at::Tensor& logits, const char* op) {
   check_dim(logits, 2, op, "logits", "[num_tokens, num_experts]");
   check_float(logits, op, "logits");
-  check_device_supported(logits, op, "logits");
   TORCH_CHECK(logits.size(1) >= 1, "moeflux.", op, ": logits must have at least one expert column, got shape ",
               logits.sizes());
 }
@@ -40,7 +39,7 @@ RouteOptions route_options(bool renormalize, c10::string_view scoring, double sc
 }
 
 // DeepSeek-V3's group-limited choice: experts are split into num_groups groups;
-// a group's score is the sum of its two best choice values; only the experts
+// a group's score is the sum of its two best scores (+ bias); only the experts
 // of the top_groups best groups may be chosen. Returns allowed [T, E] (bool).
 // Written with ATen ops: it is O(T * E) and only used when num_groups > 1.
 at::Tensor allowed_experts(const at::Tensor& logits, const RouteOptions& options, const at::Tensor& bias,
@@ -59,7 +58,8 @@ at::Tensor allowed_experts(const at::Tensor& logits, const RouteOptions& options
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& logits, int64_t k, bool renormalize,
+std::tuple<at::Tensor, at::Tensor> route(const DeviceKernels& kernels, const at::Tensor& logits, int64_t k,
+                                         bool renormalize,
                                          c10::string_view scoring, const std::optional<at::Tensor>& expert_bias,
                                          int64_t num_groups, int64_t top_groups, double scale) {
   check_logits(logits, "route");
@@ -87,12 +87,12 @@ std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& logits, int64_t k, bo
   at::Tensor expert_ids = at::empty({x.size(0), k}, x.options().dtype(at::kInt));
   if (x.size(0) > 0) {
     const at::Tensor allowed = num_groups > 1 ? allowed_experts(x, options, bias, num_groups, top_groups) : at::Tensor();
-    MOEFLUX_ON_DEVICE(x, route_forward, x, options, bias, allowed, weights, expert_ids);
+    kernels.route_forward(x, options, bias, allowed, weights, expert_ids);
   }
   return {weights, expert_ids};
 }
 
-at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& weights,
+at::Tensor route_backward(const DeviceKernels& kernels, const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& weights,
                           const at::Tensor& expert_ids, bool renormalize, c10::string_view scoring, double scale) {
   check_logits(logits, "route_backward");
   const RouteOptions options = route_options(renormalize, scoring, scale, "route_backward");
@@ -106,8 +106,8 @@ at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& logi
   const at::Tensor x = logits.contiguous();
   at::Tensor grad_logits = at::empty_like(x);
   if (x.size(0) > 0) {
-    MOEFLUX_ON_DEVICE(x, route_backward, grad_weights.to(acc).contiguous(), x, weights.contiguous(),
-                      expert_ids.contiguous(), options, grad_logits);
+    kernels.route_backward(grad_weights.to(acc).contiguous(), x, weights.contiguous(), expert_ids.contiguous(),
+                           options, grad_logits);
   }
   return grad_logits;
 }

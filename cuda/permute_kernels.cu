@@ -23,7 +23,6 @@ namespace {
 constexpr int kSortThreads = 256;
 constexpr int kSortWarps = kSortThreads / 32;
 constexpr int kChunk = 4 * kSortThreads;  // assignments per block of the counting sort
-constexpr int kMaxExperts = 1024;         // bounds the shared memory of the sort
 
 // Bin of an expert id: the id, or num_experts for dropped (-1) and invalid ids.
 __device__ __forceinline__ int bin_of(int32_t e, int num_experts) {
@@ -195,7 +194,7 @@ void with_vector_width(int64_t hidden, std::initializer_list<const void*> pointe
 
 void build_row_map(const at::Tensor& expert_ids, int64_t num_experts, int64_t capacity, at::Tensor& row_map,
                    at::Tensor& tokens_per_expert) {
-  TORCH_CHECK(num_experts <= kMaxExperts, "moeflux.permute: CUDA supports up to ", kMaxExperts,
+  TORCH_CHECK(num_experts <= kMaxCudaExperts, "moeflux.permute: CUDA supports up to ", kMaxCudaExperts,
               " experts, got num_experts = ", num_experts);
   const c10::cuda::CUDAGuard guard(expert_ids.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -11,7 +11,8 @@ namespace moeflux::cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-constexpr int kMaxExperts = 32 * 32;
+constexpr int kMaxValuesPerLane = 32;  // the largest VALUES_PER_LANE launched below: a warp holds 32 * 32 logits
+static_assert(32 * kMaxValuesPerLane >= kMaxCudaExperts, "a warp must hold every expert of a token");
 
 // Does candidate (v, e) rank before (best, best_e)? e == num_experts means "none".
 template <typename acc_t>
@@ -20,8 +21,6 @@ __device__ __forceinline__ bool beats(acc_t v, int e, acc_t best, int best_e, in
   if (best_e >= num_experts) return true;
   return v > best || (v == best && e < best_e);
 }
-
-constexpr float kSigmoidNormEps = 1e-20f;  // as DeepSeek-V3 adds to the sum of its sigmoid weights
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t sigmoid(acc_t x) {
@@ -110,7 +109,7 @@ __global__ void route_forward_kernel(const scalar_t* __restrict__ logits, const 
   }
   acc_t denom = 1;
   if (args.sigmoid) {
-    denom = args.renormalize ? selected_sum + kSigmoidNormEps : acc_t(1);
+    denom = args.renormalize ? selected_sum + static_cast<acc_t>(kSigmoidNormEps) : acc_t(1);
   } else {
     denom = args.renormalize ? selected_sum : sum;
   }
@@ -142,7 +141,7 @@ __global__ void route_backward_kernel(const at::opmath_type<scalar_t>* __restric
     if (args.sigmoid) norm += sigmoid(static_cast<acc_t>(row[expert_ids[t * k + j]]));
   }
   s = warp_sum(s);
-  norm = warp_sum(norm) + kSigmoidNormEps;
+  norm = warp_sum(norm) + static_cast<acc_t>(kSigmoidNormEps);
 
   if (args.sigmoid || args.renormalize) {
     for (int e = lane; e < num_experts; e += 32) grad_row[e] = scalar_t(0);
@@ -195,7 +194,7 @@ RouteArgs route_args(const at::Tensor& logits, int64_t k, const RouteOptions& op
 void route_forward(const at::Tensor& logits, const RouteOptions& options, const at::Tensor& bias,
                    const at::Tensor& allowed, at::Tensor& weights, at::Tensor& expert_ids) {
   const int64_t num_experts = logits.size(1);
-  TORCH_CHECK(num_experts <= kMaxExperts, "moeflux.route: CUDA supports up to ", kMaxExperts,
+  TORCH_CHECK(num_experts <= kMaxCudaExperts, "moeflux.route: CUDA supports up to ", kMaxCudaExperts,
               " experts, got num_experts = ", num_experts);
   const c10::cuda::CUDAGuard guard(logits.device());
   const RouteArgs args = route_args(logits, weights.size(1), options);

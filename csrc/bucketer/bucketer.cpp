@@ -10,6 +10,7 @@
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 
 #include "csrc/distributed/all_to_all.h"
+#include "csrc/profiling/comm_stats.h"
 
 namespace moeflux {
 namespace {
@@ -226,7 +227,13 @@ void GradientBucketer::finalize_backward() {
                 "(every rank must then still run backward).");
   }
   for (Bucket& bucket : buckets_) {
+    // What backward could not hide: the time spent here waiting for the all-reduce (moeflux.comm_stats).
+    const auto& group = groups_[bucket.group];
+    comm_stats::CollectiveTimer timer("grad_allreduce_wait", group->getGroupName(), group->getRank(), bucket.buffer,
+                                      {});
+    timer.waiting();
     bucket.future->wait();
+    timer.done();
     const at::Tensor reduced = hooks_[bucket.group]->parseHookResult(bucket.future->value());
     if (!reduced.is_same(bucket.buffer)) bucket.buffer.copy_(reduced);
     for (size_t s = 0; s < bucket.params.size(); ++s) {

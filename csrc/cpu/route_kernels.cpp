@@ -31,8 +31,6 @@ acc_t sigmoid(acc_t x) {
   return acc_t(1) / (acc_t(1) + std::exp(-x));
 }
 
-constexpr double kSigmoidNormEps = 1e-20;  // as DeepSeek-V3 adds to the sum of its sigmoid weights
-
 }  // namespace
 
 void route_forward(const at::Tensor& logits, const RouteOptions& options, const at::Tensor& bias,

@@ -6,11 +6,13 @@
 #include <numeric>
 
 #include <ATen/ops/empty.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 #include "csrc/checks.h"
 #include "csrc/cpu/huge_pages.h"
 #include "csrc/ops.h"
+#include "csrc/profiling/comm_stats.h"
 
 namespace moeflux {
 namespace {
@@ -40,7 +42,8 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_na
 }
 
 at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
-                         const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group, const char* op) {
+                         const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group, const char* op,
+                         const char* phase) {
   const int64_t world = group.getSize();
   check_splits(output_split_sizes, world, op, "output_split_sizes");
   check_splits(input_split_sizes, world, op, "input_split_sizes");
@@ -53,12 +56,23 @@ at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& ou
   cpu::advise_huge_pages(output);
   at::Tensor in = input.contiguous();
   std::vector<int64_t> out_splits = output_split_sizes, in_splits = input_split_sizes;
+  phase = phase != nullptr ? phase : op;
+  RECORD_FUNCTION(std::string("moeflux::") + phase, std::vector<c10::IValue>());
+  std::vector<int64_t> bytes_to_rank;
+  if (comm_stats::enabled()) {
+    const int64_t row_bytes = input.numel() == 0 ? 0 : input.nbytes() / input.size(0);
+    for (const int64_t rows : input_split_sizes) bytes_to_rank.push_back(rows * row_bytes);
+  }
+  comm_stats::CollectiveTimer timer(phase, group.getGroupName(), group.getRank(), input, std::move(bytes_to_rank));
   // alltoall_base is the all-to-all that every supported torch has (2.14 adds
   // all_to_all_single and deprecates this name).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-  group.alltoall_base(output, in, out_splits, in_splits)->wait();
+  const c10::intrusive_ptr<c10d::Work> work = group.alltoall_base(output, in, out_splits, in_splits);
 #pragma GCC diagnostic pop
+  timer.waiting();
+  work->wait();
+  timer.done();
   return output;
 }
 

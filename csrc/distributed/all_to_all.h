@@ -15,8 +15,11 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_na
 
 // Rows [sum(input_split_sizes), ...] of `input` go out, split_sizes[r] rows to
 // rank r; rows [sum(output_split_sizes), ...] come back. Waits for the result.
+// `op` names the op in errors; `phase` (default: op) names the collective in
+// torch.profiler ("moeflux::<phase>") and in moeflux.comm_stats records.
 at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
-                         const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group, const char* op);
+                         const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group, const char* op,
+                         const char* phase = nullptr);
 
 // How many collectives the ops have issued, for tests and profiling.
 struct CollectiveCounts {

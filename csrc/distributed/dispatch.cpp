@@ -73,7 +73,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "multiple of the expert-parallel group size ", world, ", got ", num_experts);
   const int64_t local_experts = num_experts / world;
 
-  auto [permuted, tokens_per_expert, row_map] = permute(tokens, expert_ids, num_experts, capacity);
+  check_device_supported(tokens, op, "tokens");
+  const DeviceKernels& kernels = kernels_for(tokens);
+  auto [permuted, tokens_per_expert, row_map] = permute(kernels, tokens, expert_ids, num_experts, capacity);
   const auto cpu_long = at::TensorOptions().dtype(at::kLong);
   at::Tensor send_splits, recv_splits, regroup_map, tokens_per_local_expert;
   if (capacity.has_value()) {
@@ -94,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                          header.view({1, kHeader}).expand({world, kHeader})}, 1);
     const std::vector<int64_t> ones(world, 1);
     count_count_exchange();
-    const at::Tensor recv_msg = exchange_rows(send_msg, ones, ones, *group, op);
+    const at::Tensor recv_msg = exchange_rows(send_msg, ones, ones, *group, op, "count_exchange");
     const at::Tensor both = at::cat({send_msg, recv_msg}).cpu();  // the one host synchronisation
     const auto* h = both.const_data_ptr<int64_t>();
     const int64_t width = local_experts + kHeader;
@@ -117,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   count_token_all_to_all();
   const at::Tensor sent = permuted.narrow(0, 0, send_splits.sum().item<int64_t>());  // dropped rows stay home
   const at::Tensor received = exchange_rows(sent, to_vector(recv_splits), to_vector(send_splits), *group, op);
-  at::Tensor expert_rows = gather_rows(received, regroup_map, at::Tensor());
+  at::Tensor expert_rows = gather_rows(kernels, received, regroup_map, at::Tensor());
   return {expert_rows, tokens_per_local_expert, row_map, regroup_map, send_splits, recv_splits};
 }
 
@@ -127,11 +129,13 @@ at::Tensor dispatch_backward(const at::Tensor& grad_expert_rows, const at::Tenso
   const auto group = resolve_group(group_name, "dispatch_backward");
   check_splits_tensor(send_splits, group->getSize(), "dispatch_backward", "send_splits");
   check_splits_tensor(recv_splits, group->getSize(), "dispatch_backward", "recv_splits");
-  const at::Tensor by_source = scatter_rows(grad_expert_rows, regroup_map, regroup_map.size(0));
+  check_device_supported(grad_expert_rows, "dispatch_backward", "grad_expert_rows");
+  const DeviceKernels& kernels = kernels_for(grad_expert_rows);
+  const at::Tensor by_source = scatter_rows(kernels, grad_expert_rows, regroup_map, regroup_map.size(0));
   count_token_all_to_all();
   const at::Tensor grad_sent =
       exchange_rows(by_source, to_vector(send_splits), to_vector(recv_splits), *group, "dispatch_backward");
-  return gather_rows(grad_sent, row_map, at::Tensor());  // d tokens[t] = sum_j d rows[row_map[t, j]]
+  return gather_rows(kernels, grad_sent, row_map, at::Tensor());  // d tokens[t] = sum_j d rows[row_map[t, j]]
 }
 
 std::tuple<at::Tensor, at::Tensor> combine(const at::Tensor& expert_out, const at::Tensor& row_map,
@@ -144,10 +148,12 @@ std::tuple<at::Tensor, at::Tensor> combine(const at::Tensor& expert_out, const a
   check_splits_tensor(recv_splits, group->getSize(), op, "recv_splits");
   check_dim(expert_out, 2, op, "expert_out", "[rows, hidden]");
   check_size(expert_out, 0, regroup_map.size(0), op, "expert_out", "the number of rows dispatch returned");
-  const at::Tensor by_source = scatter_rows(expert_out, regroup_map, regroup_map.size(0));
+  check_device_supported(expert_out, op, "expert_out");
+  const DeviceKernels& kernels = kernels_for(expert_out);
+  const at::Tensor by_source = scatter_rows(kernels, expert_out, regroup_map, regroup_map.size(0));
   count_token_all_to_all();
   at::Tensor returned = exchange_rows(by_source, to_vector(send_splits), to_vector(recv_splits), *group, op);
-  at::Tensor output = unpermute(returned, row_map, weights);
+  at::Tensor output = unpermute(kernels, returned, row_map, weights);
   return {output, returned};
 }
 
@@ -160,11 +166,13 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_outpu
   const auto group = resolve_group(group_name, op);
   check_splits_tensor(send_splits, group->getSize(), op, "send_splits");
   check_splits_tensor(recv_splits, group->getSize(), op, "recv_splits");
-  auto [grad_returned, grad_weights] = unpermute_backward(grad_output, returned_rows, row_map, weights);
+  check_device_supported(grad_output, op, "grad_output");
+  const DeviceKernels& kernels = kernels_for(grad_output);
+  auto [grad_returned, grad_weights] = unpermute_backward(kernels, grad_output, returned_rows, row_map, weights);
   count_token_all_to_all();
   const at::Tensor grad_by_source =
       exchange_rows(grad_returned, to_vector(recv_splits), to_vector(send_splits), *group, op);
-  return {gather_rows(grad_by_source, regroup_map, at::Tensor()), grad_weights};
+  return {gather_rows(kernels, grad_by_source, regroup_map, at::Tensor()), grad_weights};
 }
 
 }  // namespace moeflux

@@ -46,7 +46,7 @@ TEST_CASE("permute's row map is a stable counting sort, in one or many chunks", 
         at::Tensor ids = at::randint(-1, 16, {num_tokens, 2}, gen, at::kInt);
         const at::Tensor tokens = at::randn({num_tokens, 3}, gen);
         const std::optional<int64_t> cap = capacity < 0 ? std::nullopt : std::optional<int64_t>(capacity);
-        const auto [permuted, counts, row_map] = permute(tokens.to(device), ids.to(device), 16, cap);
+        const auto [permuted, counts, row_map] = permute(kernels_for(tokens.to(device)), tokens.to(device), ids.to(device), 16, cap);
         INFO("device " << device << " tokens " << num_tokens << " capacity " << capacity);
         CHECK(to_vector(row_map) == reference_rows(ids, 16, capacity));
         // Every kept row holds its token; the others are zero.
@@ -68,12 +68,12 @@ TEST_CASE("unpermute inverts permute, and weights scale each slot", "[unpermute]
     for (const auto dtype : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
       const at::Tensor tokens = at::randn({100, 40}, gen).to(dtype).to(device);
       const at::Tensor ids = test::random_expert_ids(100, 8, 3, gen).to(device);
-      const auto [permuted, counts, row_map] = permute(tokens, ids, 8, std::nullopt);
+      const auto [permuted, counts, row_map] = permute(kernels_for(tokens), tokens, ids, 8, std::nullopt);
       // Summing the k copies of each token gives k * token.
-      const at::Tensor summed = unpermute(permuted, row_map, std::nullopt);
+      const at::Tensor summed = unpermute(kernels_for(permuted), permuted, row_map, std::nullopt);
       CHECK(at::allclose(summed.cpu().to(at::kDouble), (tokens.cpu().to(at::kDouble) * 3), 1e-2, 1e-2));
       const at::Tensor w = at::rand({100, 3}, gen).to(device);
-      const at::Tensor weighted = unpermute(permuted, row_map, w);
+      const at::Tensor weighted = unpermute(kernels_for(permuted), permuted, row_map, w);
       const at::Tensor expected = tokens.cpu().to(at::kDouble) * w.cpu().to(at::kDouble).sum(1, true);
       INFO("device " << device << " dtype " << dtype);
       CHECK(at::allclose(weighted.cpu().to(at::kDouble), expected, 2e-2, 2e-2));
@@ -84,10 +84,10 @@ TEST_CASE("unpermute inverts permute, and weights scale each slot", "[unpermute]
 TEST_CASE("unpermute_backward scatters weighted gradients and dots for the weights", "[unpermute]") {
   auto gen = test::seeded(9);
   const at::Tensor ids = test::random_expert_ids(20, 4, 2, gen);
-  const auto [rows0, counts, row_map] = permute(at::randn({20, 6}, gen, at::kDouble), ids, 4, 6);
+  const auto [rows0, counts, row_map] = permute(cpu::kernels, at::randn({20, 6}, gen, at::kDouble), ids, 4, 6);
   const at::Tensor rows = at::randn_like(rows0);
   const at::Tensor w = at::rand({20, 2}, gen, at::kDouble), grad = at::randn({20, 6}, gen, at::kDouble);
-  const auto [grad_rows, grad_w] = unpermute_backward(grad, rows, row_map, w);
+  const auto [grad_rows, grad_w] = unpermute_backward(cpu::kernels, grad, rows, row_map, w);
   at::Tensor expected_rows = at::zeros_like(rows), expected_w = at::zeros_like(w);
   const auto map = to_vector(row_map);
   for (int64_t i = 0; i < 40; ++i) {
@@ -108,8 +108,8 @@ TEST_CASE("apply_capacity serves first choices before second choices", "[capacit
 TEST_CASE("permute rejects bad expert ids with the argument's name", "[permute][errors]") {
   const at::Tensor tokens = at::zeros({2, 4});
   const at::Tensor ids = at::tensor({0, 5}, at::kInt).view({2, 1});
-  CHECK_THROWS_WITH(permute(tokens, ids, 4, std::nullopt),
+  CHECK_THROWS_WITH(permute(cpu::kernels, tokens, ids, 4, std::nullopt),
                     Catch::Contains("expert_ids must be in [0, num_experts = 4) or -1 (dropped), got 5 at [1, 0]"));
-  CHECK_THROWS_WITH(permute(tokens, ids.to(at::kLong), 4, std::nullopt), Catch::Contains("expert_ids must be Int"));
-  CHECK_THROWS_WITH(permute(tokens, ids, 4, -3), Catch::Contains("capacity must be >= 0"));
+  CHECK_THROWS_WITH(permute(cpu::kernels, tokens, ids.to(at::kLong), 4, std::nullopt), Catch::Contains("expert_ids must be Int"));
+  CHECK_THROWS_WITH(permute(cpu::kernels, tokens, ids, 4, -3), Catch::Contains("capacity must be >= 0"));
 }

@@ -31,7 +31,7 @@ std::pair<at::Tensor, at::Tensor> reference_route(const at::Tensor& logits, int6
 
 // The Mixtral / Switch router: softmax scores, no bias, no groups, no scaling.
 std::tuple<at::Tensor, at::Tensor> softmax_route(const at::Tensor& logits, int64_t k, bool renormalize) {
-  return route(logits, k, renormalize, "softmax", std::nullopt, 1, 1, 1.0);
+  return route(kernels_for(logits), logits, k, renormalize, "softmax", std::nullopt, 1, 1, 1.0);
 }
 
 }  // namespace
@@ -68,7 +68,7 @@ TEST_CASE("route_backward is the transposed Jacobian", "[route]") {
     const at::Tensor logits = at::randn({6, 7}, gen, at::kDouble);
     const auto [weights, ids] = softmax_route(logits, 3, renormalize);
     const at::Tensor grad = at::randn({6, 3}, gen, at::kDouble);
-    const at::Tensor grad_logits = route_backward(grad, logits, weights, ids, renormalize, "softmax", 1.0);
+    const at::Tensor grad_logits = route_backward(kernels_for(logits), grad, logits, weights, ids, renormalize, "softmax", 1.0);
     // Central differences of <grad, weights(logits)>.
     const double eps = 1e-6;
     at::Tensor numeric = at::zeros_like(logits);
