@@ -29,7 +29,8 @@ import transformers
 
 import moeflux
 import moeflux.hf
-from moeflux.lm import data
+
+from moe_lm import data  # examples/moe_lm/, next to this script: the main job's byte data
 
 SMALL = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
 CONFIGS = {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and builds moeflux (scripts/setup.sh), then trains a small byte-level
-# MoE language model on the Python standard library (python -m moeflux.train --help).
+# MoE language model on the Python standard library (examples/train_moe_lm.py --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m moeflux.train "$@"
+exec "${PYTHON:-python3}" examples/train_moe_lm.py "$@"

@@ -19,10 +19,12 @@ def route(logits, k, renormalize=False, scoring="softmax", expert_bias=None, num
     ids = torch.zeros(num_tokens, k, dtype=torch.int32)
     per_group = num_experts // num_groups
     for t in range(num_tokens):
-        choice = (scores[t] + expert_bias.double()).tolist() if expert_bias is not None else x[t].tolist()
+        # Experts are chosen by logit, or by score + bias; groups are ranked by their scores (+ bias).
+        biased = (scores[t] + expert_bias.double()).tolist() if expert_bias is not None else scores[t].tolist()
+        choice = biased if expert_bias is not None else x[t].tolist()
         allowed = set(range(num_experts))
         if num_groups > 1:
-            group_score = [sum(sorted(choice[g * per_group:(g + 1) * per_group], reverse=True)[:2])
+            group_score = [sum(sorted(biased[g * per_group:(g + 1) * per_group], reverse=True)[:2])
                            for g in range(num_groups)]
             best = sorted(range(num_groups), key=lambda g: (-group_score[g], g))[:top_groups]
             allowed = {e for g in best for e in range(g * per_group, (g + 1) * per_group)}

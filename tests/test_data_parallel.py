@@ -128,7 +128,7 @@ def moe_worker(rank, world, ep_size, view):
     reference = MoEModel()
     torch.manual_seed(3)
     model = moeflux.DataParallel(MoEModel(groups), bucket_cap_mb=TINY, gradient_as_bucket_view=view)
-    first, local = model.module.moe.experts.first_expert, model.module.moe.experts.num_experts
+    first, local = model.module.moe.experts.global_experts[0], model.module.moe.experts.num_experts
     inputs = [batch(r, 0, n=5) for r in range(world)]  # the same number of tokens on every rank
     for step in range(2):
         model.zero_grad(set_to_none=not view)

@@ -90,7 +90,7 @@ MODULE_CASES = {
     "unknown scoring": (dict(scoring="relu"), "scoring must be 'softmax' or 'sigmoid'"),
     "groups do not divide": (dict(num_groups=3), "num_groups must divide num_experts (4)"),
     "top_k beyond the groups": (dict(num_groups=4, top_groups=1), "top_k=2 exceeds the 1 experts of top_groups=1"),
-    "non-positive scale": (dict(routed_scaling_factor=0.0), "scale must be > 0"),
+    "non-positive scale": (dict(routed_scaling_factor=0.0), "routed_scaling_factor must be > 0"),
 }
 
 

@@ -33,8 +33,9 @@ def make_pair(groups, **config):
 def check_scenario(rank, world, groups, tokens, **config):
     tokens = tokens[:world]
     reference, model = make_pair(groups, **config)
-    local, first = model.experts.num_experts, model.experts.first_expert
+    local, first = model.experts.num_experts, model.experts.global_experts[0]
     assert local == EXPERTS // groups.ep_size and first == groups.ep_rank * local
+    assert model.experts.global_experts == tuple(range(first, first + local))
     assert torch.equal(model.experts.w_in, reference.experts.w_in[first:first + local])  # same experts
 
     gen = torch.Generator().manual_seed(5)
@@ -72,7 +73,7 @@ def check_scenario(rank, world, groups, tokens, **config):
 
 def check_state_dict(rank, world, groups):
     reference, model = make_pair(groups)
-    local, first = model.experts.num_experts, model.experts.first_expert
+    local, first = model.experts.num_experts, model.experts.global_experts[0]
     state = model.state_dict()
     assert set(state) == {"router.weight"} | {f"experts.{e}.{w}" for e in range(first, first + local)
                                               for w in ("w_in", "w_out")}

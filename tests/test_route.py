@@ -102,6 +102,8 @@ DEEPSEEK_LIKE = [
     dict(scoring="sigmoid", renormalize=True, bias=True, num_groups=4, top_groups=2, scale=2.5),  # DeepSeek-V3
     dict(scoring="softmax", bias=True, num_groups=2, top_groups=1),
     dict(scoring="softmax", renormalize=True, scale=0.5),
+    dict(scoring="softmax", num_groups=4, top_groups=2),  # groups ranked by scores, experts by logits
+    dict(scoring="sigmoid", num_groups=4, top_groups=1),
 ]
 
 

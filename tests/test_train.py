@@ -1,13 +1,15 @@
-"""The main job, python -m moeflux.train: a tiny end-to-end run on 2 ranks, resume on
+"""The main job, examples/train_moe_lm.py: a tiny end-to-end run on 2 ranks, resume on
 another number of ranks, determinism, and one-line errors for bad input."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train_moe_lm.py"
 TINY = ["--steps", "6", "--batch", "2", "--seq-len", "16", "--d-model", "16", "--heads", "2", "--d-ffn", "16",
         "--experts", "4", "--eval-bytes", "2000", "--checkpoint-every", "3"]
 
@@ -28,8 +30,7 @@ def corpus(tmp_path_factory):
 
 
 def run(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "moeflux.train", *args], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(result.stdout + result.stderr)
     return result
@@ -37,8 +38,15 @@ def run(*args, check=True):
 
 def test_trains_writes_run_folder_and_resumes_on_another_number_of_ranks(corpus, tmp_path):
     out = tmp_path / "run"
-    result = run("--data", str(corpus), "--out", str(out), "--nproc", "2", *TINY)
+    result = run("--data", str(corpus), "--out", str(out), "--nproc", "2", *TINY,
+                 "--record-routing", str(out / "routing.npz"), "--record-every", "2")
     assert "held-out:" in result.stdout and "unigram baseline" in result.stdout
+    # the routing, in the layout of the shared trace: [step, source rank, layer, micro-batch, expert]
+    from moeflux.sim import load_trace
+
+    trace = load_trace(out / "routing.npz")
+    assert trace.counts.shape == (3, 2, 2, 1, 4) and trace.iterations.tolist() == [2, 4, 6]
+    assert (trace.counts.sum(-1) == 2 * 16 * 2).all()  # every slot of a rank's batch x seq-len tokens, top-2
     for name in ("metrics.json", "loss.png", "expert_load.png", "checkpoint.pt"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())

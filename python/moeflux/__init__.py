@@ -11,10 +11,12 @@ The ops are ``torch.ops.moeflux.*``; :mod:`moeflux.ops` has typed wrappers.
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
 from . import _C, ops
+from .instrumentation import CommStats, comm_stats
 from .data_parallel import CommHookState, DataParallel
 from .distributed import ExpertParallelGroups, init_expert_parallel
 from .experts import GroupedExperts, SharedExpert
-from .moe import MoE, aux_loss
+from .moe import ExpertParameter, MoE, aux_loss, expert_parameters
+from .placement import ExpertPlacement
 from .router import Router, Routing
 
 __all__ = [
@@ -24,12 +26,17 @@ __all__ = [
     "GroupedExperts",
     "SharedExpert",
     "aux_loss",
+    "expert_parameters",
+    "ExpertParameter",
+    "ExpertPlacement",
     "ops",
     "init_expert_parallel",
     "ExpertParallelGroups",
     "DataParallel",
     "CommHookState",
     "cuda_kernels_built",
+    "comm_stats",
+    "CommStats",
 ]
 __version__ = "0.1.0"
 

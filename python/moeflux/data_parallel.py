@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _C
-from .moe import MoE
+from .moe import expert_parameters
 
 BUILTIN_HOOKS = ("allreduce", "bf16_compress")
 
@@ -84,14 +84,15 @@ class DataParallel(nn.Module):
         self.world_size = dist.get_world_size(dp_group)
 
         expert_group: dict[int, dist.ProcessGroup] = {}
-        for name, layer in module.named_modules():
-            if isinstance(layer, MoE) and layer.ep_group is not None:
-                if layer.edp_group is None:
-                    raise ValueError(
-                        f"moeflux.DataParallel: MoE layer '{name}' was built with a bare ep_group; pass "
-                        "ep_group=moeflux.init_expert_parallel(...) so that its experts' replicas are known")
-                for p in layer.experts.parameters():
-                    expert_group[id(p)] = layer.edp_group
+        for ep in expert_parameters(module):
+            if ep.layer.ep_group is None:
+                continue
+            if ep.layer.edp_group is None:
+                name = next(n for n, m in module.named_modules() if m is ep.layer)
+                raise ValueError(
+                    f"moeflux.DataParallel: MoE layer '{name}' was built with a bare ep_group; pass "
+                    "ep_group=moeflux.init_expert_parallel(...) so that its experts' replicas are known")
+            expert_group[id(ep.param)] = ep.layer.edp_group
         self.groups: list[dist.ProcessGroup] = [dp_group]
         params, names, param_group = [], [], []
         for name, p in module.named_parameters():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .placement import ExpertPlacement
 
 ACTIVATIONS = ("swiglu", "gelu")
 
@@ -22,11 +23,14 @@ class GroupedExperts(nn.Module):
     ``d_ffn`` for GELU. Initialised like ``nn.Linear``:
     ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
 
-    Under expert parallelism a rank holds experts ``first_expert ..
-    first_expert + num_experts - 1`` of the layer. Each expert is initialised
-    from its own generator, seeded with ``seed`` and its global index, so a
-    layer holds the same experts whatever the number of ranks it is split
-    over; the state dict names each expert by its global index
+    Under expert parallelism a rank holds ``num_experts`` of the layer's
+    experts: ``placement`` (a :class:`moeflux.ExpertPlacement`) says which;
+    row ``i`` of the stacked weights is global expert
+    ``placement.global_expert(i)`` (:attr:`global_experts`). Without a
+    placement the module holds experts ``0 .. num_experts - 1``. Each expert is
+    initialised from its own generator, seeded with ``seed`` and its global
+    index, so a layer holds the same experts whatever the number of ranks it is
+    split over; the state dict names each expert by its global index
     (``experts.7.w_in``), so checkpoints load across expert-parallel layouts.
     """
 
@@ -37,7 +41,7 @@ class GroupedExperts(nn.Module):
         d_ffn: int,
         activation: str = "swiglu",
         *,
-        first_expert: int = 0,
+        placement: ExpertPlacement | None = None,
         seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -46,7 +50,10 @@ class GroupedExperts(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.num_experts, self.d_model, self.d_ffn, self.activation = num_experts, d_model, d_ffn, activation
-        self.first_expert = first_expert
+        self.placement = placement if placement is not None else ExpertPlacement(num_experts)
+        if self.placement.local_experts != num_experts:
+            raise ValueError(f"GroupedExperts: placement holds {self.placement.local_experts} experts per rank, "
+                             f"num_experts is {num_experts}")
         self.seed = int(torch.randint(2**62, ()).item()) if seed is None else seed
         factory = {"device": device, "dtype": dtype}
         in_features = 2 * d_ffn if activation == "swiglu" else d_ffn
@@ -57,7 +64,7 @@ class GroupedExperts(nn.Module):
     def reset_parameters(self) -> None:
         with torch.no_grad():
             for i in range(self.num_experts):
-                gen = torch.Generator().manual_seed(self.seed + self.first_expert + i)
+                gen = torch.Generator().manual_seed(self.seed + self.global_experts[i])
                 for weight, fan_in in ((self.w_in, self.d_model), (self.w_out, self.d_ffn)):
                     bound = 1 / math.sqrt(fan_in)
                     values = torch.empty(weight.shape[1:], dtype=torch.float64).uniform_(-bound, bound, generator=gen)
@@ -71,14 +78,14 @@ class GroupedExperts(nn.Module):
         for name in self._WEIGHTS:
             weight = getattr(self, name)
             for i in range(self.num_experts):
-                destination[f"{prefix}{self.first_expert + i}.{name}"] = weight[i] if keep_vars else weight[i].detach()
+                destination[f"{prefix}{self.global_experts[i]}.{name}"] = weight[i] if keep_vars else weight[i].detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         for name in self._WEIGHTS:
             weight = getattr(self, name)
             for i in range(self.num_experts):
-                key = f"{prefix}{self.first_expert + i}.{name}"
+                key = f"{prefix}{self.global_experts[i]}.{name}"
                 if key not in state_dict:
                     missing_keys.append(key)
                 elif state_dict[key].shape != weight.shape[1:]:
@@ -91,6 +98,11 @@ class GroupedExperts(nn.Module):
         # Entries of experts held by other ranks are expected in a full checkpoint; anything else is not.
         pattern = re.compile(rf"{re.escape(prefix)}\d+\.({'|'.join(self._WEIGHTS)})")
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and not pattern.fullmatch(k))
+
+    @property
+    def global_experts(self) -> tuple[int, ...]:
+        """The global index of each expert held here, in the order of the stacked weights."""
+        return self.placement.experts_of()
 
     def _activate(self, h: Tensor) -> Tensor:
         if self.activation == "swiglu":
@@ -113,8 +125,7 @@ class GroupedExperts(nn.Module):
         return ops.grouped_mm(self._activate(h), self.w_out, tokens_per_expert)
 
     def extra_repr(self) -> str:
-        first = f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1}, "
-        return f"{first}d_model={self.d_model}, d_ffn={self.d_ffn}, activation={self.activation}"
+        return f"experts {list(self.global_experts)}, d_model={self.d_model}, d_ffn={self.d_ffn}, activation={self.activation}"
 
 
 class SharedExpert(nn.Module):

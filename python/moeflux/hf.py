@@ -59,7 +59,7 @@ def _mixtral_router(block: nn.Module, config: Any) -> dict:
 
 def _deepseek_v3_router(block: nn.Module, config: Any) -> dict:
     gate = block.gate
-    return dict(renormalize=bool(gate.norm_topk_prob), scoring="sigmoid", expert_bias=True,
+    return dict(renormalize=bool(gate.norm_topk_prob), scoring="sigmoid", use_expert_bias=True,
                 num_groups=int(gate.num_group), top_groups=int(gate.topk_group),
                 routed_scaling_factor=float(gate.routed_scaling_factor), router_dtype=torch.float32)
 
@@ -122,9 +122,9 @@ def from_hf_block(block: nn.Module, config: Any = None,
         moe.router.weight.copy_(block.gate.weight)
         if moe.router.expert_bias is not None:
             moe.router.expert_bias.copy_(block.gate.e_score_correction_bias)
-        first, local = moe.experts.first_expert, moe.experts.num_experts
-        moe.experts.w_in.copy_(gate_up[first:first + local].transpose(1, 2))
-        moe.experts.w_out.copy_(down[first:first + local].transpose(1, 2))
+        held = list(moe.placement.experts_of())  # the global experts this rank holds, in slot order
+        moe.experts.w_in.copy_(gate_up[held].transpose(1, 2))
+        moe.experts.w_out.copy_(down[held].transpose(1, 2))
         if moe.shared_expert is not None:
             shared = getattr(block, family.shared)
             for name in ("gate_proj", "up_proj", "down_proj"):

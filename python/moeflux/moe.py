@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import ops
+from .instrumentation import layer_scope
 from .distributed import ExpertParallelGroups, check_agreement
+from .exchange import Exchange, make_exchange
 from .experts import ACTIVATIONS, GroupedExperts, SharedExpert
+from .placement import ExpertPlacement
 from .router import Router
 
 DROP_POLICIES = ("position", "probability")
+_layer_numbers = itertools.count()
 
 
 class MoE(nn.Module):
@@ -22,9 +28,14 @@ class MoE(nn.Module):
     Each token goes to its ``top_k`` experts, chosen by a linear router, and
     the experts' outputs are summed with the routing weights::
 
-        routing = router(x)                     # route op: softmax + top-k
-        rows, counts, row_map = permute(x, routing.expert_ids)
-        y = unpermute(experts(rows, counts), row_map, routing.weights)
+        routing = router(x)                                 # route op: softmax + top-k
+        batch, plan = exchange.dispatch(x, routing.expert_ids, capacity)
+        y = exchange.combine(experts(batch), plan, routing.weights)
+
+    :attr:`exchange` (a :class:`moeflux.exchange.Exchange`) moves the tokens:
+    within the process, or over the expert-parallel group by all-to-all;
+    :attr:`placement` (a :class:`moeflux.ExpertPlacement`) says which rank and
+    slot hold each expert.
 
     Args:
         d_model: model width.
@@ -44,7 +55,7 @@ class MoE(nn.Module):
         z_loss_weight: weight of the router z-loss in :attr:`aux_loss`.
         router_jitter: multiplicative input jitter of the router while training.
         noisy_gating: learned Gaussian noise on the router logits while training.
-        scoring, expert_bias, num_groups, top_groups, routed_scaling_factor,
+        scoring, use_expert_bias, num_groups, top_groups, routed_scaling_factor,
         router_dtype: router variants (sigmoid scores, DeepSeek-V3's bias and
             group-limited choice, a factor on the weights, float32 logits); see
             :class:`moeflux.Router` and :func:`moeflux.ops.route`.
@@ -68,6 +79,8 @@ class MoE(nn.Module):
     :attr:`tokens_per_expert` the load of each expert.
     """
 
+    exchange: Exchange
+    placement: ExpertPlacement
     aux_loss: Tensor | None
     tokens_per_expert: Tensor | None  # [E] rows per expert; under expert parallelism [E / P], this rank's experts
 
@@ -87,7 +100,7 @@ class MoE(nn.Module):
         router_jitter: float = 0.0,
         noisy_gating: bool = False,
         scoring: str = "softmax",
-        expert_bias: bool = False,
+        use_expert_bias: bool = False,
         num_groups: int = 1,
         top_groups: int = 1,
         routed_scaling_factor: float = 1.0,
@@ -136,17 +149,19 @@ class MoE(nn.Module):
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
         factory = {"device": device, "dtype": dtype}
         self.router = Router(
-            d_model, num_experts, top_k, renormalize=renormalize, scoring=scoring, expert_bias=expert_bias,
-            num_groups=num_groups, top_groups=top_groups, scale=routed_scaling_factor, logits_dtype=router_dtype,
-            jitter=router_jitter, noisy_gating=noisy_gating, **factory,
+            d_model, num_experts, top_k, renormalize=renormalize, scoring=scoring, use_expert_bias=use_expert_bias,
+            num_groups=num_groups, top_groups=top_groups, routed_scaling_factor=routed_scaling_factor,
+            router_dtype=router_dtype, router_jitter=router_jitter, noisy_gating=noisy_gating, **factory,
         )
         self.shared_expert = (
             SharedExpert(d_model, shared_expert_ffn, shared_expert_gate, **factory) if shared_expert_ffn else None
         )
-        local_experts = num_experts // self.ep_size
+        self.placement = ExpertPlacement(num_experts, self.ep_size, self.ep_rank)
         self.experts = GroupedExperts(
-            local_experts, d_model, d_ffn, activation, first_expert=self.ep_rank * local_experts, **factory
+            self.placement.local_experts, d_model, d_ffn, activation, placement=self.placement, **factory
         )
+        self.exchange = make_exchange(self.placement, ep_group)
+        self.stats_name = f"moe{next(_layer_numbers)}"  # moeflux.comm_stats(model) renames it to its path
         self.aux_loss = None
         self.tokens_per_expert = None
 
@@ -158,33 +173,23 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_model:
-            if self.ep_group is not None and self.capacity_factor is None:
-                # The other ranks are about to wait in dispatch's count exchange: take part with no
-                # tokens, so that it reports the mismatch on every rank instead of leaving them waiting.
-                no_ids = torch.empty((0, self.top_k), dtype=torch.int32, device=x.device)
-                ops.dispatch(x.new_empty((0, x.shape[-1])), no_ids, self.num_experts, None, self.ep_group)
+            self.exchange.join_failed_dispatch(x, self.top_k, self.capacity(0))
             raise ValueError(f"MoE expects input [..., d_model={self.d_model}], got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.d_model)
         routing = self.router(tokens)
         load_balancing, z_loss = ops.router_aux_loss(routing.logits, routing.expert_ids)
         self.aux_loss = self.aux_loss_weight * load_balancing + self.z_loss_weight * z_loss
 
-        expert_ids = routing.expert_ids
-        capacity = self.capacity(tokens.shape[0])
+        expert_ids, capacity = routing.expert_ids, self.capacity(tokens.shape[0])
         if capacity is not None:
             expert_ids = ops.apply_capacity(
                 expert_ids, routing.weights, self.num_experts, capacity, self.drop_policy == "probability"
             )
-        if self.ep_group is None:
-            rows, tokens_per_expert, row_map = ops.permute(tokens, expert_ids, self.num_experts, capacity)
-            self.tokens_per_expert = tokens_per_expert
-            out = ops.unpermute(self.experts(rows, tokens_per_expert, capacity), row_map, routing.weights)
-        else:
-            rows, plan = ops.dispatch(tokens, expert_ids, self.num_experts, capacity, self.ep_group)
-            self.tokens_per_expert = plan.tokens_per_local_expert
-            expert_capacity = None if capacity is None else capacity * self.ep_size  # rows per local expert
-            out = ops.combine(self.experts(rows, plan.tokens_per_local_expert, expert_capacity), plan,
-                              routing.weights)
+        with layer_scope(self.stats_name, self.ep_group):
+            batch, plan = self.exchange.dispatch(tokens, expert_ids, capacity)
+            self.tokens_per_expert = batch.tokens_per_expert
+            out = self.exchange.combine(self.experts(batch.rows, batch.tokens_per_expert, batch.capacity), plan,
+                                        routing.weights)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         return out.view(x.shape)
@@ -194,6 +199,25 @@ class MoE(nn.Module):
             f"d_model={self.d_model}, d_ffn={self.d_ffn}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}, ep_size={self.ep_size}"
         )
+
+
+class ExpertParameter(NamedTuple):
+    """A routed experts' stacked parameter ``[E_local, ...]`` of one MoE layer."""
+
+    name: str  # as in model.named_parameters()
+    param: nn.Parameter
+    layer: MoE  # its layer: layer.placement says which global expert each row is; layer.ep_group / edp_group
+
+
+def expert_parameters(model: nn.Module) -> list[ExpertParameter]:
+    """The routed experts' parameters of every MoE layer of ``model`` (not the router's, not shared experts').
+
+    Under expert parallelism these are the parameters that differ between ranks of the expert-parallel group:
+    their gradients are reduced over the expert-data-parallel group only, their norm is summed over ranks, and
+    checkpoints store them per global expert.
+    """
+    owner = {id(p): layer for layer in model.modules() if isinstance(layer, MoE) for p in layer.experts.parameters()}
+    return [ExpertParameter(name, p, owner[id(p)]) for name, p in model.named_parameters() if id(p) in owner]
 
 
 def aux_loss(model: nn.Module) -> Tensor:

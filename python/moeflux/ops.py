@@ -2,7 +2,8 @@
 
 The ops are implemented in C++/CUDA (``csrc/``, ``cuda/``); this module only
 gives them Python signatures and docstrings, and registers the fake (meta)
-kernels that let shapes propagate under ``torch.compile`` and FakeTensor.
+kernels that let shapes propagate under FakeTensor (``torch.compile`` of a
+whole layer does not work yet: ``grouped_mm`` reads its counts on the host).
 
 Conventions: ``T`` tokens, ``H`` hidden size, ``E`` experts, ``k`` experts per
 token, ``N`` permuted rows (``T * k`` dropless, ``E * capacity`` with a

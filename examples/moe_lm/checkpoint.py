@@ -22,28 +22,26 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the run, reported as a one-line error."""
 
 
-def _expert_slices(model: nn.Module) -> dict[str, tuple[str, int, int]]:
-    """Stacked expert parameter name -> (prefix for per-expert names, first global expert, local count)."""
+def _expert_names(model: nn.Module) -> dict[str, list[str]]:
+    """Stacked expert parameter name -> the per-expert name of each of its rows, by global expert as the
+    layer's placement says (``blocks.0.mlp.experts.w_in`` -> ``[blocks.0.mlp.experts.4.w_in, ...]``)."""
     out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, moeflux.GroupedExperts):
-            for weight in ("w_in", "w_out"):
-                out[f"{name}.{weight}"] = (f"{name}.", module.first_expert, module.num_experts)
+    for ep in moeflux.expert_parameters(model):
+        prefix, weight = ep.name.rsplit(".", 1)
+        out[ep.name] = [f"{prefix}.{expert}.{weight}" for expert in ep.layer.placement.experts_of()]
     return out
 
 
 def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
-    slices = _expert_slices(model)
+    experts = _expert_names(model)
     by_name = {}
     for name, param in model.named_parameters():
         state = optimizer.state.get(param)
         if not state:
             continue
-        if name in slices:
-            prefix, first, count = slices[name]
-            weight = name.rsplit(".", 1)[1]
-            for i in range(count):
-                by_name[f"{prefix}{first + i}.{weight}"] = {
+        if name in experts:
+            for i, expert_name in enumerate(experts[name]):
+                by_name[expert_name] = {
                     k: (v[i] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()}
         else:
             by_name[name] = dict(state)
@@ -78,7 +76,7 @@ def read_config(path: Path) -> dict:
     except (OSError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"--resume {path}: cannot read it ({e.__class__.__name__})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "moeflux-lm/1":
-        raise CheckpointError(f"--resume {path}: not a checkpoint of python -m moeflux.train")
+        raise CheckpointError(f"--resume {path}: not a checkpoint of examples/train_moe_lm.py")
     return checkpoint["config"]
 
 
@@ -93,13 +91,11 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(checkpoint["model"])
     saved = checkpoint["optimizer"]
-    slices = _expert_slices(model)
+    experts = _expert_names(model)
     params = dict(model.named_parameters())
     for name, param in params.items():
-        if name in slices:
-            prefix, first, count = slices[name]
-            weight = name.rsplit(".", 1)[1]
-            parts = [saved.get(f"{prefix}{first + i}.{weight}") for i in range(count)]
+        if name in experts:
+            parts = [saved.get(expert_name) for expert_name in experts[name]]
             if any(p is None for p in parts):
                 continue
             state = {k: (torch.stack([p[k] for p in parts]) if torch.is_tensor(v) and v.dim() > 0 else v)

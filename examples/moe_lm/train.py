@@ -2,10 +2,10 @@
 library's own source files, expert-parallel, with moeflux.MoE in every block
 and moeflux.DataParallel synchronising the gradients.
 
-    python -m moeflux.train                          # 2 ranks on this machine (gloo), a few minutes on 2 cores
-    python -m moeflux.train --nproc 4 --experts 16 --steps 600
-    torchrun --nproc-per-node 8 -m moeflux.train     # one rank per GPU (NCCL), or CPU ranks with gloo
-    python -m moeflux.train --resume runs/moe-lm/checkpoint.pt --steps 800   # continue, on any number of ranks
+    python examples/train_moe_lm.py                  # 2 ranks on this machine (gloo), a few minutes on 2 cores
+    python examples/train_moe_lm.py --nproc 4 --experts 16 --steps 600
+    torchrun --nproc-per-node 8 examples/train_moe_lm.py   # one rank per GPU (NCCL), or CPU ranks with gloo
+    python examples/train_moe_lm.py --resume runs/moe-lm/checkpoint.pt --steps 800   # continue, on any number of ranks
 
 It shows a progress bar with the loss and tokens/s, evaluates bits per byte on
 held-out files (never trained on) next to the unigram baseline, and writes a
@@ -31,8 +31,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import moeflux
-from moeflux.lm import checkpoint, data, plots
-from moeflux.lm.model import ByteLM, ModelConfig
+
+from . import checkpoint, data, plots
+from .model import ByteLM, ModelConfig
+from .routing_trace import RoutingRecorder
 
 
 class UsageError(ValueError):
@@ -40,7 +42,7 @@ class UsageError(ValueError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m moeflux.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python examples/train_moe_lm.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", type=Path, default=Path(sysconfig.get_paths()["stdlib"]),
@@ -71,6 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
     g.add_argument("--out", type=Path, default=Path("runs/moe-lm"), help="run folder (default runs/moe-lm)")
     g.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue from")
+    g.add_argument("--record-routing", type=Path, default=None,
+                   help="write the routing (tokens of each rank to each expert, per layer and step) to this .npz, "
+                        "in the layout of the traces moeflux.sim reads")
+    g.add_argument("--record-every", type=int, default=1, help="steps between recorded steps (default 1)")
     g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
     return p.parse_args(argv)
 
@@ -84,7 +90,7 @@ def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
     """Everything that can be checked before any rank starts; raises UsageError."""
     positive = {"--steps": args.steps, "--batch": args.batch, "--layers": args.layers, "--d-model": args.d_model,
                 "--heads": args.heads, "--d-ffn": args.d_ffn, "--experts": args.experts, "--eval-bytes": args.eval_bytes,
-                "--checkpoint-every": args.checkpoint_every}
+                "--checkpoint-every": args.checkpoint_every, "--record-every": args.record_every}
     for name, value in positive.items():
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
@@ -115,7 +121,7 @@ def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
 def clip_grad_norm(model: ByteLM, max_norm: float, ep_group: dist.ProcessGroup) -> float:
     """Clip by the norm of all gradients of the model, experts of every rank of the group included.
     The squares are summed on the gradients' device: one host synchronisation per step."""
-    expert_params = {id(p) for moe in model.moe_layers() for p in moe.experts.parameters()}
+    expert_params = {id(ep.param) for ep in moeflux.expert_parameters(model)}
     grads = [(id(p) in expert_params, p.grad.detach()) for p in model.parameters() if p.grad is not None]
     device = grads[0][1].device
     dense, experts = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -137,8 +143,7 @@ def global_expert_load(model: ByteLM, groups: moeflux.ExpertParallelGroups) -> l
     loads = []
     for layer in model.moe_layers():
         full = torch.zeros(layer.num_experts)
-        first = layer.experts.first_expert
-        full[first:first + layer.experts.num_experts] = layer.tokens_per_expert.float().cpu()
+        full[list(layer.placement.experts_of())] = layer.tokens_per_expert.float().cpu()  # slot order -> global
         dist.all_reduce(full)
         loads.append((full / full.sum().clamp(min=1)).tolist())
     return loads
@@ -193,6 +198,7 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
     if rank == 0:
         metrics["unigram_bits_per_byte"] = data.unigram_bits_per_byte(train_data, test[: args.eval_bytes])
 
+    recorder = RoutingRecorder(lm.moe_layers()) if args.record_routing is not None else None
     bar = None
     if rank == 0:
         from tqdm import tqdm
@@ -204,7 +210,12 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
     for step in range(start_step + 1, args.steps + 1):
         x, y = data.batch(train_data, args.batch, args.seq_len, seed=args.seed * 1_000_003 + step * 1009 + rank)
         x, y = x.to(device), y.to(device)
+        record = recorder is not None and step % args.record_every == 0
+        if record:
+            recorder.start_step()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        if record:
+            recorder.end_step(step)
         (loss + moeflux.aux_loss(lm)).backward()
         clip_grad_norm(lm, 1.0, groups.ep_group)
         optimizer.step()
@@ -233,6 +244,8 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
         bar.close()
     train_seconds = time.perf_counter() - started
 
+    if recorder is not None and (written := recorder.save(args.record_routing)) is not None:
+        print(f"routing of {len(recorder.steps)} steps written to {written}")
     bpb = held_out_bits_per_byte(model, test, args, device)
     if rank == 0:
         metrics["eval"].append({"step": args.steps, "bits_per_byte": bpb})

@@ -1,0 +1,129 @@
+"""How a MoE layer's routed tokens reach their experts and come back: one class per strategy.
+
+The layer does ``routing -> exchange.dispatch -> experts -> exchange.combine``;
+everything about moving tokens (which rank holds an expert, collectives, how
+the experts' rows are laid out) lives behind this interface, so a new
+strategy (pipelined, shadowed, hierarchical, ...) is a new class, not a branch
+in :meth:`moeflux.MoE.forward`.
+
+- :class:`LocalExchange`: every expert on this process: permute / unpermute.
+- :class:`AllToAllExchange`: experts split over an expert-parallel group:
+  dispatch / combine, one all-to-all each way (plus the count exchange when
+  dropless).
+
+Both read the layer's :class:`moeflux.ExpertPlacement` to turn global expert
+ids into the positions the ops send by (rank * E_local + slot).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import ops
+from .placement import ExpertPlacement
+
+
+@dataclass(frozen=True)
+class ExpertBatch:
+    """The rows this rank's experts must process, grouped by local expert (slot order)."""
+
+    rows: Tensor  # [M, H]
+    tokens_per_expert: Tensor  # [E_local] int32: rows of each local expert
+    capacity: int | None  # rows each local expert owns (zero padded past its count); None: packed, dropless
+
+
+class Exchange(ABC):
+    """Moves one layer's tokens to its experts (:meth:`dispatch`) and their outputs back (:meth:`combine`).
+
+    ``dispatch`` returns the experts' :class:`ExpertBatch` and an opaque plan;
+    ``combine`` takes the experts' output rows (same order as the batch) and
+    the plan, and returns ``out[t] = sum_j weights[t, j] * expert_output(t, j)``.
+    Both are differentiable. ``capacity`` is the per-expert capacity of this
+    rank's tokens (:meth:`moeflux.MoE.capacity`), ``None`` for dropless routing.
+    """
+
+    def __init__(self, placement: ExpertPlacement) -> None:
+        self.placement = placement
+
+    @abstractmethod
+    def dispatch(self, tokens: Tensor, expert_ids: Tensor, capacity: int | None) -> tuple[ExpertBatch, Any]:
+        """``tokens [T, H]``, ``expert_ids [T, k]`` (global ids, -1 dropped) -> the experts' batch and a plan."""
+
+    @abstractmethod
+    def combine(self, expert_out: Tensor, plan: Any, weights: Tensor | None) -> Tensor:
+        """``expert_out [M, H]`` in the batch's order -> ``[T, H]``."""
+
+    def join_failed_dispatch(self, x: Tensor, top_k: int, capacity: int | None) -> None:
+        """This rank's input ``x`` failed a check: take part in what the other ranks are waiting in, so that
+        they raise too instead of waiting (nothing to do without collectives)."""
+
+    def _positions(self, expert_ids: Tensor) -> Tensor:
+        return self.placement.to_positions(expert_ids)
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    row_map: Tensor  # [T, k] int32: row of each (token, slot) in the batch, -1 if dropped
+
+
+class LocalExchange(Exchange):
+    """All experts on this process: a scatter into rows grouped by expert and a weighted gather back."""
+
+    def __init__(self, placement: ExpertPlacement) -> None:
+        if placement.ep_size != 1:
+            raise ValueError(f"LocalExchange holds every expert: placement.ep_size must be 1, got {placement.ep_size}")
+        super().__init__(placement)
+
+    def dispatch(self, tokens: Tensor, expert_ids: Tensor, capacity: int | None) -> tuple[ExpertBatch, LocalPlan]:
+        rows, tokens_per_expert, row_map = ops.permute(
+            tokens, self._positions(expert_ids), self.placement.num_experts, capacity)
+        return ExpertBatch(rows, tokens_per_expert, capacity), LocalPlan(row_map)
+
+    def combine(self, expert_out: Tensor, plan: LocalPlan, weights: Tensor | None) -> Tensor:
+        return ops.unpermute(expert_out, plan.row_map, weights)
+
+
+class AllToAllExchange(Exchange):
+    """Experts split over the ``ep_size`` ranks of ``group``: every token goes straight to its expert's rank
+    and back by all-to-all (:func:`moeflux.ops.dispatch` / :func:`moeflux.ops.combine`).
+
+    Dropless: a count exchange and one host synchronisation per dispatch (to size the all-to-all). With a
+    capacity, every rank sends ``capacity`` rows per expert: fixed splits, no host synchronisation, and each
+    local expert owns ``capacity * ep_size`` rows of the batch.
+    """
+
+    def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup) -> None:
+        if placement.ep_size != dist.get_world_size(group):
+            raise ValueError(f"AllToAllExchange: placement.ep_size ({placement.ep_size}) must equal the size of the "
+                             f"expert-parallel group ({dist.get_world_size(group)})")
+        super().__init__(placement)
+        self.group = group
+
+    def dispatch(self, tokens: Tensor, expert_ids: Tensor,
+                 capacity: int | None) -> tuple[ExpertBatch, ops.DispatchPlan]:
+        rows, plan = ops.dispatch(tokens, self._positions(expert_ids), self.placement.num_experts, capacity,
+                                  self.group)
+        expert_capacity = None if capacity is None else capacity * self.placement.ep_size
+        return ExpertBatch(rows, plan.tokens_per_local_expert, expert_capacity), plan
+
+    def combine(self, expert_out: Tensor, plan: ops.DispatchPlan, weights: Tensor | None) -> Tensor:
+        return ops.combine(expert_out, plan, weights)
+
+    def join_failed_dispatch(self, x: Tensor, top_k: int, capacity: int | None) -> None:
+        # Dropless dispatch starts with the count exchange, which also compares every rank's hidden size:
+        # joining it with no tokens makes it report the mismatch on every rank. (Capacity mode has no
+        # such exchange yet.)
+        if capacity is None:
+            no_ids = torch.empty((0, top_k), dtype=torch.int32, device=x.device)
+            ops.dispatch(x.new_empty((0, x.shape[-1])), no_ids, self.placement.num_experts, None, self.group)
+
+
+def make_exchange(placement: ExpertPlacement, ep_group: dist.ProcessGroup | None) -> Exchange:
+    """The plain strategy for a placement: local without a group, all-to-all over it otherwise."""
+    return LocalExchange(placement) if ep_group is None else AllToAllExchange(placement, ep_group)
