@@ -391,3 +391,66 @@ def test_cli_end_to_end_on_trace(tmp_path):
     for r in results:
         assert len(r["per_layer_median"]["direct_s"]) == 3
         assert r["summary"]["expert_max_over_mean"]["median"] > 2  # the trace's skew survives the scaling
+
+
+def test_pipelined_layer_time():
+    from moeflux.sim import pipelined_layer_time
+
+    assert pipelined_layer_time(3.0, 2.0, 1) == pytest.approx(5.0)  # bulk: the sum
+    # 4 stages: 5/4 + 3/4 * 3
+    assert pipelined_layer_time(3.0, 2.0, 4) == pytest.approx(1.25 + 2.25)
+    # many stages: the slower part alone
+    assert pipelined_layer_time(3.0, 2.0, 10_000) == pytest.approx(3.0, rel=1e-3)
+    with pytest.raises(ValueError, match="stages >= 1"):
+        pipelined_layer_time(1.0, 1.0, 0)
+
+
+# ---------------------------------------------------------------------------------------------- calibration: gloo pairs
+
+
+def test_serialized_pair_bytes():
+    from moeflux.sim.calibrate import serialized_pair_bytes
+
+    def uniform_d(nodes: int, per_node: int) -> np.ndarray:
+        p = nodes * per_node
+        t = np.ones((p, p))
+        np.fill_diagonal(t, 0)
+        return serialized_pair_bytes(t, FittedLinks().topology(nodes, per_node, 1.0)) / t[:per_node, per_node:].sum()
+
+    # One pair: its smaller direction waits for the other (D = X); random orders of k equal pairs: E|Σ ±1|/k.
+    np.testing.assert_allclose(uniform_d(2, 1), 1.0)
+    np.testing.assert_allclose(uniform_d(4, 1), 0.5)
+    np.testing.assert_allclose(uniform_d(2, 2), 0.375)
+    # Many connections: the normal approximation, close to the exact value.
+    assert uniform_d(4, 4)[0] == pytest.approx(np.sqrt(2 / np.pi * 48) / 48, rel=1e-9)  # 4 x 12 connections
+    # One-way traffic has nothing to serialise; batches work.
+    one_way = np.triu(np.ones((4, 4)), 1)
+    d = serialized_pair_bytes(np.stack([one_way, np.ones((4, 4))]), FittedLinks().topology(4, 1, 1.0))
+    assert d.shape == (2, 4) and np.all(d[0] == 0) and np.all(d[1] > 0)
+
+
+def test_calibration_fits_pair_serialization():
+    from dataclasses import replace
+
+    from moeflux.sim.calibrate import DEFAULT_FIT
+
+    true = replace(TRUE, pair_serialization=0.8)
+    rng = np.random.default_rng(3)
+    ms = []
+    for nodes, per_node in [(1, 2), (1, 4), (2, 1), (2, 2), (4, 1), (4, 2)]:
+        for rate in (0.2, 1.0):
+            for latency in (50e-6, 100e-6):
+                for tokens in (16, 2048):
+                    spec = RoutingSpec(tokens, 512, 2, "zipf", 1.0, seed=int(rng.integers(1 << 30)))
+                    m = Measurement(nodes, per_node, rate, latency, 1.0, routing=spec)
+                    ms.append(replace(m, measured_s=predict(m, true)))
+    assert predict(ms[-1], true) > predict(ms[-1], TRUE)  # the serialised bytes cost time
+    fitted = fit(ms, parameters=(*DEFAULT_FIT, "pair_serialization"))
+    assert "pair_serialization" in fitted.fitted
+    assert fitted.pair_serialization == pytest.approx(0.8, rel=1e-3)
+    assert fitted.inter_efficiency == pytest.approx(0.9, rel=1e-3)
+    assert fitted.rms_relative_error < 1e-6
+    # Not asked for: keeps its prior (0 by default: full-duplex connections), as before.
+    assert "pair_serialization" not in fit(ms).fitted and fit(ms).pair_serialization == 0.0
+    with pytest.raises(ValueError, match="unknown parameter"):
+        fit(ms, parameters=("overhead_s", "nope"))

@@ -10,7 +10,16 @@ Parameterisation, so that one fit serves runs at several configured link rates a
 - ``inter_efficiency``: payload rate / configured rate (TCP/IP framing, shaping, gloo);
 - ``inter_alpha_s`` / ``intra_alpha_s``: per-message costs (per peer; see cost_model);
 - ``latency_factor``: delays paid per collective (gloo posts all sends at once, so the delay is paid about
-  once, not per message), ``overhead_s``: a fixed per-collective cost (launch, synchronisation).
+  once, not per message), ``overhead_s``: a fixed per-collective cost (launch, synchronisation);
+- ``pair_serialization`` (θ, opt-in: 0 and not fitted unless asked for): a transport that moves the two
+  directions of one connection one after the other instead of at once. gloo over TCP does (one socket per pair
+  of ranks; on the emulated testbed a 2-rank exchange of X bytes each way takes 2·X/rate, but X/rate when the
+  two directions use two process groups, i.e. two sockets); full-duplex transports (NCCL) do not. Each NIC's inter-node bytes become ``max(sent, received) + θ·D`` with
+  ``D = E|Σ_c ±m_c|``: ``m_c`` the smaller direction of each of the NIC's remote connections ``c``, the signs
+  (which direction of a connection goes first) random. With all first halves on one side of the link the other
+  side idles, with half on each side the link stays busy: D = m for one connection (2·X in all), 0.5·X for a
+  uniform 4-node exchange, 0.375·X for 2x2. Exact enumeration up to 12 connections, the normal approximation
+  ``sqrt(2/π·Σ m_c²)`` beyond. Direct algorithm only.
 
 The model is a max over ranks and branches, so it is fitted by iterated linearisation: with the current
 parameters, find each measurement's critical rank and branch in every phase, which makes the time linear in
@@ -35,11 +44,15 @@ from .links import LinkClass, Topology
 from .nnls import nnls
 from .routing import traffic_matrix, zipf
 
-__all__ = ["RoutingSpec", "Measurement", "FittedLinks", "PARAMETERS", "fit", "predict", "load_measurements"]
+__all__ = ["RoutingSpec", "Measurement", "FittedLinks", "PARAMETERS", "DEFAULT_FIT", "fit", "predict",
+           "load_measurements", "serialized_pair_bytes"]
 
 # Parameter names, in the order a collinear one is dropped last-first.
 PARAMETERS: tuple[str, ...] = ("inter_efficiency", "overhead_s", "inter_alpha_s", "intra_beta_s_per_byte",
-                               "intra_alpha_s", "latency_factor")
+                               "intra_alpha_s", "latency_factor", "pair_serialization")
+# What fit() fits unless told otherwise (pair_serialization is a property of the transport: opt-in).
+DEFAULT_FIT: tuple[str, ...] = PARAMETERS[:6]
+_EXACT_CONNECTIONS = 12  # E|Σ ±m| by enumeration up to this many connections per NIC, else the normal approximation
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,7 @@ class FittedLinks:
     intra_beta_s_per_byte: float = 1 / 2e9  # loopback TCP, a few GB/s
     inter_alpha_s: float = 20e-6
     inter_efficiency: float = 0.94  # TCP payload per wire byte at a 1500-byte MTU
+    pair_serialization: float = 0.0  # 0: full-duplex connections (NCCL); ~1: gloo over TCP
     fitted: tuple[str, ...] = ()
     rms_relative_error: float = float("nan")
     max_relative_error: float = float("nan")
@@ -131,35 +145,88 @@ class FittedLinks:
         return Topology(nodes, ranks_per_node, self.intra, self.inter(link_gbit_per_s), nics_per_node)
 
     def _vector(self) -> np.ndarray:
-        return np.array([1 / self.inter_efficiency if name == "inter_efficiency" else getattr(self, name)
-                         for name in PARAMETERS])
+        """Parameters as the linear coefficients of the model: 1/efficiency, θ/efficiency, the others as is."""
+        return np.array([1 / self.inter_efficiency if name == "inter_efficiency"
+                         else self.pair_serialization / self.inter_efficiency if name == "pair_serialization"
+                         else getattr(self, name) for name in PARAMETERS])
 
-    def _with_vector(self, theta: np.ndarray, **kw: Any) -> FittedLinks:
+    def _with_vector(self, theta: np.ndarray, fitted: tuple[str, ...], **kw: Any) -> FittedLinks:
         values = {name: float(v) for name, v in zip(PARAMETERS, theta)}
-        values["inter_efficiency"] = 1 / values["inter_efficiency"] if values["inter_efficiency"] > 0 else np.inf
-        return replace(self, **values, **kw)
+        inverse = values["inter_efficiency"]
+        values["inter_efficiency"] = 1 / inverse if inverse > 0 else np.inf
+        if "pair_serialization" in fitted:
+            values["pair_serialization"] = values["pair_serialization"] / inverse if inverse > 0 else 0.0
+        else:
+            values["pair_serialization"] = self.pair_serialization
+        return replace(self, **values, fitted=fitted, **kw)
+
+
+def serialized_pair_bytes(traffic: np.ndarray, topo: Topology) -> np.ndarray:
+    """``D`` per rank (its NIC's; ``[..., P]``): the expected bytes that a NIC's link idles for when each of its
+    remote connections moves its two directions one after the other, in a random order (see the module
+    docstring): ``E|Σ_c ±min(traffic[a, b], traffic[b, a])|`` over the connections (a on the NIC, b on another
+    node)."""
+    t = np.asarray(traffic, dtype=np.float64)
+    p, r, g = topo.world, topo.ranks_per_node, topo.ranks_per_nic
+    smaller = np.minimum(t, np.swapaxes(t, -1, -2))
+    node = np.arange(p) // r
+    remote = node[:, None] != node[None, :]
+    out = np.zeros(t.shape[:-1])
+    for nic in range(p // g):
+        ranks = np.arange(nic * g, (nic + 1) * g)
+        a, b = np.nonzero(remote[ranks])
+        m = smaller[..., ranks[a], b]  # [..., k]
+        k = m.shape[-1]
+        if k == 0:
+            d = np.zeros(t.shape[:-2])
+        elif k <= _EXACT_CONNECTIONS:
+            # Signs of the connections 2..k (the first one's is +: |x| is symmetric).
+            signs = 1 - 2 * ((np.arange(1 << (k - 1))[:, None] >> np.arange(k - 1)) & 1)
+            signs = np.concatenate([np.ones((signs.shape[0], 1)), signs], axis=1)  # [2^(k-1), k]
+            d = np.abs(m @ signs.T).mean(-1)
+        else:
+            d = np.sqrt(2 / np.pi * (m ** 2).sum(-1))
+        out[..., ranks] = d[..., None]
+    return out
+
+
+def _critical_phases(m: Measurement, traffic: np.ndarray, fitted: FittedLinks):
+    """The phases of the model at ``fitted`` and each phase's critical (branch, rank): yields (branch, rank,
+    serialized bytes of the rank's NIC, phase time)."""
+    topo = fitted.topology(m.nodes, m.ranks_per_node, m.link_gbit_per_s, m.nics_per_node)
+    phases, _ = all_to_all_phases(traffic, topo, m.algorithm)
+    extra = serialized_pair_bytes(traffic, topo) if m.algorithm == "direct" else np.zeros(topo.world)
+    for phase in phases:
+        times = []
+        for b in phase:
+            t = np.broadcast_to(b.time_s(topo), (topo.world,))
+            if b.link == "inter":
+                t = t + fitted.pair_serialization * extra * topo.inter.beta_s_per_byte
+            times.append(t)
+        times = np.stack(times)
+        branch_index, rank = np.unravel_index(np.argmax(times), times.shape)
+        yield phase[branch_index], int(rank), float(extra[rank]), float(times[branch_index, rank])
 
 
 def predict(measurement: Measurement, fitted: FittedLinks) -> float:
     """Model seconds of a measurement's all-to-all with fitted parameters."""
     m = measurement
-    topo = fitted.topology(m.nodes, m.ranks_per_node, m.link_gbit_per_s, m.nics_per_node)
-    return (fitted.overhead_s + fitted.latency_factor * m.latency_s
-            + float(all_to_all_time(m.traffic(), topo, m.algorithm)))
+    if fitted.pair_serialization == 0:
+        topo = fitted.topology(m.nodes, m.ranks_per_node, m.link_gbit_per_s, m.nics_per_node)
+        network = float(all_to_all_time(m.traffic(), topo, m.algorithm))
+    else:
+        network = sum(t for *_, t in _critical_phases(m, m.traffic(), fitted))
+    return fitted.overhead_s + fitted.latency_factor * m.latency_s + network
 
 
-def _features(m: Measurement, traffic: np.ndarray, theta: FittedLinks) -> np.ndarray:
-    """Coefficients of the parameters (PARAMETERS order; efficiency as 1/efficiency) in the critical terms
-    of the model at ``theta``: time = features · vector."""
-    topo = theta.topology(m.nodes, m.ranks_per_node, m.link_gbit_per_s, m.nics_per_node)
-    phases, _ = all_to_all_phases(traffic, topo, m.algorithm)
+def _features(m: Measurement, traffic: np.ndarray, theta: FittedLinks, fit_serialization: bool) -> np.ndarray:
+    """Coefficients of the parameters (PARAMETERS order; efficiency as 1/efficiency, θ as θ/efficiency) in the
+    critical terms of the model at ``theta``: time = features · vector. When θ is not fitted its bytes join the
+    efficiency's column (at θ's value)."""
     row = dict.fromkeys(PARAMETERS, 0.0)
     row["overhead_s"], row["latency_factor"] = 1.0, m.latency_s
-    for phase in phases:
-        times = np.stack([np.broadcast_to(b.time_s(topo), (topo.world,)) for b in phase])
-        branch_index, rank = np.unravel_index(np.argmax(times), times.shape)
-        branch = phase[branch_index]
-        msgs = float(np.broadcast_to(branch.messages, (topo.world,))[rank])
+    for branch, rank, serialized, _ in _critical_phases(m, traffic, theta):
+        msgs = float(np.broadcast_to(branch.messages, (m.world,))[rank])
         nbytes = float(branch.bytes[rank])
         if branch.link == "intra":
             row["intra_alpha_s"] += msgs
@@ -167,6 +234,10 @@ def _features(m: Measurement, traffic: np.ndarray, theta: FittedLinks) -> np.nda
         else:
             row["inter_alpha_s"] += msgs
             row["inter_efficiency"] += nbytes / m.rate_bytes_per_s
+            if fit_serialization:
+                row["pair_serialization"] += serialized / m.rate_bytes_per_s
+            else:
+                row["inter_efficiency"] += theta.pair_serialization * serialized / m.rate_bytes_per_s
     return np.array([row[name] for name in PARAMETERS])
 
 
@@ -186,27 +257,35 @@ def _identifiable(x: np.ndarray) -> np.ndarray:
 
 
 def fit(measurements: Sequence[Measurement], prior: FittedLinks | None = None,
-        max_iterations: int = 50) -> FittedLinks:
-    """Least-squares (non-negative, relative error) fit of the link parameters; see the module docstring."""
+        max_iterations: int = 50, parameters: Sequence[str] = DEFAULT_FIT) -> FittedLinks:
+    """Least-squares (non-negative, relative error) fit of the link parameters; see the module docstring.
+    ``parameters``: the ones to fit (the others keep their ``prior`` values); add ``"pair_serialization"``
+    for a transport that serialises the directions of a connection (gloo over TCP)."""
     if not measurements:
         raise ValueError("fit: no measurements")
+    unknown = set(parameters) - set(PARAMETERS)
+    if unknown:
+        raise ValueError(f"fit: unknown parameter(s) {sorted(unknown)}; choose from {PARAMETERS}")
+    wanted = np.array([name in parameters for name in PARAMETERS])
+    fit_serialization = "pair_serialization" in parameters
     prior = prior or FittedLinks()
     traffic = [m.traffic() for m in measurements]
     y = np.array([m.measured_s for m in measurements])
     theta, best, best_err, seen = prior, prior, np.inf, []
     for iteration in range(1, max_iterations + 1):
-        x = np.stack([_features(m, t, theta) for m, t in zip(measurements, traffic)])
+        x = np.stack([_features(m, t, theta, fit_serialization) for m, t in zip(measurements, traffic)])
         if any(np.array_equal(x, s) for s in seen):
             break  # the critical terms repeat: converged (or cycling between the best ones seen)
         seen.append(x)
-        keep = _identifiable(x)
+        keep = np.zeros(len(PARAMETERS), dtype=bool)
+        keep[wanted] = _identifiable(x[:, wanted])
         vector = prior._vector()
         target = y - x[:, ~keep] @ vector[~keep]  # unidentified parameters contribute their prior values
         a = x[:, keep] / y[:, None]  # relative errors
         scale = np.linalg.norm(a, axis=0)
         vector[keep] = nnls(a / scale, target / y) / scale
         names = tuple(name for name, k in zip(PARAMETERS, keep) if k)
-        theta = prior._with_vector(vector, fitted=names, fit_iterations=iteration)
+        theta = prior._with_vector(vector, names, fit_iterations=iteration)
         rel = np.array([predict(m, theta) for m in measurements]) / y - 1
         err = float(np.sqrt(np.mean(rel ** 2)))
         if err < best_err:

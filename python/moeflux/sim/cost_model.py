@@ -340,3 +340,16 @@ def step_time(compute_s: float, a2a_s: float, allreduce_s: float, overlap: bool 
     exposed_a2a = a2a_s - hideable_a2a + max(0.0, hideable_a2a - compute_s)
     window_left = max(0.0, compute_s - hideable_a2a)
     return StepTime(compute_s, a2a_s, allreduce_s, exposed_a2a, max(0.0, allreduce_s - window_left))
+
+
+def pipelined_layer_time(a2a_s: float, expert_s: float, stages: int) -> float:
+    """One direction (forward or backward) of a MoE layer whose all-to-alls (``a2a_s``: dispatch + combine)
+    and expert compute (``expert_s``) are split into ``stages`` equal stages that overlap (moeflux's chunked
+    schedule): the first stage's dispatch, the last stage's experts and combine are not hidden; in between,
+    the slower of communication and compute sets the pace. ``stages=1`` is the bulk layer: the sum.
+
+        t = (a2a + experts) / S + (S - 1) / S * max(a2a, experts)
+    """
+    if stages < 1 or min(a2a_s, expert_s) < 0:
+        raise ValueError(f"pipelined_layer_time: need stages >= 1 and times >= 0, got {stages}, {a2a_s}, {expert_s}")
+    return (a2a_s + expert_s) / stages + (stages - 1) / stages * max(a2a_s, expert_s)
