@@ -64,10 +64,27 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_outpu
                                                     const std::optional<at::Tensor>& weights,
                                                     const std::string& group_name);
 
+// The layer in stages (csrc/pipeline/): dispatch -> experts (GroupedExperts' FFN) -> combine with each
+// stage's all-to-alls overlapping another stage's experts, forward and backward. -> (output [T, H],
+// tokens_per_local_expert [E_local]).
+std::tuple<at::Tensor, at::Tensor> pipelined_moe(const at::Tensor& tokens, const at::Tensor& expert_ids,
+                                                 const std::optional<at::Tensor>& weights, const at::Tensor& w_in,
+                                                 const at::Tensor& w_out, c10::string_view activation,
+                                                 int64_t num_experts, std::optional<int64_t> capacity,
+                                                 const std::string& group_name, c10::string_view schedule,
+                                                 int64_t chunks, int64_t group_size);
+
 // ---- experts
 at::Tensor grouped_mm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& tokens_per_expert);
 
-// ---- Autograd-key kernels (autograd.cpp): C++ autograd functions around the ops above.
+// ---- Autograd-key kernels (autograd.cpp, pipeline/): C++ autograd functions around the ops above.
+std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& tokens, const at::Tensor& expert_ids,
+                                                          const std::optional<at::Tensor>& weights,
+                                                          const at::Tensor& w_in, const at::Tensor& w_out,
+                                                          c10::string_view activation, int64_t num_experts,
+                                                          std::optional<int64_t> capacity,
+                                                          const std::string& group_name, c10::string_view schedule,
+                                                          int64_t chunks, int64_t group_size);
 std::tuple<at::Tensor, at::Tensor> route_autograd(const at::Tensor& logits, int64_t k, bool renormalize,
                                                   c10::string_view scoring,
                                                   const std::optional<at::Tensor>& expert_bias, int64_t num_groups,

@@ -7,6 +7,7 @@
 
 #include "csrc/bucketer/bucketer.h"
 #include "csrc/distributed/all_to_all.h"
+#include "csrc/distributed/comm_scheduler.h"
 #include "csrc/profiling/comm_stats.h"
 
 namespace py = pybind11;
@@ -40,20 +41,64 @@ PYBIND11_MODULE(_C, m) {
     return out;
   });
 
+  // The communication scheduler of this process (all-to-all priority), for tests and benchmarks.
+  namespace sched = moeflux::comm_scheduler;
+  m.def("comm_scheduler_stats", [] {
+    const sched::Stats s = sched::instance().stats();
+    return py::dict(py::arg("all_to_alls_in_flight") = s.all_to_alls_in_flight,
+                    py::arg("micro_ops_queued") = s.micro_ops_queued,
+                    py::arg("micro_ops_in_flight") = s.micro_ops_in_flight, py::arg("all_to_alls") = s.all_to_alls,
+                    py::arg("micro_ops_launched") = s.micro_ops_launched,
+                    py::arg("micro_ops_held") = s.micro_ops_held, py::arg("micro_ops_flushed") = s.micro_ops_flushed,
+                    py::arg("max_micro_ops_in_flight") = s.max_micro_ops_in_flight);
+  });
+  m.def("reset_comm_scheduler_stats", [] { sched::instance().reset_stats(); });
+  m.def("comm_scheduler_flush", [] { sched::instance().flush(); }, py::call_guard<py::gil_scoped_release>());
+
+  // An all-reduce (sum, in place) submitted as scheduled micro-ops, as the bucketer does with priority.
+  struct ScheduledAllReduce {
+    std::vector<c10::intrusive_ptr<c10::ivalue::Future>> parts;
+  };
+  py::class_<ScheduledAllReduce>(m, "ScheduledAllReduce")
+      .def("is_completed",
+           [](const ScheduledAllReduce& self) {
+             for (const auto& part : self.parts) {
+               if (!part->completed()) return false;
+             }
+             return true;
+           })
+      .def("__len__", [](const ScheduledAllReduce& self) { return self.parts.size(); })
+      .def(
+          "wait",
+          [](ScheduledAllReduce& self) {
+            for (const auto& part : self.parts) part->waitAndThrow();
+          },
+          py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "scheduled_all_reduce",
+      [](const at::Tensor& flat, const std::string& group_name, int64_t micro_op_bytes) {
+        return ScheduledAllReduce{moeflux::scheduled_all_reduce(
+            flat, moeflux::resolve_group(group_name, "scheduled_all_reduce"), micro_op_bytes)};
+      },
+      py::arg("flat"), py::arg("group_name"), py::arg("micro_op_bytes"), py::call_guard<py::gil_scoped_release>());
+
   py::class_<moeflux::GradientBucketer>(m, "GradientBucketer")
       .def(py::init([](std::vector<at::Tensor> params, std::vector<std::string> names,
                        std::vector<int64_t> param_group, std::vector<std::string> group_names,
                        std::vector<double> divisors, int64_t first_bucket_bytes, int64_t bucket_bytes,
-                       bool gradient_as_bucket_view, bool find_unused_parameters) {
+                       bool gradient_as_bucket_view, bool find_unused_parameters, bool priority,
+                       int64_t micro_op_bytes) {
+             TORCH_CHECK(micro_op_bytes > 0, "moeflux bucketer: micro_op_bytes must be > 0, got ", micro_op_bytes);
              moeflux::BucketerOptions options{first_bucket_bytes, bucket_bytes, gradient_as_bucket_view,
-                                              find_unused_parameters};
+                                              find_unused_parameters, priority, micro_op_bytes};
              return std::make_unique<moeflux::GradientBucketer>(std::move(params), std::move(names),
                                                                 std::move(param_group), std::move(group_names),
                                                                 std::move(divisors), options);
            }),
            py::arg("params"), py::arg("names"), py::arg("param_group"), py::arg("group_names"), py::arg("divisors"),
            py::arg("first_bucket_bytes"), py::arg("bucket_bytes"), py::arg("gradient_as_bucket_view"),
-           py::arg("find_unused_parameters"))
+           py::arg("find_unused_parameters"), py::arg("priority") = false,
+           py::arg("micro_op_bytes") = int64_t{1} << 20)
       .def("set_builtin_comm_hook", &moeflux::GradientBucketer::set_builtin_comm_hook, py::arg("name"))
       .def(
           "set_python_comm_hook",

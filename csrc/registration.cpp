@@ -60,6 +60,9 @@ TORCH_LIBRARY(moeflux, m) {
   m.def("combine_backward(Tensor grad_output, Tensor returned_rows, Tensor row_map, Tensor regroup_map, "
         "Tensor send_splits, Tensor recv_splits, Tensor? weights, str group_name) "
         "-> (Tensor grad_expert_out, Tensor grad_weights)");
+  m.def("pipelined_moe(Tensor tokens, Tensor expert_ids, Tensor? weights, Tensor w_in, Tensor w_out, "
+        "str activation, int num_experts, int? capacity, str group_name, str schedule, int chunks, int group_size) "
+        "-> (Tensor output, Tensor tokens_per_local_expert)");
   // experts
   m.def("grouped_mm(Tensor input, Tensor weight, Tensor tokens_per_expert) -> Tensor");
 }
@@ -76,6 +79,7 @@ TORCH_LIBRARY_IMPL(moeflux, Autograd, m) {
   m.impl("all_to_all", &moeflux::all_to_all_autograd);
   m.impl("dispatch", &moeflux::dispatch_autograd);
   m.impl("combine", &moeflux::combine_autograd);
+  m.impl("pipelined_moe", &moeflux::pipelined_moe_autograd);
 }
 
 // Device-generic: index bookkeeping from ATen ops (apply_capacity), and the collectives, which run on any
@@ -87,6 +91,7 @@ TORCH_LIBRARY_IMPL(moeflux, CompositeExplicitAutograd, m) {
   m.impl("dispatch_backward", &moeflux::dispatch_backward);
   m.impl("combine", &moeflux::combine);
   m.impl("combine_backward", &moeflux::combine_backward);
+  m.impl("pipelined_moe", &moeflux::pipelined_moe);
 }
 
 // Built from differentiable ATen ops: autograd derives their backward.

@@ -1,5 +1,6 @@
 #include "csrc/bucketer/bucketer.h"
 
+#include <algorithm>
 #include <sstream>
 
 #include <ATen/ops/empty.h>
@@ -10,6 +11,7 @@
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 
 #include "csrc/distributed/all_to_all.h"
+#include "csrc/distributed/comm_scheduler.h"
 #include "csrc/profiling/comm_stats.h"
 
 namespace moeflux {
@@ -50,6 +52,26 @@ std::unique_ptr<c10d::CommHookInterface> make_builtin_hook(const std::string& na
   if (name == "bf16_compress") return std::make_unique<BF16CompressHook>(std::move(group));
   TORCH_CHECK(false, "moeflux bucketer: comm_hook must be 'allreduce', 'bf16_compress' or a callable, got '", name,
               "'");
+}
+
+std::vector<c10::intrusive_ptr<c10::ivalue::Future>> scheduled_all_reduce(
+    const at::Tensor& flat, const c10::intrusive_ptr<c10d::ProcessGroup>& group, int64_t micro_op_bytes) {
+  TORCH_CHECK(flat.dim() == 1 && flat.is_contiguous(), "moeflux scheduled_all_reduce: expected a contiguous 1-D tensor");
+  TORCH_CHECK(micro_op_bytes > 0, "moeflux scheduled_all_reduce: micro_op_bytes must be > 0, got ", micro_op_bytes);
+  const int64_t step = std::max<int64_t>(1, micro_op_bytes / static_cast<int64_t>(flat.element_size()));
+  std::vector<c10::Device> devices;
+  if (!flat.is_cpu()) devices.push_back(flat.device());
+  std::vector<c10::intrusive_ptr<c10::ivalue::Future>> parts;
+  for (int64_t offset = 0; offset < flat.numel(); offset += step) {
+    at::Tensor chunk = flat.narrow(0, offset, std::min(step, flat.numel() - offset));  // a view: reduced in place
+    parts.push_back(comm_scheduler::instance().submit(
+        [group, chunk] {
+          std::vector<at::Tensor> tensors{chunk};
+          return group->allreduce(tensors)->getFuture();
+        },
+        devices));
+  }
+  return parts;
 }
 
 GradientBucketer::GradientBucketer(std::vector<at::Tensor> params, std::vector<std::string> names,
@@ -96,6 +118,8 @@ void GradientBucketer::set_builtin_comm_hook(const std::string& name) {
   std::vector<std::unique_ptr<c10d::CommHookInterface>> hooks;
   for (const auto& group : groups_) hooks.push_back(make_builtin_hook(name, group));
   set_comm_hooks(std::move(hooks));
+  std::lock_guard<std::mutex> lock(mutex_);
+  builtin_hook_ = name;
 }
 
 void GradientBucketer::set_comm_hooks(std::vector<std::unique_ptr<c10d::CommHookInterface>> hooks) {
@@ -103,6 +127,7 @@ void GradientBucketer::set_comm_hooks(std::vector<std::unique_ptr<c10d::CommHook
   TORCH_CHECK(hooks.size() == groups_.size(), "moeflux bucketer: expected one comm hook per group (",
               groups_.size(), "), got ", hooks.size());
   hooks_ = std::move(hooks);
+  builtin_hook_.clear();
 }
 
 void GradientBucketer::set_require_sync(bool require_sync) {
@@ -187,6 +212,16 @@ void GradientBucketer::mark_ready(int64_t param, const at::Tensor& grad) {
 void GradientBucketer::launch_ready_buckets() {
   while (next_to_launch_ < static_cast<int64_t>(buckets_.size()) && buckets_[next_to_launch_].pending == 0) {
     Bucket& bucket = buckets_[next_to_launch_];
+    if (options_.priority && !builtin_hook_.empty()) {
+      // The same sum as the built-in hook, cut into micro-ops that yield to all-to-alls.
+      bucket.wire = builtin_hook_ == "bf16_compress" ? bucket.buffer.to(at::kBFloat16) : bucket.buffer;
+      bucket.parts = scheduled_all_reduce(bucket.wire, groups_[bucket.group], options_.micro_op_bytes);
+      bucket.scheduled = true;
+      bucket.launched = true;
+      launch_log_.push_back({next_to_launch_, static_cast<int64_t>(params_.size()) - ready_count_});
+      ++next_to_launch_;
+      continue;
+    }
     std::vector<size_t> offsets(bucket.offsets.begin(), bucket.offsets.end());
     std::vector<size_t> lengths(bucket.lengths.begin(), bucket.lengths.end());
     std::vector<c10::IntArrayRef> sizes;
@@ -205,6 +240,18 @@ void GradientBucketer::launch_ready_buckets() {
   }
 }
 
+// Waits for a launched bucket and leaves the sum in its buffer.
+void GradientBucketer::wait_for(Bucket& bucket) {
+  if (bucket.scheduled) {
+    for (const auto& part : bucket.parts) part->waitAndThrow();
+    if (!bucket.wire.is_same(bucket.buffer)) bucket.buffer.copy_(bucket.wire);
+    return;
+  }
+  bucket.future->wait();
+  const at::Tensor reduced = hooks_[bucket.group]->parseHookResult(bucket.future->value());
+  if (!reduced.is_same(bucket.buffer)) bucket.buffer.copy_(reduced);
+}
+
 void GradientBucketer::finalize_backward() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (options_.find_unused_parameters) {
@@ -213,13 +260,21 @@ void GradientBucketer::finalize_backward() {
     }
     launch_ready_buckets();
   }
+  // Backward is over: what is still queued goes out now, even past an
+  // all-to-all (whose peers may be waiting here for these very micro-ops).
+  if (options_.priority) comm_scheduler::instance().flush();
   if (next_to_launch_ < static_cast<int64_t>(buckets_.size())) {
     std::ostringstream missing;
     for (size_t i = 0; i < params_.size(); ++i) {
       if (!ready_[i]) missing << (missing.tellp() > 0 ? ", " : "") << names_[i];
     }
     for (Bucket& bucket : buckets_) {  // let the launched collectives finish before giving up
-      if (bucket.launched) bucket.future->wait();
+      if (!bucket.launched) continue;
+      if (bucket.scheduled) {
+        for (const auto& part : bucket.parts) part->wait();
+      } else {
+        bucket.future->wait();
+      }
     }
     reset_step();
     TORCH_CHECK(false, "moeflux bucketer: these parameters got no gradient in this backward: ", missing.str(),
@@ -232,10 +287,8 @@ void GradientBucketer::finalize_backward() {
     comm_stats::CollectiveTimer timer("grad_allreduce_wait", group->getGroupName(), group->getRank(), bucket.buffer,
                                       {});
     timer.waiting();
-    bucket.future->wait();
+    wait_for(bucket);
     timer.done();
-    const at::Tensor reduced = hooks_[bucket.group]->parseHookResult(bucket.future->value());
-    if (!reduced.is_same(bucket.buffer)) bucket.buffer.copy_(reduced);
     for (size_t s = 0; s < bucket.params.size(); ++s) {
       at::Tensor& grad = params_[bucket.params[s]].mutable_grad();
       const at::Tensor view = bucket_view(bucket, s);
@@ -268,6 +321,9 @@ void GradientBucketer::reset_step() {
     bucket.pending = static_cast<int64_t>(bucket.params.size());
     bucket.launched = false;
     bucket.future.reset();
+    bucket.scheduled = false;
+    bucket.wire = at::Tensor();
+    bucket.parts.clear();
   }
   ready_.assign(params_.size(), false);
   ready_count_ = 0;

@@ -9,6 +9,14 @@
 // collectives in the same order while backward is still running. At the end of
 // backward (an autograd engine callback) the bucketer waits for every bucket
 // and writes the reduced values back into the parameters' .grad.
+//
+// With `priority` (all-to-all priority, Lina ATC'23) the built-in hooks cut a
+// ready bucket into all-reduces of at most `micro_op_bytes` and queue them on
+// the process's communication scheduler (csrc/distributed/comm_scheduler.h),
+// which launches them one at a time and only while no moeflux all-to-all is in
+// flight; the end of backward flushes what is still queued. Python hooks are
+// not scheduled (the scheduler launches from backend threads, where a Python
+// hook would need the GIL): they run as without priority.
 #pragma once
 
 #include <memory>
@@ -31,6 +39,8 @@ struct BucketerOptions {
   int64_t bucket_bytes = int64_t{25} << 20;
   bool gradient_as_bucket_view = false;  // .grad aliases the bucket: no copy, no second buffer
   bool find_unused_parameters = false;   // treat gradients that never arrive as zeros
+  bool priority = false;                 // built-in hooks: all-reduce in scheduled micro-ops
+  int64_t micro_op_bytes = int64_t{1} << 20;
 };
 
 // What the last synchronised backward launched, for tests and profiling.
@@ -43,6 +53,13 @@ struct LaunchRecord {
 // optionally through bfloat16.
 std::unique_ptr<c10d::CommHookInterface> make_builtin_hook(const std::string& name,
                                                            c10::intrusive_ptr<c10d::ProcessGroup> group);
+
+// Sums the contiguous 1-D `flat` over `group` in place, as all-reduces of at most
+// `micro_op_bytes` each queued on the communication scheduler; one future per
+// micro-op, in order (none for an empty tensor). Every rank of the group must
+// call it with the same sizes in the same order.
+std::vector<c10::intrusive_ptr<c10::ivalue::Future>> scheduled_all_reduce(
+    const at::Tensor& flat, const c10::intrusive_ptr<c10d::ProcessGroup>& group, int64_t micro_op_bytes);
 
 class GradientBucketer {
  public:
@@ -73,7 +90,10 @@ class GradientBucketer {
     int64_t group = 0;
     int64_t pending = 0;
     bool launched = false;
-    c10::intrusive_ptr<c10::ivalue::Future> future;
+    c10::intrusive_ptr<c10::ivalue::Future> future;              // the hook's, without priority
+    bool scheduled = false;                                       // with priority: micro-ops instead
+    at::Tensor wire;                                              // what they reduce (bf16 copy or buffer)
+    std::vector<c10::intrusive_ptr<c10::ivalue::Future>> parts;  // one per micro-op
   };
 
   void build_buckets(const std::vector<int64_t>& order);
@@ -82,6 +102,7 @@ class GradientBucketer {
   void launch_ready_buckets();
   void finalize_backward();
   void reset_step();
+  void wait_for(Bucket& bucket);
   at::Tensor bucket_view(const Bucket& bucket, size_t slot) const;
 
   std::vector<at::Tensor> params_;
@@ -91,6 +112,7 @@ class GradientBucketer {
   std::vector<double> divisors_;
   BucketerOptions options_;
   std::vector<std::unique_ptr<c10d::CommHookInterface>> hooks_;
+  std::string builtin_hook_ = "allreduce";  // empty for Python hooks
 
   std::vector<Bucket> buckets_;
   std::vector<int64_t> bucket_of_;  // parameter -> bucket

@@ -11,6 +11,7 @@
 
 #include "csrc/checks.h"
 #include "csrc/cpu/huge_pages.h"
+#include "csrc/distributed/comm_scheduler.h"
 #include "csrc/ops.h"
 #include "csrc/profiling/comm_stats.h"
 
@@ -41,9 +42,9 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_na
   }
 }
 
-at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
-                         const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group, const char* op,
-                         const char* phase) {
+PendingExchange start_exchange(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
+                               const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group,
+                               const char* op, const char* phase) {
   const int64_t world = group.getSize();
   check_splits(output_split_sizes, world, op, "output_split_sizes");
   check_splits(input_split_sizes, world, op, "input_split_sizes");
@@ -63,17 +64,40 @@ at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& ou
     const int64_t row_bytes = input.numel() == 0 ? 0 : input.nbytes() / input.size(0);
     for (const int64_t rows : input_split_sizes) bytes_to_rank.push_back(rows * row_bytes);
   }
-  comm_stats::CollectiveTimer timer(phase, group.getGroupName(), group.getRank(), input, std::move(bytes_to_rank));
+  PendingExchange pending{output, in, nullptr,
+                          std::make_unique<comm_stats::CollectiveTimer>(phase, group.getGroupName(), group.getRank(),
+                                                                        input, std::move(bytes_to_rank))};
   // alltoall_base is the all-to-all that every supported torch has (2.14 adds
   // all_to_all_single and deprecates this name).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-  const c10::intrusive_ptr<c10d::Work> work = group.alltoall_base(output, in, out_splits, in_splits);
+  pending.work = group.alltoall_base(output, in, out_splits, in_splits);
 #pragma GCC diagnostic pop
-  timer.waiting();
-  work->wait();
-  timer.done();
+  pending.timer->enqueued();
+  return pending;
+}
+
+at::Tensor PendingExchange::finish() {
+  if (work) {
+    timer->waiting();
+    work->wait();  // on a device: makes the current stream wait, no host synchronisation
+    timer->done();
+    work.reset();
+    input = at::Tensor();
+  }
   return output;
+}
+
+at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
+                         const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group, const char* op,
+                         const char* phase) {
+  // Registered with the communication scheduler from before it is queued until
+  // it is done, so that no gradient all-reduce micro-op starts meanwhile (on a
+  // device: until the device has run it, which the host wait does not tell).
+  comm_scheduler::AllToAllInFlight in_flight;
+  PendingExchange pending = start_exchange(input, output_split_sizes, input_split_sizes, group, op, phase);
+  in_flight.until_done(pending.work);
+  return pending.finish();
 }
 
 at::Tensor all_to_all(const at::Tensor& input, at::IntArrayRef output_split_sizes, at::IntArrayRef input_split_sizes,

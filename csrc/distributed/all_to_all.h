@@ -2,11 +2,14 @@
 // the group passed by name (group.group_name in Python).
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include "csrc/profiling/comm_stats.h"
 
 namespace moeflux {
 
@@ -20,6 +23,20 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_na
 at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
                          const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group, const char* op,
                          const char* phase = nullptr);
+
+// The same all-to-all, split in two so that work can run while it is on the
+// wire: start_exchange issues it, finish() waits for it (once) and returns the
+// rows. Every rank must start its exchanges of a group in the same order.
+struct PendingExchange {
+  at::Tensor output;
+  at::Tensor input;  // kept alive until the collective is done
+  c10::intrusive_ptr<c10d::Work> work;
+  std::unique_ptr<comm_stats::CollectiveTimer> timer;
+  at::Tensor finish();
+};
+PendingExchange start_exchange(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
+                               const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group,
+                               const char* op, const char* phase = nullptr);
 
 // How many collectives the ops have issued, for tests and profiling.
 struct CollectiveCounts {

@@ -25,6 +25,7 @@
 
 #include "csrc/checks.h"
 #include "csrc/distributed/all_to_all.h"
+#include "csrc/distributed/counts.h"
 #include "csrc/ops.h"
 
 namespace moeflux {
@@ -63,6 +64,38 @@ at::Tensor regroup_map_capacity(int64_t world, int64_t local_experts, int64_t ca
 
 }  // namespace
 
+ExchangedCounts exchange_counts(const at::Tensor& tokens, const at::Tensor& tokens_per_expert, int64_t num_experts,
+                                c10d::ProcessGroup& group, const char* op) {
+  const int64_t world = group.getSize(), local_experts = num_experts / world;
+  const auto cpu_long = at::TensorOptions().dtype(at::kLong);
+  at::Tensor header = at::empty({kHeader}, cpu_long);
+  int64_t* fields = header.mutable_data_ptr<int64_t>();
+  fields[0] = tokens.size(1);
+  fields[1] = static_cast<int64_t>(tokens.scalar_type());
+  fields[2] = num_experts;
+  header = header.to(tokens.device());
+  const at::Tensor send_msg = at::cat({tokens_per_expert.to(at::kLong).view({world, local_experts}),
+                                       header.view({1, kHeader}).expand({world, kHeader})}, 1);
+  const std::vector<int64_t> ones(world, 1);
+  count_count_exchange();
+  const at::Tensor recv_msg = exchange_rows(send_msg, ones, ones, group, op, "count_exchange");
+  const at::Tensor both = at::cat({send_msg, recv_msg}).cpu();  // the one host synchronisation
+  const auto* h = both.const_data_ptr<int64_t>();
+  const int64_t width = local_experts + kHeader;
+  for (int64_t src = 0; src < world; ++src) {
+    const int64_t* theirs = h + (world + src) * width + local_experts;
+    TORCH_CHECK(theirs[0] == tokens.size(1) && theirs[1] == static_cast<int64_t>(tokens.scalar_type()) &&
+                    theirs[2] == num_experts,
+                "moeflux.", op, ": ranks of the expert-parallel group disagree: rank ", src, " sends tokens with ",
+                "hidden size ", theirs[0], ", dtype ", static_cast<at::ScalarType>(theirs[1]), " and num_experts ",
+                theirs[2], "; rank ", group.getRank(), " has hidden size ", tokens.size(1), ", dtype ",
+                tokens.scalar_type(), " and num_experts ", num_experts);
+  }
+  return {both.narrow(0, 0, world).narrow(1, 0, local_experts).contiguous(),
+          both.narrow(0, world, world).narrow(1, 0, local_experts).contiguous(),
+          recv_msg.narrow(1, 0, local_experts)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch(
     const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
     const std::string& group_name) {
@@ -84,36 +117,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     regroup_map = regroup_map_capacity(world, local_experts, *capacity, tokens.options());
     tokens_per_local_expert = at::full({local_experts}, world * *capacity, tokens.options().dtype(at::kInt));
   } else {
-    // Count exchange: each rank tells each other rank how many rows it will
-    // send to each of its experts, and what the rows look like.
-    at::Tensor header = at::empty({kHeader}, cpu_long);
-    int64_t* fields = header.mutable_data_ptr<int64_t>();
-    fields[0] = tokens.size(1);
-    fields[1] = static_cast<int64_t>(tokens.scalar_type());
-    fields[2] = num_experts;
-    header = header.to(tokens.device());
-    const at::Tensor send_msg = at::cat({tokens_per_expert.to(at::kLong).view({world, local_experts}),
-                                         header.view({1, kHeader}).expand({world, kHeader})}, 1);
-    const std::vector<int64_t> ones(world, 1);
-    count_count_exchange();
-    const at::Tensor recv_msg = exchange_rows(send_msg, ones, ones, *group, op, "count_exchange");
-    const at::Tensor both = at::cat({send_msg, recv_msg}).cpu();  // the one host synchronisation
-    const auto* h = both.const_data_ptr<int64_t>();
-    const int64_t width = local_experts + kHeader;
-    for (int64_t src = 0; src < world; ++src) {
-      const int64_t* theirs = h + (world + src) * width + local_experts;
-      TORCH_CHECK(theirs[0] == tokens.size(1) && theirs[1] == static_cast<int64_t>(tokens.scalar_type()) &&
-                      theirs[2] == num_experts,
-                  "moeflux.dispatch: ranks of the expert-parallel group disagree: rank ", src, " sends tokens with ",
-                  "hidden size ", theirs[0], ", dtype ", static_cast<at::ScalarType>(theirs[1]), " and num_experts ",
-                  theirs[2], "; rank ", group->getRank(), " has hidden size ", tokens.size(1), ", dtype ",
-                  tokens.scalar_type(), " and num_experts ", num_experts);
-    }
-    send_splits = both.narrow(0, 0, world).narrow(1, 0, local_experts).sum(1);
-    recv_splits = both.narrow(0, world, world).narrow(1, 0, local_experts).sum(1);
-    const at::Tensor recv_counts = recv_msg.narrow(1, 0, local_experts);
-    regroup_map = regroup_map_dropless(recv_counts, recv_splits.sum().item<int64_t>());
-    tokens_per_local_expert = recv_counts.sum(0).to(at::kInt);
+    const ExchangedCounts counts = exchange_counts(tokens, tokens_per_expert, num_experts, *group, op);
+    send_splits = counts.sent.sum(1);
+    recv_splits = counts.received.sum(1);
+    regroup_map = regroup_map_dropless(counts.received_on_device, recv_splits.sum().item<int64_t>());
+    tokens_per_local_expert = counts.received_on_device.sum(0).to(at::kInt);
   }
 
   count_token_all_to_all();

@@ -66,6 +66,12 @@ CollectiveTimer::CollectiveTimer(const char* phase, const std::string& group, in
   }
 }
 
+void CollectiveTimer::enqueued() {
+  if (!record_) return;
+  enqueued_ = std::chrono::steady_clock::now();
+  marked_enqueued_ = true;
+}
+
 void CollectiveTimer::waiting() {
   if (record_) wait_start_ = std::chrono::steady_clock::now();
 }
@@ -73,7 +79,8 @@ void CollectiveTimer::waiting() {
 void CollectiveTimer::done() {
   if (!record_) return;
   const auto now = std::chrono::steady_clock::now();
-  record_->wait_seconds = std::chrono::duration<double>(now - wait_start_).count();
+  const auto issuing = marked_enqueued_ ? enqueued_ - start_ : wait_start_ - start_;
+  record_->wait_seconds = std::chrono::duration<double>(issuing + (now - wait_start_)).count();
   Pending pending{std::move(*record_), start_event_, nullptr};
   record_.reset();
   if (start_event_) {

@@ -25,7 +25,7 @@ struct Record {
   int64_t rank = 0;                  // this rank in that group
   double start_s = 0;                // host clock when it was issued (seconds, steady clock)
   double seconds = 0;                // issue to completion (device: on the current stream)
-  double wait_seconds = 0;           // of which the host spent blocked waiting for it: the exposed part
+  double wait_seconds = 0;           // of which the host was blocked by it (issuing + waiting): exposed
   std::vector<int64_t> bytes_to_rank;  // bytes sent to each rank of the group (this rank's entry stays local)
 };
 
@@ -48,18 +48,22 @@ class LayerScope {
   std::string previous_;
 };
 
-// Times one collective: construction = issue, waiting() = the collective is
-// enqueued and the host starts waiting, done() = complete. No-op when disabled.
+// Times one collective (or, with phase "experts", a stretch of compute):
+// construction = issue, enqueued() = the issuing call returned, waiting() =
+// the host starts waiting, done() = complete. Without enqueued()/waiting()
+// the whole span counts as blocked. No-op when disabled.
 class CollectiveTimer {
  public:
   CollectiveTimer(const char* phase, const std::string& group, int64_t rank, const at::Tensor& like,
                   std::vector<int64_t> bytes_to_rank);
+  void enqueued();
   void waiting();
   void done();
 
  private:
   std::optional<Record> record_;
-  std::chrono::steady_clock::time_point start_, wait_start_;
+  std::chrono::steady_clock::time_point start_, enqueued_, wait_start_;
+  bool marked_enqueued_ = false;
   std::shared_ptr<c10::Event> start_event_;
   c10::Device device_{c10::kCPU};
 };

@@ -26,12 +26,13 @@ class ModelConfig:
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, ep: moeflux.ExpertParallelGroups | None) -> None:
+    def __init__(self, config: ModelConfig, ep: moeflux.ExpertParallelGroups | None, exchange: dict) -> None:
         super().__init__()
         d = config.d_model
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, config.heads, batch_first=True)
-        self.mlp = moeflux.MoE(d, config.d_ffn, config.experts, config.top_k, config.capacity_factor, ep_group=ep)
+        self.mlp = moeflux.MoE(d, config.d_ffn, config.experts, config.top_k, config.capacity_factor, ep_group=ep,
+                               **exchange)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
@@ -40,12 +41,15 @@ class Block(nn.Module):
 
 
 class ByteLM(nn.Module):
-    def __init__(self, config: ModelConfig, ep: moeflux.ExpertParallelGroups | None = None) -> None:
+    def __init__(self, config: ModelConfig, ep: moeflux.ExpertParallelGroups | None = None,
+                 exchange: dict | None = None) -> None:
+        """``exchange``: how the MoE layers move tokens (MoE's ``schedule``, ``chunks``, ``pairwise_group_size``);
+        not part of the model (checkpoints load under any)."""
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(256, config.d_model)
         self.pos = nn.Parameter(torch.zeros(config.seq_len, config.d_model))
-        self.blocks = nn.ModuleList(Block(config, ep) for _ in range(config.layers))
+        self.blocks = nn.ModuleList(Block(config, ep, exchange or {}) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, 256)
 

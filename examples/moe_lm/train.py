@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("parallelism")
     g.add_argument("--nproc", type=int, default=None,
                    help="ranks to start on this machine when not under torchrun (default: one per GPU, else 2)")
+    g.add_argument("--schedule", choices=("bulk", "chunked", "pairwise"), default="bulk",
+                   help="how tokens cross ranks: bulk all-to-alls, or pipelined with the experts (default bulk)")
+    g.add_argument("--chunks", type=int, default=2, help="stages of --schedule chunked (default 2)")
+    g.add_argument("--pairwise-group-size", type=int, default=1,
+                   help="ranks per group of --schedule pairwise (default 1)")
     g.add_argument("--ep-size", type=int, default=None,
                    help="expert-parallel size: experts are split over this many ranks, the rest are replicas "
                         "(default: all ranks); must divide the number of ranks and --experts")
@@ -179,7 +184,8 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
     groups = moeflux.init_expert_parallel(args.ep_size or world)
     config = model_config(args)
     torch.manual_seed(args.seed)
-    model = moeflux.DataParallel(ByteLM(config, groups).to(device))
+    exchange = {"schedule": args.schedule, "chunks": args.chunks, "pairwise_group_size": args.pairwise_group_size}
+    model = moeflux.DataParallel(ByteLM(config, groups, exchange).to(device))
     lm: ByteLM = model.module
     for moe in lm.moe_layers():
         moe.aux_loss_weight = args.aux_loss_weight

@@ -22,9 +22,11 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _C
-from .moe import expert_parameters
+from .distributed import check_agreement
+from .moe import MoE, expert_parameters
 
 BUILTIN_HOOKS = ("allreduce", "bf16_compress")
+DEFAULT_MICRO_OP_CAP_MB = 1.0  # benchmarks/results/priority/table.md: the largest that kept a 4 MiB all-to-all <= 1.15x at 1 Gbit/s
 
 
 @dataclass
@@ -59,6 +61,19 @@ class DataParallel(nn.Module):
             ``hook(state: CommHookState, bucket: torch.distributed.GradBucket) -> Future``.
         broadcast_parameters: copy parameters and buffers from the first rank of
             each group at construction, so every replica starts equal.
+        all_to_all_priority: give the MoE all-to-alls priority over the gradient
+            all-reduce (Lina, ATC'23): each bucket is all-reduced in micro-ops of at
+            most ``micro_op_cap_mb``, launched one at a time and only while no
+            moeflux all-to-all of this process is queued or running, so an
+            all-to-all waits behind at most one micro-op; the end of backward
+            flushes what is left. Same sums, bit for bit, as without it.
+            ``None`` (default): on when ``module`` has expert-parallel MoE layers.
+            Applies to the built-in hooks; a Python ``comm_hook`` is never held back.
+            The all-to-alls must use other process groups than the gradients
+            (true for ``moeflux.init_expert_parallel`` groups).
+        micro_op_cap_mb: size of the all-reduce micro-ops with ``all_to_all_priority`` (1 MiB: the
+            largest that kept a 4 MiB all-to-all within 1.15x of its time alone on a 1 Gbit/s
+            link, for ~6% more all-reduce time; benchmarks/results/priority/table.md).
     """
 
     def __init__(
@@ -73,12 +88,16 @@ class DataParallel(nn.Module):
         comm_hook: str | Callable = "allreduce",
         comm_hook_state: Any = None,
         broadcast_parameters: bool = True,
+        all_to_all_priority: bool | None = None,
+        micro_op_cap_mb: float = DEFAULT_MICRO_OP_CAP_MB,
     ) -> None:
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("moeflux.DataParallel: call torch.distributed.init_process_group first")
         if bucket_cap_mb <= 0 or first_bucket_cap_mb <= 0:
             raise ValueError(f"bucket sizes must be > 0, got {bucket_cap_mb} and {first_bucket_cap_mb}")
+        if micro_op_cap_mb <= 0:
+            raise ValueError(f"micro_op_cap_mb must be > 0, got {micro_op_cap_mb}")
         self.module = module
         dp_group = dp_group if dp_group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(dp_group)
@@ -106,13 +125,35 @@ class DataParallel(nn.Module):
             param_group.append(next(i for i, g in enumerate(self.groups) if g is group))
         if broadcast_parameters:
             self._broadcast(params, param_group, dp_group)
+        self.all_to_all_priority = self._priority(all_to_all_priority)
+        self.micro_op_cap_mb = micro_op_cap_mb
+        micro_op_bytes = max(1, int(micro_op_cap_mb * 2**20))
+        # Every rank must cut its gradients into the same buckets and micro-ops, or the collectives would not match.
+        check_agreement(dp_group, "moeflux.DataParallel", all_to_all_priority=self.all_to_all_priority,
+                        micro_op_bytes=micro_op_bytes if self.all_to_all_priority else None,
+                        bucket_cap_mb=bucket_cap_mb, first_bucket_cap_mb=first_bucket_cap_mb)
 
         self._bucketer = _C.GradientBucketer(
             params, names, param_group, [g.group_name for g in self.groups], [float(self.world_size)] * len(self.groups),
             int(first_bucket_cap_mb * 2**20), int(bucket_cap_mb * 2**20), gradient_as_bucket_view,
-            find_unused_parameters,
+            find_unused_parameters, self.all_to_all_priority, micro_op_bytes,
         )
         self.register_comm_hook(comm_hook, comm_hook_state)
+
+    def _priority(self, asked: bool | None) -> bool:
+        """Whether micro-ops are scheduled: asked, or (None) when there are expert-parallel all-to-alls."""
+        all_to_all_groups = {m.ep_group.group_name: name for name, m in self.module.named_modules()
+                             if isinstance(m, MoE) and m.ep_group is not None and dist.get_world_size(m.ep_group) > 1}
+        clash = [name for group_name, name in all_to_all_groups.items()
+                 if group_name in {g.group_name for g in self.groups}]
+        if asked is None:
+            return bool(all_to_all_groups) and not clash
+        if asked and clash:
+            # The scheduler changes when micro-ops go out relative to all-to-alls; on one group
+            # that would reorder collectives differently on different ranks.
+            raise ValueError(f"moeflux.DataParallel: all_to_all_priority needs the all-to-alls on other process "
+                             f"groups than the gradients, but MoE layer '{clash[0]}' uses one of them as ep_group")
+        return bool(asked)
 
     def _broadcast(self, params: list[nn.Parameter], param_group: list[int], dp_group: dist.ProcessGroup) -> None:
         with torch.no_grad():

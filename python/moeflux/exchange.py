@@ -10,6 +10,9 @@ in :meth:`moeflux.MoE.forward`.
 - :class:`AllToAllExchange`: experts split over an expert-parallel group:
   dispatch / combine, one all-to-all each way (plus the count exchange when
   dropless).
+- :class:`PipelinedExchange`: the same group, in stages whose all-to-alls
+  overlap the experts of another stage (``"chunked"``: Lina; ``"pairwise"``:
+  FasterMoE); it owns the expert compute too, in one C++ autograd function.
 
 Both read the layer's :class:`moeflux.ExpertPlacement` to turn global expert
 ids into the positions the ops send by (rank * E_local + slot).
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +30,9 @@ from torch import Tensor
 
 from . import ops
 from .placement import ExpertPlacement
+
+if TYPE_CHECKING:
+    from .experts import GroupedExperts
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,14 @@ class Exchange(ABC):
     @abstractmethod
     def combine(self, expert_out: Tensor, plan: Any, weights: Tensor | None) -> Tensor:
         """``expert_out [M, H]`` in the batch's order -> ``[T, H]``."""
+
+    def run(self, tokens: Tensor, expert_ids: Tensor, weights: Tensor | None, capacity: int | None,
+            experts: GroupedExperts) -> tuple[Tensor, Tensor]:
+        """The whole exchange around the experts: ``(output [T, H], tokens_per_local_expert)``.
+        Strategies that overlap communication with the experts override it."""
+        batch, plan = self.dispatch(tokens, expert_ids, capacity)
+        out = self.combine(experts(batch.rows, batch.tokens_per_expert, batch.capacity), plan, weights)
+        return out, batch.tokens_per_expert
 
     def join_failed_dispatch(self, x: Tensor, top_k: int, capacity: int | None) -> None:
         """This rank's input ``x`` failed a check: take part in what the other ranks are waiting in, so that
@@ -124,6 +138,49 @@ class AllToAllExchange(Exchange):
             ops.dispatch(x.new_empty((0, x.shape[-1])), no_ids, self.placement.num_experts, None, self.group)
 
 
-def make_exchange(placement: ExpertPlacement, ep_group: dist.ProcessGroup | None) -> Exchange:
-    """The plain strategy for a placement: local without a group, all-to-all over it otherwise."""
-    return LocalExchange(placement) if ep_group is None else AllToAllExchange(placement, ep_group)
+class PipelinedExchange(AllToAllExchange):
+    """:class:`AllToAllExchange` in stages (:func:`moeflux.ops.pipelined_moe`): ``schedule="chunked"`` splits
+    every block of rows into ``chunks`` parts, ``"pairwise"`` exchanges with one group of ``group_size`` ranks
+    per stage. Dispatch, the experts' FFN and combine run in one C++ autograd function, so that backward
+    overlaps the gradient all-to-alls with the experts' backward too. Outputs and gradients equal the bulk
+    exchange's (the expert weight gradients are summed stage by stage)."""
+
+    SCHEDULES = ("chunked", "pairwise")
+
+    def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup, schedule: str = "chunked",
+                 chunks: int = 2, group_size: int = 1) -> None:
+        super().__init__(placement, group)
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"PipelinedExchange: schedule must be one of {self.SCHEDULES}, got {schedule!r}")
+        if not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"PipelinedExchange: chunks must be an int >= 1, got {chunks!r}")
+        if not isinstance(group_size, int) or group_size < 1 or placement.ep_size % group_size:
+            raise ValueError(f"PipelinedExchange: group_size must divide the expert-parallel size "
+                             f"{placement.ep_size}, got {group_size!r}")
+        self.schedule, self.chunks, self.group_size = schedule, chunks, group_size
+
+    @property
+    def stages(self) -> int:
+        return self.chunks if self.schedule == "chunked" else self.placement.ep_size // self.group_size
+
+    def run(self, tokens: Tensor, expert_ids: Tensor, weights: Tensor | None, capacity: int | None,
+            experts: GroupedExperts) -> tuple[Tensor, Tensor]:
+        return ops.pipelined_moe(tokens, self._positions(expert_ids), weights, experts.w_in, experts.w_out,
+                                 experts.activation, self.placement.num_experts, capacity, self.group,
+                                 self.schedule, self.chunks, self.group_size)
+
+
+SCHEDULES = ("bulk", *PipelinedExchange.SCHEDULES)
+
+
+def make_exchange(placement: ExpertPlacement, ep_group: dist.ProcessGroup | None, schedule: str = "bulk",
+                  chunks: int = 2, group_size: int = 1) -> Exchange:
+    """The strategy for a placement: local without a group; over it, all-to-all in bulk (``schedule="bulk"``)
+    or pipelined (``"chunked"``, ``"pairwise"``)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if ep_group is None:
+        return LocalExchange(placement)
+    if schedule == "bulk":
+        return AllToAllExchange(placement, ep_group)
+    return PipelinedExchange(placement, ep_group, schedule, chunks, group_size)

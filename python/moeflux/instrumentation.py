@@ -9,11 +9,14 @@
 Each token all-to-all (dispatch, combine and their backward), the count
 exchange and the wait for the gradient all-reduce at the end of backward
 (:class:`moeflux.DataParallel`) is timed in C++ where it runs: ``seconds`` from
-issue to completion, ``wait_seconds`` the part the host spent blocked on it
-(what the step could not hide), and the bytes it sent to ranks on the same node
-and on other nodes. Expert compute is the time between a layer's dispatch and
-its combine in forward, and between its combine and dispatch gradients in
-backward. The collectives also appear in ``torch.profiler`` traces as
+issue to completion, ``wait_seconds`` the part the host was blocked by it
+(issuing and waiting: what the step could not hide; with the bulk schedule
+that is all of it, with a pipelined one the rest overlapped expert compute),
+and the bytes it sent to ranks on the same node and on other nodes. Expert
+compute: the pipelined exchange times its experts itself (phase
+``"experts"``); with the bulk exchange it is the time between a layer's
+dispatch and its combine in forward, and between its combine and dispatch
+gradients in backward. The collectives also appear in ``torch.profiler`` traces as
 ``moeflux::dispatch``, ``moeflux::count_exchange``, ``moeflux::combine_backward``,
 ``moeflux::grad_allreduce_wait``, ...
 
@@ -36,7 +39,7 @@ from torch import nn
 from . import _C
 
 TOKEN_PHASES = ("dispatch", "combine", "combine_backward", "dispatch_backward")
-PHASES = (*TOKEN_PHASES, "count_exchange", "all_to_all", "grad_allreduce_wait")
+PHASES = (*TOKEN_PHASES, "count_exchange", "all_to_all", "grad_allreduce_wait", "experts")
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,9 @@ class CommStats:
             stats.bytes_inter += r.bytes_inter
             by_layer[r.layer].append(r)
         for name, stats in layers.items():
-            stats.expert_compute_s = _expert_compute_s(by_layer[name])
+            timed = stats.seconds.pop("experts", None)
+            stats.wait_seconds.pop("experts", None)
+            stats.expert_compute_s = timed if timed is not None else _expert_compute_s(by_layer[name])
         step = StepStats(layers, allreduce_wait)
         self.steps.append(step)
         return step

@@ -72,6 +72,13 @@ class MoE(nn.Module):
             or all of them raise. With a capacity every rank must route the same
             number of tokens (the capacity is computed from it); dropless
             routing takes any number, zero included.
+        schedule: how tokens cross the group (ignored without one): ``"bulk"``
+            (one all-to-all each way), ``"chunked"`` (in ``chunks`` stages whose
+            all-to-alls overlap the experts of another stage, forward and
+            backward) or ``"pairwise"`` (one stage per group of
+            ``pairwise_group_size`` ranks: stage ``s`` sends to group ``g + s``);
+            see :class:`moeflux.exchange.PipelinedExchange`. Outputs and
+            gradients are the same for every schedule.
 
     After each forward, :attr:`aux_loss` holds ``aux_loss_weight * load_balancing
     + z_loss_weight * z_loss`` (differentiable: add it to the training loss, or
@@ -108,6 +115,9 @@ class MoE(nn.Module):
         shared_expert_ffn: int = 0,
         shared_expert_gate: bool = False,
         ep_group: ExpertParallelGroups | dist.ProcessGroup | None = None,
+        schedule: str = "bulk",
+        chunks: int = 2,
+        pairwise_group_size: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -141,7 +151,8 @@ class MoE(nn.Module):
                 ep_group, "moeflux.MoE", num_experts=num_experts, ep_size=self.ep_size, d_model=d_model, d_ffn=d_ffn,
                 top_k=top_k, dtype=dtype or torch.get_default_dtype(), capacity_factor=capacity_factor,
                 activation=activation, renormalize=renormalize, scoring=scoring, num_groups=num_groups,
-                top_groups=top_groups, shared_expert_ffn=shared_expert_ffn,
+                top_groups=top_groups, shared_expert_ffn=shared_expert_ffn, schedule=schedule, chunks=chunks,
+                pairwise_group_size=pairwise_group_size,
             )
 
         self.d_model, self.d_ffn, self.num_experts, self.top_k = d_model, d_ffn, num_experts, top_k
@@ -160,7 +171,7 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(
             self.placement.local_experts, d_model, d_ffn, activation, placement=self.placement, **factory
         )
-        self.exchange = make_exchange(self.placement, ep_group)
+        self.exchange = make_exchange(self.placement, ep_group, schedule, chunks, pairwise_group_size)
         self.stats_name = f"moe{next(_layer_numbers)}"  # moeflux.comm_stats(model) renames it to its path
         self.aux_loss = None
         self.tokens_per_expert = None
@@ -186,10 +197,8 @@ class MoE(nn.Module):
                 expert_ids, routing.weights, self.num_experts, capacity, self.drop_policy == "probability"
             )
         with layer_scope(self.stats_name, self.ep_group):
-            batch, plan = self.exchange.dispatch(tokens, expert_ids, capacity)
-            self.tokens_per_expert = batch.tokens_per_expert
-            out = self.exchange.combine(self.experts(batch.rows, batch.tokens_per_expert, batch.capacity), plan,
-                                        routing.weights)
+            out, self.tokens_per_expert = self.exchange.run(tokens, expert_ids, routing.weights, capacity,
+                                                            self.experts)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         return out.view(x.shape)

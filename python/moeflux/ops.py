@@ -32,6 +32,7 @@ __all__ = [
     "dispatch",
     "combine",
     "DispatchPlan",
+    "pipelined_moe",
     "collective_counts",
     "reset_collective_counts",
 ]
@@ -211,6 +212,41 @@ def combine(expert_out: Tensor, plan: DispatchPlan, weights: Tensor | None = Non
     return output
 
 
+def pipelined_moe(
+    tokens: Tensor,
+    expert_ids: Tensor,
+    weights: Tensor | None,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: str,
+    num_experts: int,
+    capacity: int | None = None,
+    group: dist.ProcessGroup | str | None = None,
+    schedule: str = "chunked",
+    chunks: int = 2,
+    group_size: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """dispatch -> experts -> combine of one expert-parallel layer, in stages that overlap communication
+    with expert compute, forward and backward.
+
+    The experts are :class:`moeflux.GroupedExperts`' FFN: ``act(x @ w_in[e]) @ w_out[e]`` with
+    ``activation`` ``"swiglu"`` (``w_in [E_local, H, 2F]``, gate half first) or ``"gelu"``
+    (``w_in [E_local, H, F]``); ``w_out [E_local, F, H]``. ``schedule``:
+
+    - ``"chunked"``: every (destination, expert) block of rows is split into ``chunks`` parts; stage ``i+1``'s
+      dispatch all-to-all is on the wire while stage ``i``'s experts run, and stage ``i``'s combine while
+      stage ``i+1`` computes (Lina's micro-ops);
+    - ``"pairwise"``: ranks form groups of ``group_size``; in stage ``s`` group ``g`` sends to group
+      ``(g + s) mod n`` and receives from ``(g - s) mod n`` (FasterMoE's smart schedule).
+
+    Equal to :func:`dispatch`, the experts and :func:`combine` in sequence (up to the order in which the
+    expert weight gradients are summed). Token all-to-alls: 2 per stage forward, 2 per stage backward,
+    plus dispatch's count exchange when dropless. Returns ``(output [T, H], tokens_per_local_expert)``.
+    """
+    return _ops.pipelined_moe(tokens, expert_ids, weights, w_in, w_out, activation, num_experts, capacity,
+                              _group_name(group), schedule, chunks, group_size)
+
+
 def collective_counts() -> dict[str, int]:
     """Collectives this process has issued through moeflux ops:
     ``{"token_all_to_alls": ..., "count_exchanges": ...}``."""
@@ -318,6 +354,12 @@ def _combine_fake(expert_out, row_map, regroup_map, send_splits, recv_splits, we
         expert_out.new_empty((row_map.shape[0], expert_out.shape[1])),
         expert_out.new_empty((returned, expert_out.shape[1])),
     )
+
+
+@torch.library.register_fake("moeflux::pipelined_moe")
+def _pipelined_moe_fake(tokens, expert_ids, weights, w_in, w_out, activation, num_experts, capacity, group_name,
+                        schedule, chunks, group_size):
+    return tokens.new_empty(tokens.shape), expert_ids.new_empty((num_experts // _group_size(group_name),))
 
 
 @torch.library.register_fake("moeflux::combine_backward")

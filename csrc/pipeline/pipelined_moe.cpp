@@ -1,0 +1,416 @@
+// pipelined_moe: one expert-parallel MoE layer (dispatch -> experts -> combine)
+// in stages, so that a stage's all-to-alls are on the wire while another
+// stage's experts compute, forward and backward.
+//
+// After permute, this rank's rows form one segment per (destination rank,
+// local expert). A schedule assigns a part of every segment to each stage:
+//   chunked  (Lina's micro-ops): stage c moves part c of n of every segment;
+//   pairwise (FasterMoE's smart schedule): ranks form groups of g; stage s
+//            sends to group (mine + s) mod n and receives from (mine - s) mod n.
+// Experts act row by row, so any split of the rows gives the layer's output
+// exactly; only the weight gradients add up stage by stage (a re-ordered sum).
+//
+//   forward:  start dispatch(0); for s: start dispatch(s+1); wait dispatch(s);
+//             experts(s); start combine(s)   ... wait combines; unpermute
+//   backward: start combine-grad(0); for s: start combine-grad(s+1); wait;
+//             experts backward(s); start dispatch-grad(s) ... wait; gather
+//
+// The expert FFN (the GroupedExperts math: SwiGLU or GELU between two
+// per-expert matmuls) runs here in C++ so that backward can interleave it with
+// the gradient all-to-alls; autograd would otherwise run the stages back to
+// back. Dropless mode needs the same single count exchange (and host
+// synchronisation) as dispatch; every stage's splits follow from those counts
+// on every rank without another exchange.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "csrc/checks.h"
+#include "csrc/distributed/all_to_all.h"
+#include "csrc/distributed/comm_scheduler.h"
+#include "csrc/distributed/counts.h"
+#include "csrc/ops.h"
+
+namespace moeflux {
+namespace {
+
+constexpr const char* kOp = "pipelined_moe";
+
+struct Schedule {
+  bool pairwise = false;
+  int64_t stages = 1;
+  int64_t group_size = 1;  // pairwise: ranks per group
+};
+
+Schedule parse_schedule(c10::string_view name, int64_t chunks, int64_t group_size, int64_t world) {
+  TORCH_CHECK(name == "chunked" || name == "pairwise", "moeflux.pipelined_moe: schedule must be 'chunked' or ",
+              "'pairwise', got '", std::string(name), "'");
+  if (name == "chunked") {
+    TORCH_CHECK(chunks >= 1, "moeflux.pipelined_moe: chunks must be >= 1, got ", chunks);
+    return {false, chunks, 1};
+  }
+  TORCH_CHECK(group_size >= 1 && world % group_size == 0, "moeflux.pipelined_moe: group_size must divide the ",
+              "expert-parallel group size ", world, ", got ", group_size);
+  return {true, world / group_size, group_size};
+}
+
+// The rows [begin, end) of a segment of `rows` rows that `stage` moves between this rank and `peer`.
+std::pair<int64_t, int64_t> stage_part(const Schedule& s, int64_t stage, int64_t rank, int64_t peer, int64_t rows,
+                                       bool sending) {
+  if (!s.pairwise) return {rows * stage / s.stages, rows * (stage + 1) / s.stages};
+  const int64_t groups = s.stages, mine = rank / s.group_size, theirs = peer / s.group_size;
+  const int64_t partner = sending ? (mine + stage) % groups : (mine - stage + groups) % groups;
+  return theirs == partner ? std::pair<int64_t, int64_t>{0, rows} : std::pair<int64_t, int64_t>{0, 0};
+}
+
+at::Tensor index_tensor(const std::vector<int64_t>& v, const at::Device& device) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
+  std::copy(v.begin(), v.end(), t.mutable_data_ptr<int64_t>());
+  if (device.is_cpu()) return t;
+  return t.pin_memory().to(device, /*non_blocking=*/true);  // no host synchronisation
+}
+
+// One stage's rows: what this rank sends (rows of its permuted block, by destination rank then local
+// expert), what it receives (by source rank then local expert), and which received row becomes each
+// expert row (by local expert then source).
+struct Stage {
+  std::vector<int64_t> send_splits, recv_splits, expert_rows;
+  at::Tensor send_index, regroup;
+};
+
+// sent[r][j] / received[q][j]: rows of the segment of (rank, local expert j) before staging;
+// start[r][j]: where this rank's segment for (r, j) begins in its permuted block.
+std::vector<Stage> plan_stages(const Schedule& schedule, int64_t rank, const at::Tensor& sent,
+                               const at::Tensor& received, const std::vector<int64_t>& start,
+                               const at::Device& device) {
+  const int64_t world = sent.size(0), local = sent.size(1);
+  const int64_t* out = sent.const_data_ptr<int64_t>();
+  const int64_t* in = received.const_data_ptr<int64_t>();
+  std::vector<Stage> stages(schedule.stages);
+  for (int64_t s = 0; s < schedule.stages; ++s) {
+    Stage& st = stages[s];
+    st.send_splits.assign(world, 0);
+    st.recv_splits.assign(world, 0);
+    st.expert_rows.assign(local, 0);
+    std::vector<int64_t> send_index, recv_offset(world * local), recv_rows(world * local);
+    for (int64_t r = 0; r < world; ++r) {
+      for (int64_t j = 0; j < local; ++j) {
+        const auto [begin, end] = stage_part(schedule, s, rank, r, out[r * local + j], /*sending=*/true);
+        for (int64_t i = begin; i < end; ++i) send_index.push_back(start[r * local + j] + i);
+        st.send_splits[r] += end - begin;
+      }
+    }
+    int64_t offset = 0;
+    for (int64_t q = 0; q < world; ++q) {
+      for (int64_t j = 0; j < local; ++j) {
+        const auto [begin, end] = stage_part(schedule, s, rank, q, in[q * local + j], /*sending=*/false);
+        recv_offset[q * local + j] = offset;
+        recv_rows[q * local + j] = end - begin;
+        offset += end - begin;
+        st.recv_splits[q] += end - begin;
+        st.expert_rows[j] += end - begin;
+      }
+    }
+    std::vector<int64_t> regroup;
+    regroup.reserve(offset);
+    for (int64_t j = 0; j < local; ++j) {
+      for (int64_t q = 0; q < world; ++q) {
+        for (int64_t i = 0; i < recv_rows[q * local + j]; ++i) regroup.push_back(recv_offset[q * local + j] + i);
+      }
+    }
+    st.send_index = index_tensor(send_index, device);
+    st.regroup = index_tensor(regroup, device);
+  }
+  return stages;
+}
+
+// An all-to-all registered with the communication scheduler until it is done, so that no gradient
+// all-reduce micro-op starts while it is in flight (DataParallel's all-to-all priority).
+PendingExchange start_registered(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
+                                 const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group,
+                                 const char* phase) {
+  comm_scheduler::AllToAllInFlight in_flight;
+  PendingExchange pending = start_exchange(input, output_split_sizes, input_split_sizes, group, kOp, phase);
+  in_flight.until_done(pending.work);
+  return pending;
+}
+
+// ---- the experts: GroupedExperts' FFN, one matmul pair per local expert
+
+at::Tensor activate(const at::Tensor& h, bool swiglu) {
+  if (!swiglu) return at::gelu(h);
+  const auto parts = h.chunk(2, -1);
+  return at::silu(parts[0]) * parts[1];
+}
+
+at::Tensor activate_backward(const at::Tensor& grad, const at::Tensor& h, bool swiglu) {
+  if (!swiglu) return at::gelu_backward(grad, h);
+  const auto parts = h.chunk(2, -1);
+  return at::cat({at::silu_backward(grad * parts[1], parts[0]), grad * at::silu(parts[0])}, -1);
+}
+
+struct ExpertWeights {
+  at::Tensor w_in, w_out;  // [E_local, H, F_in], [E_local, F, H]
+  bool swiglu;
+};
+
+// Rows grouped by local expert (expert_rows[j] each) -> (output rows, pre-activations for backward).
+std::pair<at::Tensor, at::Tensor> experts_forward(const at::Tensor& x, const std::vector<int64_t>& expert_rows,
+                                                  const ExpertWeights& w) {
+  at::Tensor h = at::empty({x.size(0), w.w_in.size(2)}, x.options());
+  at::Tensor y = at::empty({x.size(0), w.w_out.size(2)}, x.options());
+  int64_t offset = 0;
+  for (size_t j = 0; j < expert_rows.size(); ++j) {
+    const int64_t n = expert_rows[j];
+    if (n == 0) continue;
+    at::Tensor h_j = h.narrow(0, offset, n), y_j = y.narrow(0, offset, n);
+    at::mm_out(h_j, x.narrow(0, offset, n), w.w_in[j]);
+    at::mm_out(y_j, activate(h_j, w.swiglu), w.w_out[j]);
+    offset += n;
+  }
+  return {y, h};
+}
+
+// Accumulates the weight gradients of this stage's rows into grad_w_in / grad_w_out; returns d x.
+at::Tensor experts_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& h,
+                            const std::vector<int64_t>& expert_rows, const ExpertWeights& w, at::Tensor& grad_w_in,
+                            at::Tensor& grad_w_out) {
+  at::Tensor dx = at::empty_like(x);
+  int64_t offset = 0;
+  for (size_t j = 0; j < expert_rows.size(); ++j) {
+    const int64_t n = expert_rows[j];
+    if (n == 0) continue;
+    const at::Tensor dy_j = dy.narrow(0, offset, n), h_j = h.narrow(0, offset, n), x_j = x.narrow(0, offset, n);
+    grad_w_out[j].addmm_(activate(h_j, w.swiglu).t(), dy_j);
+    const at::Tensor dh = activate_backward(dy_j.mm(w.w_out[j].t()), h_j, w.swiglu);
+    grad_w_in[j].addmm_(x_j.t(), dh);
+    at::Tensor dx_j = dx.narrow(0, offset, n);
+    at::mm_out(dx_j, dh, w.w_in[j].t());
+    offset += n;
+  }
+  return dx;
+}
+
+// ---- the layer
+
+struct Layer {
+  c10::intrusive_ptr<c10d::ProcessGroup> group;
+  std::vector<Stage> stages;
+  at::Tensor row_map, tokens_per_local_expert;
+  int64_t num_rows = 0;  // rows of the permuted block
+};
+
+// Everything forward leaves for backward.
+struct Saved {
+  Layer layer;
+  at::Tensor returned;                   // [N, H] expert outputs back home, permuted layout
+  std::vector<at::Tensor> inputs, pre;  // per stage: expert input rows and pre-activations
+};
+
+// The stage pipeline both directions share. Stage s + 1's outgoing all-to-all is on the wire while stage s
+// computes; each stage's returning all-to-all is collected at the end:
+//   start out(0); for s: start out(s+1) | wait out(s) -> compute(s) -> start back(s);  wait every back(s)
+// `rows` are in the permuted layout; back(s) lands in `landed` at the rows stage s sent.
+template <typename Compute>
+void run_stages(const Layer& layer, const at::Tensor& rows, at::Tensor& landed, const char* out_phase,
+                const char* back_phase, Compute&& compute) {
+  const int64_t num_stages = static_cast<int64_t>(layer.stages.size()), rank = layer.group->getRank();
+  std::vector<PendingExchange> out, back;
+  auto start_out = [&](int64_t s) {
+    const Stage& st = layer.stages[s];
+    count_token_all_to_all();
+    out.push_back(start_registered(rows.index_select(0, st.send_index), st.recv_splits, st.send_splits,
+                                   *layer.group, out_phase));
+  };
+  start_out(0);
+  for (int64_t s = 0; s < num_stages; ++s) {
+    if (s + 1 < num_stages) start_out(s + 1);
+    const Stage& st = layer.stages[s];
+    const at::Tensor arrived = out[s].finish().index_select(0, st.regroup);  // by local expert
+    comm_stats::CollectiveTimer timer("experts", layer.group->getGroupName(), rank, arrived, {});
+    const at::Tensor result = compute(s, arrived);
+    timer.done();
+    at::Tensor by_source = at::empty_like(result);
+    by_source.index_copy_(0, st.regroup, result);
+    count_token_all_to_all();
+    back.push_back(start_registered(by_source, st.send_splits, st.recv_splits, *layer.group, back_phase));
+  }
+  for (int64_t s = 0; s < num_stages; ++s) landed.index_copy_(0, layer.stages[s].send_index, back[s].finish());
+}
+
+void check_args(const at::Tensor& tokens, const at::Tensor& expert_ids, const std::optional<at::Tensor>& weights,
+                const ExpertWeights& w, int64_t num_experts, int64_t world) {
+  check_device_supported(tokens, kOp, "tokens");
+  check_dim(tokens, 2, kOp, "tokens", "[num_tokens, hidden]");
+  check_float(tokens, kOp, "tokens");
+  TORCH_CHECK(num_experts >= 1 && num_experts % world == 0, "moeflux.pipelined_moe: num_experts must be a ",
+              "positive multiple of the expert-parallel group size ", world, ", got ", num_experts);
+  const int64_t local = num_experts / world;
+  check_dim(w.w_in, 3, kOp, "w_in", "[local_experts, hidden, ffn_in]");
+  check_dim(w.w_out, 3, kOp, "w_out", "[local_experts, ffn, hidden]");
+  for (const auto* t : {&w.w_in, &w.w_out}) {
+    check_same_device(*t, tokens, kOp, t == &w.w_in ? "w_in" : "w_out", "tokens");
+    TORCH_CHECK(t->scalar_type() == tokens.scalar_type(), "moeflux.pipelined_moe: expert weights must have the ",
+                "dtype of tokens (", tokens.scalar_type(), "), got ", t->scalar_type());
+  }
+  check_size(w.w_in, 0, local, kOp, "w_in", "num_experts / group size");
+  check_size(w.w_out, 0, local, kOp, "w_out", "num_experts / group size");
+  check_size(w.w_in, 1, tokens.size(1), kOp, "w_in", "tokens.size(1)");
+  check_size(w.w_out, 2, tokens.size(1), kOp, "w_out", "tokens.size(1)");
+  check_size(w.w_in, 2, (w.swiglu ? 2 : 1) * w.w_out.size(1), kOp, "w_in",
+             w.swiglu ? "2 * w_out.size(1) (swiglu: gate and up)" : "w_out.size(1)");
+  if (weights.has_value() && weights->defined()) {
+    TORCH_CHECK(weights->sizes() == expert_ids.sizes(), "moeflux.pipelined_moe: weights must have the shape of ",
+                "expert_ids ", expert_ids.sizes(), ", got ", weights->sizes());
+  }
+}
+
+Saved run_forward(const at::Tensor& tokens, const at::Tensor& expert_ids, const std::optional<at::Tensor>& weights,
+                  const ExpertWeights& w, int64_t num_experts, std::optional<int64_t> capacity,
+                  const std::string& group_name, c10::string_view schedule_name, int64_t chunks,
+                  int64_t group_size, at::Tensor& output) {
+  Saved saved;
+  Layer& layer = saved.layer;
+  layer.group = resolve_group(group_name, kOp);
+  const int64_t world = layer.group->getSize(), rank = layer.group->getRank();
+  check_args(tokens, expert_ids, weights, w, num_experts, world);
+  const Schedule schedule = parse_schedule(schedule_name, chunks, group_size, world);
+  const int64_t local = num_experts / world;
+  const DeviceKernels& kernels = kernels_for(tokens);
+
+  auto [permuted, tokens_per_expert, row_map] = permute(kernels, tokens, expert_ids, num_experts, capacity);
+  layer.row_map = row_map;
+  layer.num_rows = permuted.size(0);
+  at::Tensor sent, received;
+  if (capacity.has_value()) {  // fixed segments: capacity rows per expert, padding included
+    sent = at::full({world, local}, *capacity, at::kLong);
+    received = sent.clone();
+    layer.tokens_per_local_expert = at::full({local}, world * *capacity, tokens.options().dtype(at::kInt));
+  } else {
+    ExchangedCounts counts = exchange_counts(tokens, tokens_per_expert, num_experts, *layer.group, kOp);
+    sent = counts.sent;
+    received = counts.received;
+    layer.tokens_per_local_expert = counts.received_on_device.sum(0).to(at::kInt);
+  }
+  std::vector<int64_t> start(world * local);
+  const int64_t* segment = sent.const_data_ptr<int64_t>();
+  for (int64_t e = 0, offset = 0; e < world * local; ++e) {
+    start[e] = offset;
+    offset += capacity.has_value() ? *capacity : segment[e];
+  }
+  layer.stages = plan_stages(schedule, rank, sent, received, start, tokens.device());
+
+  // Forward: rows go out (dispatch), the experts run, rows come back (combine).
+  saved.returned = at::zeros_like(permuted);  // rows never sent (dropped slots) are never read
+  run_stages(layer, permuted, saved.returned, "dispatch", "combine", [&](int64_t s, const at::Tensor& x) {
+    auto [y, h] = experts_forward(x, layer.stages[s].expert_rows, w);
+    saved.inputs.push_back(x);
+    saved.pre.push_back(h);
+    return y;
+  });
+  output = unpermute(kernels, saved.returned, row_map, weights);
+  return saved;
+}
+
+// -> grad tokens, grad weights, grad w_in, grad w_out
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& grad_output,
+                                                                        const Saved& saved,
+                                                                        const std::optional<at::Tensor>& weights,
+                                                                        const ExpertWeights& w) {
+  const Layer& layer = saved.layer;
+  const DeviceKernels& kernels = kernels_for(grad_output);
+  auto [grad_returned, grad_weights] =
+      unpermute_backward(kernels, grad_output, saved.returned, layer.row_map, weights);
+  at::Tensor grad_w_in = at::zeros_like(w.w_in), grad_w_out = at::zeros_like(w.w_out);
+  at::Tensor grad_permuted = at::zeros({layer.num_rows, grad_output.size(1)}, grad_returned.options());
+  // Backward: output gradients go out the way the rows did (combine's gradient), the experts' backward runs,
+  // the input gradients come back (dispatch's gradient).
+  run_stages(layer, grad_returned, grad_permuted, "combine_backward", "dispatch_backward",
+             [&](int64_t s, const at::Tensor& dy) {
+               return experts_backward(dy, saved.inputs[s], saved.pre[s], layer.stages[s].expert_rows, w,
+                                       grad_w_in, grad_w_out);
+             });
+  at::Tensor grad_tokens = gather_rows(kernels, grad_permuted, layer.row_map, at::Tensor());
+  return {grad_tokens, grad_weights, grad_w_in, grad_w_out};
+}
+
+ExpertWeights expert_weights(const at::Tensor& w_in, const at::Tensor& w_out, c10::string_view activation) {
+  TORCH_CHECK(activation == "swiglu" || activation == "gelu", "moeflux.pipelined_moe: activation must be ",
+              "'swiglu' or 'gelu', got '", std::string(activation), "'");
+  return {w_in.contiguous(), w_out.contiguous(), activation == "swiglu"};
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The saved state lives in a C++ object owned by the autograd node: stages' index tensors and
+// activations, never visible as graph inputs.
+struct SavedHolder : torch::CustomClassHolder {
+  Saved saved;
+};
+
+class PipelinedMoEFunction : public torch::autograd::Function<PipelinedMoEFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& tokens, const at::Tensor& expert_ids,
+                               const std::optional<at::Tensor>& weights, const at::Tensor& w_in,
+                               const at::Tensor& w_out, c10::string_view activation, int64_t num_experts,
+                               std::optional<int64_t> capacity, const std::string& group_name,
+                               c10::string_view schedule, int64_t chunks, int64_t group_size) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const ExpertWeights w = expert_weights(w_in, w_out, activation);
+    auto holder = c10::make_intrusive<SavedHolder>();
+    at::Tensor output;
+    holder->saved = run_forward(tokens, expert_ids, weights, w, num_experts, capacity, group_name, schedule, chunks,
+                                group_size, output);
+    const bool weighted = weights.has_value() && weights->defined();
+    ctx->save_for_backward({w_in, w_out, weighted ? *weights : at::Tensor()});
+    ctx->saved_data["state"] = c10::IValue::make_capsule(holder);
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["layer"] = comm_stats::current_layer();
+    at::Tensor counts = holder->saved.layer.tokens_per_local_expert;
+    ctx->mark_non_differentiable({counts});
+    return {output, counts};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto vars = ctx->get_saved_variables();
+    const ExpertWeights w = expert_weights(vars[0], vars[1], ctx->saved_data["activation"].toStringRef());
+    const std::optional<at::Tensor> weights = vars[2].defined() ? std::optional(vars[2]) : std::nullopt;
+    auto holder = c10::static_intrusive_pointer_cast<SavedHolder>(ctx->saved_data["state"].toCapsule());
+    const comm_stats::LayerScope layer(ctx->saved_data["layer"].toStringRef());
+    const Saved& saved = holder->saved;
+    const at::Tensor grad_output = grads[0].defined() ? grads[0]
+                                                      : at::zeros({saved.layer.row_map.size(0), saved.returned.size(1)},
+                                                                  saved.returned.options());
+    auto [grad_tokens, grad_weights, grad_w_in, grad_w_out] = run_backward(grad_output, saved, weights, w);
+    return {grad_tokens, at::Tensor(), weights ? grad_weights : at::Tensor(), grad_w_in, grad_w_out,
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> pipelined_moe(const at::Tensor& tokens, const at::Tensor& expert_ids,
+                                                 const std::optional<at::Tensor>& weights, const at::Tensor& w_in,
+                                                 const at::Tensor& w_out, c10::string_view activation,
+                                                 int64_t num_experts, std::optional<int64_t> capacity,
+                                                 const std::string& group_name, c10::string_view schedule,
+                                                 int64_t chunks, int64_t group_size) {
+  at::Tensor output;
+  const Saved saved = run_forward(tokens, expert_ids, weights, expert_weights(w_in, w_out, activation), num_experts,
+                                  capacity, group_name, schedule, chunks, group_size, output);
+  return {output, saved.layer.tokens_per_local_expert};
+}
+
+std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& tokens, const at::Tensor& expert_ids,
+                                                          const std::optional<at::Tensor>& weights,
+                                                          const at::Tensor& w_in, const at::Tensor& w_out,
+                                                          c10::string_view activation, int64_t num_experts,
+                                                          std::optional<int64_t> capacity,
+                                                          const std::string& group_name, c10::string_view schedule,
+                                                          int64_t chunks, int64_t group_size) {
+  auto out = PipelinedMoEFunction::apply(tokens, expert_ids, weights, w_in, w_out, activation, num_experts, capacity,
+                                         group_name, schedule, chunks, group_size);
+  return {out[0], out[1]};
+}
+
+}  // namespace moeflux

@@ -1,0 +1,121 @@
+"""Pipelined exchange (ops.pipelined_moe, MoE(schedule="chunked" | "pairwise")) against the bulk exchange:
+outputs and every gradient, dropless and capacity (with overflow), chunk counts from 1 to more chunks than
+tokens, pairwise group sizes, a rank without tokens, world 2 and 4, ep < world, and the number of
+collectives each schedule issues."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moeflux
+from moeflux import ops
+from multiprocess import run_ranks
+
+H, F = 8, 6
+
+
+def make(groups, seed, **options):
+    torch.manual_seed(seed)
+    return moeflux.MoE(H, F, 4 * groups.ep_size, 2, dtype=torch.float64, ep_group=groups, **options)
+
+
+def compare(groups, rank, num_tokens, capacity_factor, activation, schedule, **options):
+    common = dict(capacity_factor=capacity_factor, activation=activation)
+    bulk = make(groups, 7, **common)
+    piped = make(groups, 7, schedule=schedule, **common, **options)
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(num_tokens, H, generator=gen, dtype=torch.float64)
+    grad = torch.randn(num_tokens, H, generator=gen, dtype=torch.float64)
+    results = []
+    for layer in (bulk, piped):
+        xi = x.clone().requires_grad_(True)
+        layer(xi).backward(grad)
+        results.append([layer(x).detach(), xi.grad, layer.router.weight.grad, layer.experts.w_in.grad,
+                        layer.experts.w_out.grad, layer.tokens_per_expert])
+    for name, a, b in zip(("output", "tokens", "router", "w_in", "w_out", "counts"), *results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9, msg=lambda m: f"{name} ({schedule} {options}): {m}")
+
+
+def equivalence_worker(rank, world, ep_size):
+    groups = moeflux.init_expert_parallel(ep_size)
+    uneven = 3 + 4 * groups.ep_rank if groups.ep_rank else 0  # dropless: rank 0 of each group routes no tokens
+    cases = [
+        (uneven, None, "swiglu", "chunked", dict(chunks=1)),
+        (uneven, None, "swiglu", "chunked", dict(chunks=3)),
+        (uneven, None, "gelu", "chunked", dict(chunks=40)),  # more chunks than tokens
+        (uneven, None, "swiglu", "pairwise", dict(pairwise_group_size=1)),
+        (12, 1.0, "swiglu", "chunked", dict(chunks=2)),  # capacity: every rank the same number of tokens
+        (12, 0.5, "gelu", "chunked", dict(chunks=5)),  # capacity overflow: assignments dropped
+        (12, 0.5, "swiglu", "pairwise", dict(pairwise_group_size=1)),
+    ]
+    if groups.ep_size > 2:
+        cases.append((uneven, None, "swiglu", "pairwise", dict(pairwise_group_size=2)))
+        cases.append((12, 1.0, "gelu", "pairwise", dict(pairwise_group_size=groups.ep_size)))
+    for num_tokens, capacity_factor, activation, schedule, options in cases:
+        compare(groups, rank, num_tokens, capacity_factor, activation, schedule, **options)
+    return True
+
+
+@pytest.mark.parametrize("world, ep_size", [(2, 2), (4, 4), (4, 2)])
+def test_pipelined_schedules_equal_bulk(world, ep_size):
+    assert all(run_ranks(world, equivalence_worker, ep_size))
+
+
+def counts_worker(rank, world):
+    groups = moeflux.init_expert_parallel(world)
+    x = torch.randn(10, H, dtype=torch.float64, requires_grad=True)
+    seen = {}
+    for schedule, options, stages in [("bulk", {}, 1), ("chunked", dict(chunks=3), 3),
+                                      ("pairwise", dict(pairwise_group_size=1), world)]:
+        layer = make(groups, 3, schedule=schedule, **options)
+        ops.reset_collective_counts()
+        out = layer(x)
+        forward = ops.collective_counts()
+        out.sum().backward()
+        total = ops.collective_counts()
+        seen[schedule] = (forward, total, stages)
+    return seen
+
+
+def test_collectives_per_step_follow_the_schedule():
+    for seen in run_ranks(2, counts_worker):
+        for schedule, (forward, total, stages) in seen.items():
+            assert forward == {"token_all_to_alls": 2 * stages, "count_exchanges": 1}, schedule
+            assert total == {"token_all_to_alls": 4 * stages, "count_exchanges": 1}, schedule
+
+
+def bad_options_worker(rank, world):
+    groups = moeflux.init_expert_parallel(world)
+    errors = []
+    for options, message in [(dict(schedule="fancy"), "schedule must be one of"),
+                             (dict(schedule="chunked", chunks=0), "chunks must be an int >= 1"),
+                             (dict(schedule="pairwise", pairwise_group_size=3), "group_size must divide")]:
+        with pytest.raises(ValueError, match=message):
+            make(groups, 0, **options)
+        errors.append(message)
+    # ranks that disagree on the schedule all raise
+    with pytest.raises(ValueError, match="disagree on chunks"):
+        make(groups, 0, schedule="chunked", chunks=2 + rank)
+    return errors
+
+
+def test_bad_schedule_options_raise_on_every_rank():
+    assert all(run_ranks(2, bad_options_worker))
+
+
+def functional_worker(rank, world):
+    """The op itself, on its own arguments: bad arguments name the argument."""
+    x = torch.randn(4, H)
+    ids = torch.zeros(4, 1, dtype=torch.int32)
+    w_in, w_out = torch.randn(2, H, 2 * F), torch.randn(2, F, H)
+    with pytest.raises(RuntimeError, match="w_in.size\\(2\\) must equal 2 \\* w_out.size\\(1\\)"):
+        ops.pipelined_moe(x, ids, None, torch.randn(2, H, F), w_out, "swiglu", 2 * world)
+    with pytest.raises(RuntimeError, match="schedule must be 'chunked' or 'pairwise'"):
+        ops.pipelined_moe(x, ids, None, w_in, w_out, "swiglu", 2 * world, schedule="bulk")
+    out, counts = ops.pipelined_moe(x, ids, None, w_in, w_out, "swiglu", 2 * world, chunks=2)
+    assert out.shape == x.shape and counts.shape == (2,)
+    return True
+
+
+def test_functional_pipelined_moe():
+    assert all(run_ranks(2, functional_worker))
