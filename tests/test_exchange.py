@@ -118,6 +118,8 @@ def check_all_to_all_exchange(rank, world, layout, capacity):
         placement = moeflux.ExpertPlacement(num_experts, world, rank)
     exchange = make_exchange(placement, dist.group.WORLD)
     assert isinstance(exchange, AllToAllExchange)
+    with pytest.raises(ValueError, match="placement.ep_size \\(1\\) must equal the size of the expert-parallel group"):
+        AllToAllExchange(moeflux.ExpertPlacement(num_experts), dist.group.WORLD)
     num_tokens = 8 if capacity is not None else 3 * rank  # dropless: uneven, rank 0 without tokens
     tokens, ids, weights = routed(num_tokens, num_experts, 2, seed=10 + rank)
     if capacity is not None:

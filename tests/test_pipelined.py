@@ -118,8 +118,24 @@ def functional_worker(rank, world):
     w_in, w_out = torch.randn(2, H, 2 * F), torch.randn(2, F, H)
     with pytest.raises(RuntimeError, match="w_in.size\\(2\\) must equal 2 \\* w_out.size\\(1\\)"):
         ops.pipelined_moe(x, ids, None, torch.randn(2, H, F), w_out, "swiglu", 2 * world)
-    with pytest.raises(RuntimeError, match="schedule must be 'chunked' or 'pairwise'"):
-        ops.pipelined_moe(x, ids, None, w_in, w_out, "swiglu", 2 * world, schedule="bulk")
+    bad_calls = {
+        "schedule must be 'chunked' or 'pairwise'": dict(schedule="bulk"),
+        "chunks must be >= 1": dict(chunks=0),
+        "group_size must divide the expert-parallel group size": dict(schedule="pairwise", group_size=3),
+        "activation must be 'swiglu' or 'gelu'": dict(activation="relu"),
+        "num_experts must be a positive multiple": dict(num_experts=2 * world + 1),
+        "expert weights must have the dtype of tokens": dict(w_in=w_in.double()),
+        "weights must have the shape of expert_ids": dict(weights=torch.ones(4, 2)),
+        "w_in.size\\(0\\) must equal num_experts / group size": dict(num_experts=4 * world),
+        "tokens must be 2-D": dict(x=x[None]),
+    }
+    for message, change in bad_calls.items():
+        args = dict(x=x, ids=ids, weights=None, w_in=w_in, w_out=w_out, activation="swiglu", num_experts=2 * world,
+                    schedule="chunked", chunks=2, group_size=1) | change
+        with pytest.raises(RuntimeError, match=message):
+            ops.pipelined_moe(args["x"], args["ids"], args["weights"], args["w_in"], args["w_out"],
+                              args["activation"], args["num_experts"], None, None, args["schedule"], args["chunks"],
+                              args["group_size"])
     out, counts = ops.pipelined_moe(x, ids, None, w_in, w_out, "swiglu", 2 * world, chunks=2)
     assert out.shape == x.shape and counts.shape == (2,)
     return True

@@ -71,8 +71,13 @@ PendingExchange start_exchange(const at::Tensor& input, const std::vector<int64_
   // all_to_all_single and deprecates this name).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  // Registered with the communication scheduler from before it is queued until
+  // it is done, so that no gradient all-reduce micro-op starts meanwhile (on a
+  // device: until the device has run it, which the host wait does not tell).
+  comm_scheduler::AllToAllInFlight in_flight;
   pending.work = group.alltoall_base(output, in, out_splits, in_splits);
 #pragma GCC diagnostic pop
+  in_flight.until_done(pending.work);
   pending.timer->enqueued();
   return pending;
 }
@@ -91,13 +96,7 @@ at::Tensor PendingExchange::finish() {
 at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
                          const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group, const char* op,
                          const char* phase) {
-  // Registered with the communication scheduler from before it is queued until
-  // it is done, so that no gradient all-reduce micro-op starts meanwhile (on a
-  // device: until the device has run it, which the host wait does not tell).
-  comm_scheduler::AllToAllInFlight in_flight;
-  PendingExchange pending = start_exchange(input, output_split_sizes, input_split_sizes, group, op, phase);
-  in_flight.until_done(pending.work);
-  return pending.finish();
+  return start_exchange(input, output_split_sizes, input_split_sizes, group, op, phase).finish();
 }
 
 at::Tensor all_to_all(const at::Tensor& input, at::IntArrayRef output_split_sizes, at::IntArrayRef input_split_sizes,

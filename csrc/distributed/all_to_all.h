@@ -26,7 +26,8 @@ at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& ou
 
 // The same all-to-all, split in two so that work can run while it is on the
 // wire: start_exchange issues it, finish() waits for it (once) and returns the
-// rows. Every rank must start its exchanges of a group in the same order.
+// rows. Every rank must start its exchanges of a group in the same order. It
+// counts as in flight for the communication scheduler until it is done.
 struct PendingExchange {
   at::Tensor output;
   at::Tensor input;  // kept alive until the collective is done

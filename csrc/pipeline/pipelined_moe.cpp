@@ -26,7 +26,6 @@
 
 #include "csrc/checks.h"
 #include "csrc/distributed/all_to_all.h"
-#include "csrc/distributed/comm_scheduler.h"
 #include "csrc/distributed/counts.h"
 #include "csrc/ops.h"
 
@@ -123,17 +122,6 @@ std::vector<Stage> plan_stages(const Schedule& schedule, int64_t rank, const at:
   return stages;
 }
 
-// An all-to-all registered with the communication scheduler until it is done, so that no gradient
-// all-reduce micro-op starts while it is in flight (DataParallel's all-to-all priority).
-PendingExchange start_registered(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
-                                 const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group,
-                                 const char* phase) {
-  comm_scheduler::AllToAllInFlight in_flight;
-  PendingExchange pending = start_exchange(input, output_split_sizes, input_split_sizes, group, kOp, phase);
-  in_flight.until_done(pending.work);
-  return pending;
-}
-
 // ---- the experts: GroupedExperts' FFN, one matmul pair per local expert
 
 at::Tensor activate(const at::Tensor& h, bool swiglu) {
@@ -218,8 +206,8 @@ void run_stages(const Layer& layer, const at::Tensor& rows, at::Tensor& landed, 
   auto start_out = [&](int64_t s) {
     const Stage& st = layer.stages[s];
     count_token_all_to_all();
-    out.push_back(start_registered(rows.index_select(0, st.send_index), st.recv_splits, st.send_splits,
-                                   *layer.group, out_phase));
+    out.push_back(start_exchange(rows.index_select(0, st.send_index), st.recv_splits, st.send_splits, *layer.group,
+                                 kOp, out_phase));
   };
   start_out(0);
   for (int64_t s = 0; s < num_stages; ++s) {
@@ -232,7 +220,7 @@ void run_stages(const Layer& layer, const at::Tensor& rows, at::Tensor& landed, 
     at::Tensor by_source = at::empty_like(result);
     by_source.index_copy_(0, st.regroup, result);
     count_token_all_to_all();
-    back.push_back(start_registered(by_source, st.send_splits, st.recv_splits, *layer.group, back_phase));
+    back.push_back(start_exchange(by_source, st.send_splits, st.recv_splits, *layer.group, kOp, back_phase));
   }
   for (int64_t s = 0; s < num_stages; ++s) landed.index_copy_(0, layer.stages[s].send_index, back[s].finish());
 }
@@ -291,12 +279,9 @@ Saved run_forward(const at::Tensor& tokens, const at::Tensor& expert_ids, const 
     received = counts.received;
     layer.tokens_per_local_expert = counts.received_on_device.sum(0).to(at::kInt);
   }
-  std::vector<int64_t> start(world * local);
+  std::vector<int64_t> start(world * local);  // where each (rank, expert) segment begins in `permuted`
   const int64_t* segment = sent.const_data_ptr<int64_t>();
-  for (int64_t e = 0, offset = 0; e < world * local; ++e) {
-    start[e] = offset;
-    offset += capacity.has_value() ? *capacity : segment[e];
-  }
+  for (int64_t e = 0, offset = 0; e < world * local; offset += segment[e++]) start[e] = offset;
   layer.stages = plan_stages(schedule, rank, sent, received, start, tokens.device());
 
   // Forward: rows go out (dispatch), the experts run, rows come back (combine).
