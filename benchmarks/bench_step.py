@@ -8,7 +8,7 @@ Two modes:
         benchmarks/bench_step.py --json /tmp/step.json
 
     # the sweep: several link rates x topologies, each on a fresh emulated cluster (root);
-    # writes JSON per run, table.md, step_breakdown.png and calibration.json (for moeflux.sim)
+    # writes JSON per run (with every token collective's traffic matrix and time), table.md and step_breakdown.png
     python benchmarks/bench_step.py --sweep --out benchmarks/results/step
 
 The model is the main job's (examples/moe_lm: attention + moeflux.MoE per block, moeflux.DataParallel,
@@ -195,12 +195,8 @@ def write_outputs(results: list[dict], out: Path) -> None:
             f"{r['bytes_intra_per_step'] / 1e6:.1f} / {r['bytes_inter_per_step'] / 1e6:.1f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    calibration = [{"nodes": r["nodes"], "ranks_per_node": r["ranks_per_node"], "link": r["link"],
-                    "phase": c["phase"], "traffic_bytes": c["traffic_bytes"], "seconds": c["seconds"]}
-                   for r in results for c in r["collectives"]]
-    (out / "calibration.json").write_text(json.dumps(calibration))
     plot(results, out / "step_breakdown.png")
-    print(f"wrote {out}/table.md, step_breakdown.png, calibration.json ({len(calibration)} collectives)")
+    print(f"wrote {out}/table.md and step_breakdown.png")
 
 
 def plot(results: list[dict], path: Path) -> None:

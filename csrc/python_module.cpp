@@ -53,21 +53,12 @@ PYBIND11_MODULE(_C, m) {
                     py::arg("max_micro_ops_in_flight") = s.max_micro_ops_in_flight);
   });
   m.def("reset_comm_scheduler_stats", [] { sched::instance().reset_stats(); });
-  m.def("comm_scheduler_flush", [] { sched::instance().flush(); }, py::call_guard<py::gil_scoped_release>());
 
   // An all-reduce (sum, in place) submitted as scheduled micro-ops, as the bucketer does with priority.
   struct ScheduledAllReduce {
     std::vector<c10::intrusive_ptr<c10::ivalue::Future>> parts;
   };
   py::class_<ScheduledAllReduce>(m, "ScheduledAllReduce")
-      .def("is_completed",
-           [](const ScheduledAllReduce& self) {
-             for (const auto& part : self.parts) {
-               if (!part->completed()) return false;
-             }
-             return true;
-           })
-      .def("__len__", [](const ScheduledAllReduce& self) { return self.parts.size(); })
       .def(
           "wait",
           [](ScheduledAllReduce& self) {

@@ -206,8 +206,6 @@ Scheduler& instance() {
   return *scheduler;
 }
 
-void all_to_all_enqueued() { instance().all_to_all_enqueued(); }
-void all_to_all_completed() { instance().all_to_all_completed(); }
 
 AllToAllInFlight::AllToAllInFlight(Scheduler& scheduler) : scheduler_(&scheduler) {
   scheduler_->all_to_all_enqueued();

@@ -9,11 +9,10 @@
 // moeflux all-to-all is queued or running. An all-to-all then waits behind at
 // most the one micro-op that is already on the wire.
 //
-// All-to-alls register on enqueue and completion: exchange_rows does it with
-// an AllToAllInFlight guard; code that keeps an all-to-all in flight on its own
-// (an asynchronous pipeline) calls all_to_all_enqueued() before issuing it and
-// all_to_all_completed() once it is done (or hands the Work to a guard's
-// until_done()).
+// All-to-alls register on enqueue and completion: start_exchange (which every
+// moeflux all-to-all goes through, blocking or pipelined) holds an
+// AllToAllInFlight guard around the enqueue and hands the Work to its
+// until_done().
 //
 // Collectives stay matched across ranks: micro-ops are launched strictly in
 // submission order, and every rank submits the same micro-ops in the same
@@ -141,10 +140,6 @@ class Scheduler {
 
 // The scheduler of this process (never destroyed: callbacks may outlive main).
 Scheduler& instance();
-
-// Registration of the process-wide scheduler, for code that keeps all-to-alls in flight itself.
-void all_to_all_enqueued();
-void all_to_all_completed();
 
 // Registers an all-to-all for its scope: construct it before issuing the
 // collective. until_done(work) makes it count as in flight until `work` is

@@ -42,10 +42,13 @@ class RoutingRecorder:
     def end_step(self, step: int) -> None:
         self.recording = False
         world = dist.get_world_size()
-        everyone = [torch.empty_like(self.counts) for _ in range(world)]
-        dist.all_gather(everyone, self.counts)
+        # NCCL gathers device tensors only.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        mine = self.counts.to(device)
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine)
         self.steps.append(step)
-        self.gathered.append(torch.stack(everyone).numpy())
+        self.gathered.append(torch.stack(everyone).cpu().numpy())
 
     def save(self, path: Path) -> Path | None:
         """Rank 0 writes ``path`` (npz: counts, iterations); other ranks return None."""

@@ -67,7 +67,8 @@ class DataParallel(nn.Module):
             moeflux all-to-all of this process is queued or running, so an
             all-to-all waits behind at most one micro-op; the end of backward
             flushes what is left. Same sums, bit for bit, as without it.
-            ``None`` (default): on when ``module`` has expert-parallel MoE layers.
+            ``None`` (default): on when ``module`` has expert-parallel MoE layers and
+            the gradients go over gloo (NCCL: opt-in, not yet run on GPUs).
             Applies to the built-in hooks; a Python ``comm_hook`` is never held back.
             The all-to-alls must use other process groups than the gradients
             (true for ``moeflux.init_expert_parallel`` groups).
@@ -147,7 +148,10 @@ class DataParallel(nn.Module):
         clash = [name for group_name, name in all_to_all_groups.items()
                  if group_name in {g.group_name for g in self.groups}]
         if asked is None:
-            return bool(all_to_all_groups) and not clash
+            # Auto only on gloo, where it is measured and the groups' collectives cannot deadlock each other.
+            # On NCCL, ranks may issue micro-ops and all-to-alls to their two communicators in different orders,
+            # which NCCL does not promise to survive; it stays opt-in there until a GPU run has checked it.
+            return bool(all_to_all_groups) and not clash and dist.get_backend(self.groups[0]) == "gloo"
         if asked and clash:
             # The scheduler changes when micro-ops go out relative to all-to-alls; on one group
             # that would reorder collectives differently on different ranks.
