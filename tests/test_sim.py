@@ -454,3 +454,46 @@ def test_calibration_fits_pair_serialization():
     assert "pair_serialization" not in fit(ms).fitted and fit(ms).pair_serialization == 0.0
     with pytest.raises(ValueError, match="unknown parameter"):
         fit(ms, parameters=("overhead_s", "nope"))
+
+
+def _bad_inputs(tmp_path):
+    """Every ValueError of the library's input checks that other tests do not reach: (call, message)."""
+    from moeflux.sim import all_to_all_time, expert_ranks, fit, load_measurements, step_time, traffic_matrix, zipf
+    from moeflux.sim.links import Topology
+
+    two_by_two = Topology(2, 2, NVLINK_H100, IB_400G)
+    not_a_list = tmp_path / "object.json"
+    not_a_list.write_text("{}")
+    bad_kind = tmp_path / "bad_kind.json"
+    bad_kind.write_text(json.dumps([{"nodes": 2, "ranks_per_node": 1, "link_gbit_per_s": 1, "latency_s": 0,
+                                     "measured_s": 0.1, "routing": {"tokens_per_rank": 8, "hidden": 4,
+                                                                    "kind": "pareto"}}]))
+    return {
+        "rate must be > 0": lambda: LinkClass.from_bandwidth(gbit_per_s=-1.0, latency_s=0.0),
+        "efficiency must be in \\(0, 1\\]": lambda: LinkClass.from_bandwidth(gbit_per_s=1.0, latency_s=0.0,
+                                                                             efficiency=1.5),
+        "Topology: nodes must be a positive int": lambda: Topology(0, 2, NVLINK_H100, IB_400G),
+        "algorithm must be one of": lambda: all_to_all_time(np.ones((4, 4)), two_by_two, "ring"),
+        "dedup must be in \\[0, 1\\)": lambda: all_to_all_time(np.ones((4, 4)), two_by_two, "hierarchical", 1.0),
+        "step_time: times must be >= 0": lambda: step_time(-1.0, 1.0, 1.0),
+        "placement must be an integer array of shape": lambda: expert_ranks(4, 2, np.zeros(3, dtype=int)),
+        "traffic_matrix: counts must be \\[..., ranks, experts\\]": lambda: traffic_matrix(np.ones(4), 8, 2),
+        "need num_ranks, num_experts, top_k >= 1": lambda: zipf(0, 4, 8, 2, 1.0, 0),
+        "give exactly one of traffic_bytes and routing": lambda: Measurement(1, 2, 1.0, 0.0, 0.1),
+        "measured_s must be > 0": lambda: Measurement(1, 2, 1.0, 0.0, 0.0, traffic_bytes=np.ones((2, 2))),
+        "need link_gbit_per_s > 0": lambda: Measurement(1, 2, 0.0, 0.0, 0.1, traffic_bytes=np.ones((2, 2))),
+        "fit: no measurements": lambda: fit([]),
+        "must hold a JSON list": lambda: load_measurements(not_a_list),
+        "entry 0: RoutingSpec: kind must be 'uniform' or 'zipf'": lambda: load_measurements(bad_kind),
+    }
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    for message, call in _bad_inputs(tmp_path).items():
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_cli_rejects_a_cluster_that_does_not_fill_its_nodes(capsys):
+    with pytest.raises(SystemExit, match="--gpus 12 is not a multiple of --ranks-per-node 8"):
+        cli_main(["--gpus", "12", "--routing", "uniform"])

@@ -69,9 +69,11 @@ class RoutingSpec:
     num_experts: int | None = None
     seed: int = 0
 
-    def traffic(self, world: int) -> np.ndarray:
+    def __post_init__(self) -> None:  # checked when read, so load_measurements names the entry
         if self.kind not in ("uniform", "zipf"):
             raise ValueError(f"RoutingSpec: kind must be 'uniform' or 'zipf', got {self.kind!r}")
+
+    def traffic(self, world: int) -> np.ndarray:
         experts = self.num_experts or 2 * world
         s = 0.0 if self.kind == "uniform" else self.skew
         counts = zipf(world, experts, self.tokens_per_rank, self.top_k, s, self.seed)
