@@ -127,11 +127,12 @@ class AllToAllFunction : public torch::autograd::Function<AllToAllFunction> {
 class DispatchFunction : public torch::autograd::Function<DispatchFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& tokens, const at::Tensor& expert_ids,
-                               int64_t num_experts, std::optional<int64_t> capacity, const std::string& group_name) {
+                               int64_t num_experts, std::optional<int64_t> capacity, const std::string& group_name,
+                               const std::optional<at::Tensor>& routing_counts) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = find_op<decltype(dispatch)>("moeflux::dispatch");
     auto [rows, tokens_per_local_expert, row_map, regroup_map, send_splits, recv_splits] =
-        op.call(tokens, expert_ids, num_experts, capacity, group_name);
+        op.call(tokens, expert_ids, num_experts, capacity, group_name, routing_counts);
     ctx->save_for_backward({row_map, regroup_map, send_splits, recv_splits});
     ctx->saved_data["group_name"] = group_name;
     ctx->saved_data["layer"] = comm_stats::current_layer();
@@ -146,7 +147,32 @@ class DispatchFunction : public torch::autograd::Function<DispatchFunction> {
     // Gradients are materialised (zeros for unused outputs), so every rank takes part in the all-to-all.
     const at::Tensor grad_tokens =
         op.call(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["group_name"].toStringRef());
-    return {grad_tokens, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_tokens, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// FasterMoE's shadows: the owners' expert rows on every rank; the gradient of every rank's copy is summed
+// onto the owner (reduce_expert_rows), so shadowed experts learn exactly what they would have unshadowed.
+class BroadcastExpertRowsFunction : public torch::autograd::Function<BroadcastExpertRowsFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& local, at::IntArrayRef positions,
+                               const std::string& group_name) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = find_op<decltype(broadcast_expert_rows)>("moeflux::broadcast_expert_rows");
+    ctx->saved_data["positions"] = positions.vec();
+    ctx->saved_data["local_experts"] = local.size(0);
+    ctx->saved_data["group_name"] = group_name;
+    ctx->saved_data["layer"] = comm_stats::current_layer();
+    return {op.call(local, positions, group_name)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<decltype(reduce_expert_rows)>("moeflux::reduce_expert_rows");
+    const comm_stats::LayerScope layer(ctx->saved_data["layer"].toStringRef());
+    const auto positions = ctx->saved_data["positions"].toIntVector();
+    return {op.call(grads[0].contiguous(), positions, ctx->saved_data["local_experts"].toInt(),
+                    ctx->saved_data["group_name"].toStringRef()),
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -182,6 +208,11 @@ class CombineFunction : public torch::autograd::Function<CombineFunction> {
 
 }  // namespace
 
+at::Tensor broadcast_expert_rows_autograd(const at::Tensor& local, at::IntArrayRef positions,
+                                          const std::string& group_name) {
+  return BroadcastExpertRowsFunction::apply(local, positions, group_name)[0];
+}
+
 at::Tensor all_to_all_autograd(const at::Tensor& input, at::IntArrayRef output_split_sizes,
                                at::IntArrayRef input_split_sizes, const std::string& group_name) {
   return AllToAllFunction::apply(input, output_split_sizes, input_split_sizes, group_name)[0];
@@ -189,8 +220,8 @@ at::Tensor all_to_all_autograd(const at::Tensor& input, at::IntArrayRef output_s
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_autograd(
     const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
-    const std::string& group_name) {
-  auto out = DispatchFunction::apply(tokens, expert_ids, num_experts, capacity, group_name);
+    const std::string& group_name, const std::optional<at::Tensor>& routing_counts) {
+  auto out = DispatchFunction::apply(tokens, expert_ids, num_experts, capacity, group_name, routing_counts);
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 

@@ -48,9 +48,11 @@ at::Tensor gather_rows(const DeviceKernels& kernels, const at::Tensor& rows, con
 // ---- expert parallelism (csrc/distributed/)
 at::Tensor all_to_all(const at::Tensor& input, at::IntArrayRef output_split_sizes, at::IntArrayRef input_split_sizes,
                       const std::string& group_name);
+// routing_counts: [P, E] int64 on the host, what a dropless dispatch of these expert_ids would exchange; given,
+// dispatch skips its own count exchange.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch(
     const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
-    const std::string& group_name);
+    const std::string& group_name, const std::optional<at::Tensor>& routing_counts);
 at::Tensor dispatch_backward(const at::Tensor& grad_expert_rows, const at::Tensor& row_map,
                              const at::Tensor& regroup_map, const at::Tensor& send_splits,
                              const at::Tensor& recv_splits, const std::string& group_name);
@@ -63,6 +65,16 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_outpu
                                                     const at::Tensor& send_splits, const at::Tensor& recv_splits,
                                                     const std::optional<at::Tensor>& weights,
                                                     const std::string& group_name);
+
+// Load balancing (expert_rows.cpp): [P, E] routed rows per position on every rank; owners' expert rows to
+// every rank and their gradients back; expert rows into a new placement.
+at::Tensor routing_counts(const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts,
+                          const std::string& group_name);
+at::Tensor broadcast_expert_rows(const at::Tensor& local, at::IntArrayRef positions, const std::string& group_name);
+at::Tensor reduce_expert_rows(const at::Tensor& grad_rows, at::IntArrayRef positions, int64_t local_experts,
+                              const std::string& group_name);
+at::Tensor move_expert_rows(const at::Tensor& local, at::IntArrayRef old_expert_at, at::IntArrayRef new_expert_at,
+                            const std::string& group_name);
 
 // The layer in stages (csrc/pipeline/): dispatch -> experts (GroupedExperts' FFN) -> combine with each
 // stage's all-to-alls overlapping another stage's experts, forward and backward. -> (output [T, H],
@@ -98,7 +110,9 @@ at::Tensor all_to_all_autograd(const at::Tensor& input, at::IntArrayRef output_s
                                at::IntArrayRef input_split_sizes, const std::string& group_name);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_autograd(
     const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
-    const std::string& group_name);
+    const std::string& group_name, const std::optional<at::Tensor>& routing_counts);
+at::Tensor broadcast_expert_rows_autograd(const at::Tensor& local, at::IntArrayRef positions,
+                                          const std::string& group_name);
 std::tuple<at::Tensor, at::Tensor> combine_autograd(const at::Tensor& expert_out, const at::Tensor& row_map,
                                                     const at::Tensor& regroup_map, const at::Tensor& send_splits,
                                                     const at::Tensor& recv_splits,

@@ -50,7 +50,8 @@ TORCH_LIBRARY(moeflux, m) {
         "-> (Tensor grad_rows, Tensor grad_weights)");
   // expert parallelism: collectives over a c10d process group named by group_name
   m.def("all_to_all(Tensor input, int[] output_split_sizes, int[] input_split_sizes, str group_name) -> Tensor");
-  m.def("dispatch(Tensor tokens, Tensor expert_ids, int num_experts, int? capacity, str group_name) "
+  m.def("dispatch(Tensor tokens, Tensor expert_ids, int num_experts, int? capacity, str group_name, "
+        "Tensor? routing_counts=None) "
         "-> (Tensor expert_rows, Tensor tokens_per_local_expert, Tensor row_map, Tensor regroup_map, "
         "Tensor send_splits, Tensor recv_splits)");
   m.def("dispatch_backward(Tensor grad_expert_rows, Tensor row_map, Tensor regroup_map, Tensor send_splits, "
@@ -63,6 +64,11 @@ TORCH_LIBRARY(moeflux, m) {
   m.def("pipelined_moe(Tensor tokens, Tensor expert_ids, Tensor? weights, Tensor w_in, Tensor w_out, "
         "str activation, int num_experts, int? capacity, str group_name, str schedule, int chunks, int group_size) "
         "-> (Tensor output, Tensor tokens_per_local_expert)");
+  // load balancing: collectives on expert rows (csrc/distributed/expert_rows.cpp)
+  m.def("routing_counts(Tensor tokens, Tensor expert_ids, int num_experts, str group_name) -> Tensor");
+  m.def("broadcast_expert_rows(Tensor local, int[] positions, str group_name) -> Tensor");
+  m.def("reduce_expert_rows(Tensor grad_rows, int[] positions, int local_experts, str group_name) -> Tensor");
+  m.def("move_expert_rows(Tensor local, int[] old_expert_at, int[] new_expert_at, str group_name) -> Tensor");
   // experts
   m.def("grouped_mm(Tensor input, Tensor weight, Tensor tokens_per_expert) -> Tensor");
 }
@@ -80,6 +86,7 @@ TORCH_LIBRARY_IMPL(moeflux, Autograd, m) {
   m.impl("dispatch", &moeflux::dispatch_autograd);
   m.impl("combine", &moeflux::combine_autograd);
   m.impl("pipelined_moe", &moeflux::pipelined_moe_autograd);
+  m.impl("broadcast_expert_rows", &moeflux::broadcast_expert_rows_autograd);
 }
 
 // Device-generic: index bookkeeping from ATen ops (apply_capacity), and the collectives, which run on any
@@ -92,6 +99,10 @@ TORCH_LIBRARY_IMPL(moeflux, CompositeExplicitAutograd, m) {
   m.impl("combine", &moeflux::combine);
   m.impl("combine_backward", &moeflux::combine_backward);
   m.impl("pipelined_moe", &moeflux::pipelined_moe);
+  m.impl("routing_counts", &moeflux::routing_counts);
+  m.impl("broadcast_expert_rows", &moeflux::broadcast_expert_rows);
+  m.impl("reduce_expert_rows", &moeflux::reduce_expert_rows);
+  m.impl("move_expert_rows", &moeflux::move_expert_rows);
 }
 
 // Built from differentiable ATen ops: autograd derives their backward.

@@ -17,4 +17,8 @@ struct ExchangedCounts {
 ExchangedCounts exchange_counts(const at::Tensor& tokens, const at::Tensor& tokens_per_expert, int64_t num_experts,
                                 c10d::ProcessGroup& group, const char* op);
 
+// The same from routing_counts' [P, E] matrix (already on the host): no collective, no synchronisation.
+ExchangedCounts counts_from_routing(const at::Tensor& routing_counts, int64_t rank, int64_t world,
+                                    const at::Device& device, const char* op);
+
 }  // namespace moeflux

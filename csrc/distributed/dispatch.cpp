@@ -96,9 +96,21 @@ ExchangedCounts exchange_counts(const at::Tensor& tokens, const at::Tensor& toke
           recv_msg.narrow(1, 0, local_experts)};
 }
 
+ExchangedCounts counts_from_routing(const at::Tensor& routing_counts, int64_t rank, int64_t world,
+                                    const at::Device& device, const char* op) {
+  TORCH_CHECK(routing_counts.device().is_cpu() && routing_counts.scalar_type() == at::kLong &&
+                  routing_counts.dim() == 2 && routing_counts.size(0) == world && routing_counts.size(1) % world == 0,
+              "moeflux.", op, ": routing_counts must be a CPU int64 [P = ", world, ", E] tensor (routing_counts' ",
+              "result), got ", routing_counts.scalar_type(), " ", routing_counts.sizes(), " on ",
+              routing_counts.device());
+  const int64_t local_experts = routing_counts.size(1) / world;
+  const at::Tensor received = routing_counts.narrow(1, rank * local_experts, local_experts).contiguous();
+  return {routing_counts.select(0, rank).view({world, local_experts}).contiguous(), received, received.to(device)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch(
     const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
-    const std::string& group_name) {
+    const std::string& group_name, const std::optional<at::Tensor>& routing_counts) {
   const char* op = "dispatch";
   const auto group = resolve_group(group_name, op);
   const int64_t world = group->getSize();
@@ -117,7 +129,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     regroup_map = regroup_map_capacity(world, local_experts, *capacity, tokens.options());
     tokens_per_local_expert = at::full({local_experts}, world * *capacity, tokens.options().dtype(at::kInt));
   } else {
-    const ExchangedCounts counts = exchange_counts(tokens, tokens_per_expert, num_experts, *group, op);
+    const ExchangedCounts counts =
+        routing_counts.has_value()
+            ? counts_from_routing(*routing_counts, group->getRank(), world, tokens.device(), op)
+            : exchange_counts(tokens, tokens_per_expert, num_experts, *group, op);
     send_splits = counts.sent.sum(1);
     recv_splits = counts.received.sum(1);
     regroup_map = regroup_map_dropless(counts.received_on_device, recv_splits.sum().item<int64_t>());

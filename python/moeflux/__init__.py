@@ -10,13 +10,15 @@ The ops are ``torch.ops.moeflux.*``; :mod:`moeflux.ops` has typed wrappers.
 
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
-from . import _C, ops
+from . import _C, balance, ops
+from .balance import FixedShadows, ShadowCostModel
 from .instrumentation import CommStats, comm_stats
 from .data_parallel import CommHookState, DataParallel
 from .distributed import ExpertParallelGroups, init_expert_parallel
 from .experts import GroupedExperts, SharedExpert
 from .moe import ExpertParameter, MoE, aux_loss, expert_parameters
 from .placement import ExpertPlacement
+from .replacement import ExpertReplacement, Replacement
 from .router import Router, Routing
 
 __all__ = [
@@ -29,6 +31,11 @@ __all__ = [
     "expert_parameters",
     "ExpertParameter",
     "ExpertPlacement",
+    "ShadowCostModel",
+    "FixedShadows",
+    "ExpertReplacement",
+    "Replacement",
+    "balance",
     "ops",
     "init_expert_parallel",
     "ExpertParallelGroups",

@@ -13,6 +13,9 @@ in :meth:`moeflux.MoE.forward`.
 - :class:`PipelinedExchange`: the same group, in stages whose all-to-alls
   overlap the experts of another stage (``"chunked"``: Lina; ``"pairwise"``:
   FasterMoE); it owns the expert compute too, in one C++ autograd function.
+- :class:`ShadowedExchange`: the bulk all-to-all, except that the experts a
+  policy picks each step (FasterMoE's shadows: the hot ones) are copied to
+  every rank and their tokens computed where they are.
 
 Both read the layer's :class:`moeflux.ExpertPlacement` to turn global expert
 ids into the positions the ops send by (rank * E_local + slot).
@@ -29,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
+from .balance import ExpertShape, FixedShadows, ShadowCostModel
 from .placement import ExpertPlacement
 
 if TYPE_CHECKING:
@@ -170,17 +174,80 @@ class PipelinedExchange(AllToAllExchange):
                                  self.schedule, self.chunks, self.group_size)
 
 
+ShadowPolicy = ShadowCostModel | FixedShadows
+
+
+class ShadowedExchange(AllToAllExchange):
+    """FasterMoE's dynamic shadowing (PPoPP'22) over the bulk all-to-all.
+
+    Each forward: :func:`moeflux.ops.routing_counts` gives every rank the ``[P, E]`` routing counts (one small
+    all-to-all and the layer's one host synchronisation: the dispatch that follows reuses them instead of
+    exchanging counts again); ``policy`` picks the experts to shadow from them, the same on every rank
+    (:class:`moeflux.ShadowCostModel`, or :class:`moeflux.FixedShadows`). The shadows' weights are broadcast
+    from their owners (:func:`moeflux.ops.broadcast_expert_rows`), their tokens are computed on the rank they
+    come from and never enter the all-to-all, and in backward their weight gradients are summed onto the
+    owners by autograd, so they are complete before the owners' gradient hooks (and
+    :class:`moeflux.DataParallel`'s buckets) see them. Outputs and gradients equal :class:`AllToAllExchange`'s
+    up to the order of floating-point sums.
+
+    With a capacity, the capacity is applied by the layer before the exchange as always; the kept tokens
+    then travel dropless (packed rows, no padding), which gives the same result.
+    """
+
+    def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup, policy: ShadowPolicy) -> None:
+        super().__init__(placement, group)
+        if not isinstance(policy, (ShadowCostModel, FixedShadows)):
+            raise TypeError(f"ShadowedExchange: policy must be a ShadowCostModel or FixedShadows, got {policy!r}")
+        self.policy = policy
+        self.shadowed_experts: tuple[int, ...] = ()  # global experts shadowed by the last forward
+
+    def _shadow_positions(self, counts: Tensor, experts: GroupedExperts) -> list[int]:
+        if isinstance(self.policy, FixedShadows):
+            return list(self.policy.choose_experts(self.placement))
+        shape = ExpertShape.of_ffn(experts.d_model, experts.d_ffn, experts.activation, experts.w_in.element_size())
+        return list(self.policy.choose(counts.numpy(), shape))
+
+    def run(self, tokens: Tensor, expert_ids: Tensor, weights: Tensor | None, capacity: int | None,
+            experts: GroupedExperts) -> tuple[Tensor, Tensor]:
+        positions = self._positions(expert_ids)
+        num_experts = self.placement.num_experts
+        counts = ops.routing_counts(tokens, positions, num_experts, self.group)
+        shadows = self._shadow_positions(counts, experts)
+        self.shadowed_experts = tuple(self.placement.expert_at[p] for p in shadows)
+        if shadows:
+            # Shadow index of each position (-1: not shadowed); index num_experts is for dropped slots.
+            index_of = torch.full((num_experts + 1,), -1, dtype=torch.int32)
+            index_of[shadows] = torch.arange(len(shadows), dtype=torch.int32)
+            shadow_ids = index_of.to(positions.device)[torch.where(positions >= 0, positions, num_experts).long()]
+            positions = torch.where(shadow_ids >= 0, -1, positions)
+            counts = counts.clone()
+            counts[:, shadows] = 0
+            shadow_w_in = ops.broadcast_expert_rows(experts.w_in, shadows, self.group)
+            shadow_w_out = ops.broadcast_expert_rows(experts.w_out, shadows, self.group)
+        rows, plan = ops.dispatch(tokens, positions, num_experts, None, self.group, routing_counts=counts)
+        out = ops.combine(experts(rows, plan.tokens_per_local_expert), plan, weights)
+        if shadows:
+            shadow_rows, shadow_counts, row_map = ops.permute(tokens, shadow_ids, len(shadows))
+            shadow_out = experts.ffn(shadow_rows, shadow_counts, shadow_w_in, shadow_w_out)
+            out = out + ops.unpermute(shadow_out, row_map, weights)
+        return out, plan.tokens_per_local_expert
+
+
 SCHEDULES = ("bulk", *PipelinedExchange.SCHEDULES)
 
 
 def make_exchange(placement: ExpertPlacement, ep_group: dist.ProcessGroup | None, schedule: str = "bulk",
-                  chunks: int = 2, group_size: int = 1) -> Exchange:
-    """The strategy for a placement: local without a group; over it, all-to-all in bulk (``schedule="bulk"``)
-    or pipelined (``"chunked"``, ``"pairwise"``)."""
+                  chunks: int = 2, group_size: int = 1, shadow_policy: ShadowPolicy | None = None) -> Exchange:
+    """The strategy for a placement: local without a group; over it, all-to-all in bulk (``schedule="bulk"``),
+    with shadowed experts (``shadow_policy``, bulk only) or pipelined (``"chunked"``, ``"pairwise"``)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if shadow_policy is not None and schedule != "bulk":
+        raise ValueError(f"shadowing works with schedule='bulk' only, got schedule={schedule!r}")
     if ep_group is None:
-        return LocalExchange(placement)
+        return LocalExchange(placement)  # every expert is here: nothing to shadow
+    if shadow_policy is not None:
+        return ShadowedExchange(placement, ep_group, shadow_policy)
     if schedule == "bulk":
         return AllToAllExchange(placement, ep_group)
     return PipelinedExchange(placement, ep_group, schedule, chunks, group_size)

@@ -117,12 +117,18 @@ class GroupedExperts(nn.Module):
         those of experts ``< e``. With a capacity every expert owns ``capacity``
         rows (zero padding past its count), so a batched matmul does the work.
         """
+        return self.ffn(rows, tokens_per_expert, self.w_in, self.w_out, capacity)
+
+    def ffn(self, rows: Tensor, tokens_per_expert: Tensor, w_in: Tensor, w_out: Tensor,
+            capacity: int | None = None) -> Tensor:
+        """:meth:`forward` with other experts' weights ``w_in [n, ...]``, ``w_out [n, ...]`` of this module's
+        shape (copies of other ranks' experts: FasterMoE's shadows)."""
         if capacity is not None:
-            h = torch.bmm(rows.view(self.num_experts, capacity, self.d_model), self.w_in)
-            out = torch.bmm(self._activate(h), self.w_out)
+            h = torch.bmm(rows.view(w_in.shape[0], capacity, self.d_model), w_in)
+            out = torch.bmm(self._activate(h), w_out)
             return out.view(-1, self.d_model)
-        h = ops.grouped_mm(rows, self.w_in, tokens_per_expert)
-        return ops.grouped_mm(self._activate(h), self.w_out, tokens_per_expert)
+        h = ops.grouped_mm(rows, w_in, tokens_per_expert)
+        return ops.grouped_mm(self._activate(h), w_out, tokens_per_expert)
 
     def extra_repr(self) -> str:
         return f"experts {list(self.global_experts)}, d_model={self.d_model}, d_ffn={self.d_ffn}, activation={self.activation}"

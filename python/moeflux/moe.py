@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from . import ops
 from .instrumentation import layer_scope
 from .distributed import ExpertParallelGroups, check_agreement
-from .exchange import Exchange, make_exchange
+from .balance import FixedShadows, ShadowCostModel
+from .exchange import Exchange, ShadowPolicy, make_exchange
 from .experts import ACTIVATIONS, GroupedExperts, SharedExpert
 from .placement import ExpertPlacement
 from .router import Router
@@ -79,6 +80,13 @@ class MoE(nn.Module):
             ``pairwise_group_size`` ranks: stage ``s`` sends to group ``g + s``);
             see :class:`moeflux.exchange.PipelinedExchange`. Outputs and
             gradients are the same for every schedule.
+        shadowing: FasterMoE's dynamic shadowing of hot experts (bulk schedule,
+            expert parallelism; see :class:`moeflux.exchange.ShadowedExchange`):
+            ``"off"``, ``"auto"`` (a :class:`moeflux.ShadowCostModel` with rates
+            for the device: :meth:`moeflux.ShadowCostModel.default_for`), an int
+            (the same with at most that many shadows per step), or a policy
+            (a :class:`moeflux.ShadowCostModel` with your cluster's rates, or
+            :class:`moeflux.FixedShadows`). Outputs and gradients are unchanged.
 
     After each forward, :attr:`aux_loss` holds ``aux_loss_weight * load_balancing
     + z_loss_weight * z_loss`` (differentiable: add it to the training loss, or
@@ -90,6 +98,7 @@ class MoE(nn.Module):
     placement: ExpertPlacement
     aux_loss: Tensor | None
     tokens_per_expert: Tensor | None  # [E] rows per expert; under expert parallelism [E / P], this rank's experts
+    routed_tokens_per_expert: Tensor | None  # [E] int64: this rank's token slots per global expert (after capacity)
 
     def __init__(
         self,
@@ -118,6 +127,7 @@ class MoE(nn.Module):
         schedule: str = "bulk",
         chunks: int = 2,
         pairwise_group_size: int = 1,
+        shadowing: str | int | ShadowPolicy = "off",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -152,7 +162,7 @@ class MoE(nn.Module):
                 top_k=top_k, dtype=dtype or torch.get_default_dtype(), capacity_factor=capacity_factor,
                 activation=activation, renormalize=renormalize, scoring=scoring, num_groups=num_groups,
                 top_groups=top_groups, shared_expert_ffn=shared_expert_ffn, schedule=schedule, chunks=chunks,
-                pairwise_group_size=pairwise_group_size,
+                pairwise_group_size=pairwise_group_size, shadowing=shadowing,
             )
 
         self.d_model, self.d_ffn, self.num_experts, self.top_k = d_model, d_ffn, num_experts, top_k
@@ -171,10 +181,12 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(
             self.placement.local_experts, d_model, d_ffn, activation, placement=self.placement, **factory
         )
-        self.exchange = make_exchange(self.placement, ep_group, schedule, chunks, pairwise_group_size)
+        self.exchange = make_exchange(self.placement, ep_group, schedule, chunks, pairwise_group_size,
+                                      _shadow_policy(shadowing, device))
         self.stats_name = f"moe{next(_layer_numbers)}"  # moeflux.comm_stats(model) renames it to its path
         self.aux_loss = None
         self.tokens_per_expert = None
+        self.routed_tokens_per_expert = None
 
     def capacity(self, num_tokens: int) -> int | None:
         """Tokens each expert can take for a batch of ``num_tokens`` tokens (None: dropless)."""
@@ -196,12 +208,23 @@ class MoE(nn.Module):
             expert_ids = ops.apply_capacity(
                 expert_ids, routing.weights, self.num_experts, capacity, self.drop_policy == "probability"
             )
+        self.routed_tokens_per_expert = torch.bincount(expert_ids.flatten() + 1, minlength=self.num_experts + 1)[1:]
         with layer_scope(self.stats_name, self.ep_group):
             out, self.tokens_per_expert = self.exchange.run(tokens, expert_ids, routing.weights, capacity,
                                                             self.experts)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         return out.view(x.shape)
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Hold and route by ``placement`` from now on (the experts' rows must already be where it says:
+        :class:`moeflux.ExpertReplacement` moves them, then calls this)."""
+        old = self.placement
+        if (placement.num_experts, placement.ep_size, placement.ep_rank) != (old.num_experts, old.ep_size,
+                                                                              old.ep_rank):
+            raise ValueError(f"set_placement: the placement must keep num_experts={old.num_experts}, "
+                             f"ep_size={old.ep_size} and ep_rank={old.ep_rank}, got {placement}")
+        self.placement = self.experts.placement = self.exchange.placement = placement
 
     def extra_repr(self) -> str:
         return (
@@ -227,6 +250,21 @@ def expert_parameters(model: nn.Module) -> list[ExpertParameter]:
     """
     owner = {id(p): layer for layer in model.modules() if isinstance(layer, MoE) for p in layer.experts.parameters()}
     return [ExpertParameter(name, p, owner[id(p)]) for name, p in model.named_parameters() if id(p) in owner]
+
+
+def _shadow_policy(shadowing: str | int | ShadowPolicy | None, device: torch.device | str | None
+                   ) -> ShadowPolicy | None:
+    if shadowing is None or shadowing == "off":
+        return None
+    if isinstance(shadowing, (ShadowCostModel, FixedShadows)):
+        return shadowing
+    device_type = torch.device(device).type if device is not None else "cpu"
+    if shadowing == "auto":
+        return ShadowCostModel.default_for(device_type)
+    if isinstance(shadowing, int) and not isinstance(shadowing, bool) and shadowing >= 0:
+        return ShadowCostModel.default_for(device_type, max_shadows=shadowing)
+    raise ValueError(f"shadowing must be 'off', 'auto', an int >= 0 or a ShadowCostModel / FixedShadows, "
+                     f"got {shadowing!r}")
 
 
 def aux_loss(model: nn.Module) -> Tensor:

@@ -33,6 +33,9 @@ __all__ = [
     "combine",
     "DispatchPlan",
     "pipelined_moe",
+    "routing_counts",
+    "broadcast_expert_rows",
+    "move_expert_rows",
     "collective_counts",
     "reset_collective_counts",
 ]
@@ -178,6 +181,7 @@ def dispatch(
     num_experts: int,
     capacity: int | None = None,
     group: dist.ProcessGroup | str | None = None,
+    routing_counts: Tensor | None = None,
 ) -> tuple[Tensor, DispatchPlan]:
     """Send every token to the ranks that hold its experts.
 
@@ -192,9 +196,13 @@ def dispatch(
     capacity every rank sends ``capacity`` rows per expert (zero padded): fixed
     splits, no count exchange, no host synchronisation; every rank must then
     use the same capacity. Differentiable with respect to ``tokens``.
+
+    ``routing_counts``: :func:`routing_counts` of these ``expert_ids`` (dropless only); dispatch then
+    takes its split sizes from it instead of exchanging counts (no collective, no host synchronisation).
     """
     name = _group_name(group)
-    rows, counts, row_map, regroup_map, send, recv = _ops.dispatch(tokens, expert_ids, num_experts, capacity, name)
+    rows, counts, row_map, regroup_map, send, recv = _ops.dispatch(tokens, expert_ids, num_experts, capacity, name,
+                                                                   routing_counts)
     return rows, DispatchPlan(counts, row_map, regroup_map, send, recv, name, capacity)
 
 
@@ -245,6 +253,31 @@ def pipelined_moe(
     """
     return _ops.pipelined_moe(tokens, expert_ids, weights, w_in, w_out, activation, num_experts, capacity,
                               _group_name(group), schedule, chunks, group_size)
+
+
+def routing_counts(tokens: Tensor, expert_ids: Tensor, num_experts: int,
+                   group: dist.ProcessGroup | str | None = None) -> Tensor:
+    """``[P, E]`` int64 on the host: how many of ``expert_ids``' slots every rank of ``group`` routes to each
+    expert position, on every rank (one small all-to-all, one host synchronisation). It also checks that the
+    ranks agree on ``tokens``' hidden size and dtype and on ``num_experts``, and that every id is in
+    ``[-1, num_experts)``, raising the same error on every rank."""
+    return _ops.routing_counts(tokens, expert_ids, num_experts, _group_name(group))
+
+
+def broadcast_expert_rows(local: Tensor, positions: list[int],
+                          group: dist.ProcessGroup | str | None = None) -> Tensor:
+    """The rows of expert ``positions`` (ascending; position ``p`` is row ``p % E_local`` of rank
+    ``p // E_local``'s ``local [E_local, ...]``) on every rank: ``[len(positions), ...]``. Differentiable:
+    the gradient of every rank's copy is summed onto the owner's row (FasterMoE's shadowed experts)."""
+    return _ops.broadcast_expert_rows(local, positions, _group_name(group))
+
+
+def move_expert_rows(local: Tensor, old_expert_at: list[int], new_expert_at: list[int],
+                     group: dist.ProcessGroup | str | None = None) -> Tensor:
+    """Per-expert rows ``local [E_local, ...]`` laid out by placement ``old_expert_at`` (global expert of
+    each position) -> the same experts' rows laid out by ``new_expert_at``: one all-to-all of the experts
+    that change rank. Not differentiable (for parameters and optimizer state between steps)."""
+    return _ops.move_expert_rows(local, old_expert_at, new_expert_at, _group_name(group))
 
 
 def collective_counts() -> dict[str, int]:
@@ -324,7 +357,8 @@ def _all_to_all_fake(input: Tensor, output_split_sizes: list[int], input_split_s
 
 
 @torch.library.register_fake("moeflux::dispatch")
-def _dispatch_fake(tokens: Tensor, expert_ids: Tensor, num_experts: int, capacity: int | None, group_name: str):
+def _dispatch_fake(tokens: Tensor, expert_ids: Tensor, num_experts: int, capacity: int | None, group_name: str,
+                   routing_counts: Tensor | None = None):
     world = _group_size(group_name)
     local = num_experts // world
     if capacity is None:  # how many rows arrive is data-dependent
@@ -367,3 +401,23 @@ def _combine_backward_fake(grad_output, returned_rows, row_map, regroup_map, sen
                            group_name):
     grad_weights = grad_output.new_empty((0,)) if weights is None else torch.empty_like(weights)
     return grad_output.new_empty((regroup_map.shape[0], grad_output.shape[1])), grad_weights
+
+
+@torch.library.register_fake("moeflux::routing_counts")
+def _routing_counts_fake(tokens, expert_ids, num_experts, group_name):
+    return torch.empty((_group_size(group_name), num_experts), dtype=torch.int64, device="cpu")
+
+
+@torch.library.register_fake("moeflux::broadcast_expert_rows")
+def _broadcast_expert_rows_fake(local, positions, group_name):
+    return local.new_empty((len(positions), *local.shape[1:]))
+
+
+@torch.library.register_fake("moeflux::reduce_expert_rows")
+def _reduce_expert_rows_fake(grad_rows, positions, local_experts, group_name):
+    return grad_rows.new_empty((local_experts, *grad_rows.shape[1:]))
+
+
+@torch.library.register_fake("moeflux::move_expert_rows")
+def _move_expert_rows_fake(local, old_expert_at, new_expert_at, group_name):
+    return torch.empty_like(local, memory_format=torch.contiguous_format)

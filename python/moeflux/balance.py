@@ -1,0 +1,186 @@
+"""Load-balancing policies: which experts to shadow this step (FasterMoE) and where experts should live
+(SmartMoE). Pure host arithmetic on routing counts, identical on every rank given identical counts; the
+mechanics that act on their choices are :class:`moeflux.exchange.ShadowedExchange` and
+:class:`moeflux.ExpertReplacement`.
+
+Counts are indexed by *position* (``rank * E_local + slot``, see :class:`moeflux.ExpertPlacement`), so the
+owner of position ``p`` is rank ``p // E_local``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .placement import ExpertPlacement
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """What one expert costs: bytes of a token row, bytes of the expert's parameters, FLOPs per row
+    (forward + backward)."""
+
+    row_bytes: int
+    param_bytes: int
+    flops_per_row: float
+
+    @classmethod
+    def of_ffn(cls, d_model: int, d_ffn: int, activation: str, element_size: int) -> ExpertShape:
+        in_features = 2 * d_ffn if activation == "swiglu" else d_ffn
+        params = d_model * in_features + d_ffn * d_model
+        return cls(d_model * element_size, params * element_size, 3 * 2.0 * params)  # fwd 2·params, bwd twice that
+
+
+@dataclass(frozen=True)
+class ShadowCostModel:
+    """FasterMoE's choice of shadowed experts (PPoPP'22, §4): shadowing expert ``e`` costs a broadcast of its
+    parameters and a reduce of its gradients; it saves that its tokens stop crossing the network and that
+    their compute spreads over the ranks they come from, instead of piling up on the owner.
+
+    A step's layer time is estimated as ``comm + compute + shadow``:
+
+    - ``comm``: the four all-to-alls (dispatch, combine, both again in backward), each as long as the busiest
+      rank's ``max(bytes sent, bytes received)`` to other ranks at ``link_bytes_per_s``;
+    - ``compute``: the busiest rank's expert rows (its own experts' tokens from every rank, plus its own tokens
+      of shadowed experts) at ``flops_per_s``;
+    - ``shadow``: a broadcast and a reduce of every shadowed expert's parameters at ``link_bytes_per_s``.
+
+    Experts are considered from the most to the least loaded; one is shadowed when that lowers the estimate,
+    up to ``max_shadows`` (``None``: no limit). Set the rates from the simulator's calibration of the cluster
+    (:meth:`from_fitted_links`) or from what the hardware does.
+    """
+
+    link_bytes_per_s: float
+    flops_per_s: float
+    max_shadows: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.link_bytes_per_s > 0 or not self.flops_per_s > 0:
+            raise ValueError(f"ShadowCostModel: link_bytes_per_s and flops_per_s must be > 0, got "
+                             f"{self.link_bytes_per_s!r}, {self.flops_per_s!r}")
+        if self.max_shadows is not None and (not isinstance(self.max_shadows, int) or self.max_shadows < 0):
+            raise ValueError(f"ShadowCostModel: max_shadows must be an int >= 0 or None, got {self.max_shadows!r}")
+
+    @classmethod
+    def default_for(cls, device_type: str, max_shadows: int | None = None) -> ShadowCostModel:
+        """Rough rates when nothing better is known: CPU ranks over 10 Gbit/s Ethernet (~50 GFLOP/s of
+        fp32 per rank), GPUs over 400 Gbit/s InfiniBand (~400 TFLOP/s of bf16). Calibrate for real use."""
+        if device_type == "cuda":
+            return cls(400e9 / 8, 400e12, max_shadows)
+        return cls(10e9 / 8, 50e9, max_shadows)
+
+    @classmethod
+    def from_fitted_links(cls, fitted: object, link_gbit_per_s: float, flops_per_s: float,
+                          max_shadows: int | None = None) -> ShadowCostModel:
+        """From :class:`moeflux.sim.calibrate.FittedLinks` (the calibrated testbed) at a link rate."""
+        return cls(1.0 / fitted.inter(link_gbit_per_s).beta_s_per_byte, flops_per_s, max_shadows)
+
+    def estimate_s(self, counts: np.ndarray, shadows: tuple[int, ...] | list[int], shape: ExpertShape) -> float:
+        """Estimated layer time (s) for ``counts [P, E]`` (rows each rank routes to each position) with
+        ``shadows`` (positions) computed where their tokens are."""
+        counts = np.asarray(counts, dtype=np.float64)
+        world, num_experts = counts.shape
+        local = num_experts // world
+        shadowed = np.zeros(num_experts, dtype=bool)
+        shadowed[list(shadows)] = True
+        routed = np.where(shadowed, 0.0, counts)
+        to_rank = routed.reshape(world, world, local).sum(2)  # [src, dst] rows
+        remote = to_rank * (1 - np.eye(world))
+        busiest_port = max(remote.sum(1).max(), remote.sum(0).max())
+        comm = 4 * busiest_port * shape.row_bytes / self.link_bytes_per_s
+        rows_on_rank = to_rank.sum(0) + np.where(shadowed, counts, 0.0).sum(1)
+        compute = rows_on_rank.max() * shape.flops_per_row / self.flops_per_s
+        shadow = 2 * len(shadows) * shape.param_bytes / self.link_bytes_per_s
+        return float(comm + compute + shadow)
+
+    def choose(self, counts: np.ndarray, shape: ExpertShape) -> tuple[int, ...]:
+        """The positions to shadow for ``counts [P, E]``, ascending."""
+        counts = np.asarray(counts, dtype=np.float64)
+        limit = counts.shape[1] if self.max_shadows is None else self.max_shadows
+        chosen: list[int] = []
+        best = self.estimate_s(counts, chosen, shape)
+        # Stable order: ties broken by position, so every rank makes the same choice.
+        for position in sorted(range(counts.shape[1]), key=lambda p: (-counts[:, p].sum(), p)):
+            if len(chosen) >= limit or counts[:, position].sum() == 0:
+                break
+            estimate = self.estimate_s(counts, chosen + [position], shape)
+            if estimate < best:
+                chosen.append(position)
+                best = estimate
+        return tuple(sorted(chosen))
+
+
+@dataclass(frozen=True)
+class FixedShadows:
+    """Always shadow the same global experts (tests, and experiments with a hand-picked set)."""
+
+    experts: tuple[int, ...]
+
+    def choose_experts(self, placement: ExpertPlacement) -> tuple[int, ...]:
+        return tuple(sorted(placement.expert_at.index(e) for e in self.experts))
+
+
+def rank_loads(load: np.ndarray, placement: ExpertPlacement) -> np.ndarray:
+    """``[P]``: the summed load of each rank's experts, for ``load [E]`` per global expert."""
+    load = np.asarray(load, dtype=np.float64)
+    return np.array([load[list(placement.experts_of(r))].sum() for r in range(placement.ep_size)])
+
+
+def greedy_placement(load: np.ndarray, placement: ExpertPlacement) -> ExpertPlacement | None:
+    """SmartMoE's greedy re-placement (ATC'23, §4.2) from ``load [E]`` per global expert: experts from the
+    most to the least loaded, each onto the least loaded rank that still has a free slot (ties: lowest rank,
+    lowest expert). Accepted only if the busiest rank's load drops; ``None`` otherwise.
+
+    To move as few experts as possible, the new groups of experts are then matched to ranks by how many of
+    their experts each rank already holds (largest overlap first), and an expert that stays on its rank keeps
+    its slot.
+    """
+    load = np.asarray(load, dtype=np.float64)
+    world, local = placement.ep_size, placement.local_experts
+    if load.shape != (placement.num_experts,):
+        raise ValueError(f"greedy_placement: load must have shape ({placement.num_experts},), got {load.shape}")
+    if world == 1:
+        return None
+    bins: list[list[int]] = [[] for _ in range(world)]
+    bin_load = [0.0] * world
+    for expert in sorted(range(placement.num_experts), key=lambda e: (-load[e], e)):
+        target = min((b for b in range(world) if len(bins[b]) < local), key=lambda b: (bin_load[b], b))
+        bins[target].append(expert)
+        bin_load[target] += load[expert]
+    if not max(bin_load) < rank_loads(load, placement).max() * (1 - 1e-9):
+        return None
+
+    # Match groups to ranks by overlap with what each rank holds now (greedy maximum overlap).
+    held = [set(placement.experts_of(r)) for r in range(world)]
+    pairs = sorted(((len(held[r] & set(bins[b])), r, b) for r in range(world) for b in range(world)),
+                   key=lambda t: (-t[0], t[1], t[2]))
+    group_of_rank: dict[int, int] = {}
+    used_groups: set[int] = set()
+    for _, r, b in pairs:
+        if r not in group_of_rank and b not in used_groups:
+            group_of_rank[r] = b
+            used_groups.add(b)
+    expert_at: list[int] = []
+    for r in range(world):
+        group = set(bins[group_of_rank[r]])
+        slots: list[int | None] = [e if e in group else None for e in placement.experts_of(r)]
+        arriving = iter(sorted(group - set(slots)))
+        expert_at.extend(e if e is not None else next(arriving) for e in slots)
+    return ExpertPlacement(placement.num_experts, world, placement.ep_rank, tuple(expert_at))
+
+
+def moved_experts(old: ExpertPlacement, new: ExpertPlacement) -> int:
+    """Experts whose rank changes from ``old`` to ``new``."""
+    return sum(old.rank_of(e) != new.rank_of(e) for e in range(old.num_experts))
+
+
+def imbalance(load: np.ndarray, placement: ExpertPlacement) -> float:
+    """Busiest rank's load / mean rank load (1.0: balanced)."""
+    per_rank = rank_loads(load, placement)
+    mean = per_rank.mean()
+    return float(per_rank.max() / mean) if mean > 0 else 1.0
+
+
+__all__ = ["ExpertShape", "ShadowCostModel", "FixedShadows", "greedy_placement", "rank_loads", "moved_experts",
+           "imbalance"]

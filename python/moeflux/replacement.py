@@ -1,0 +1,116 @@
+"""``moeflux.ExpertReplacement``: SmartMoE's dynamic expert re-placement (ATC'23) between training steps."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import ops
+from .balance import greedy_placement, imbalance, moved_experts
+from .moe import MoE
+from .placement import ExpertPlacement
+
+PlacementPolicy = Callable[["np.ndarray", ExpertPlacement], "ExpertPlacement | None"]  # noqa: F821
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One accepted re-placement of one layer."""
+
+    step: int
+    layer: str
+    old: ExpertPlacement
+    new: ExpertPlacement
+    moved: int  # experts that changed rank
+    imbalance_before: float  # busiest / mean rank load over the window, old placement
+    imbalance_after: float  # the same with the new placement
+
+
+class ExpertReplacement:
+    """Moves experts between the ranks of their expert-parallel group as the load shifts.
+
+    Call :meth:`step` once per training step, after ``optimizer.step()``, on every rank of ``group``. Every
+    ``every`` steps the routed load of the last ``window`` steps (each layer's
+    :attr:`moeflux.MoE.routed_tokens_per_expert`, summed over ``group``: one all-reduce) goes through
+    ``policy`` (default: :func:`moeflux.balance.greedy_placement`, SmartMoE's greedy); for each layer whose
+    new placement it accepts, the experts' parameters, their gradients if any and their optimizer state
+    (every state tensor of the parameter's shape: AdamW's moments, SGD's momentum) are moved to their new
+    rank and slot by one all-to-all each (:func:`moeflux.ops.move_expert_rows`), and the layer routes by the
+    new placement. Training is unchanged: a token meets the same expert, with the same weights and state.
+
+    ``group`` (default: the world) must hold every replica of the experts (all expert-parallel groups),
+    so that every replica makes the same choice. Checkpoints name experts by global index
+    (:class:`moeflux.GroupedExperts`), so they load under any placement and rank count.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, every: int = 50,
+                 window: int | None = None, policy: PlacementPolicy = greedy_placement,
+                 group: dist.ProcessGroup | None = None) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"ExpertReplacement: every must be an int >= 1, got {every!r}")
+        window = every if window is None else window
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"ExpertReplacement: window must be an int >= 1, got {window!r}")
+        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE) and m.ep_size > 1]
+        self.optimizer, self.every, self.window, self.policy, self.group = optimizer, every, window, policy, group
+        self.steps = 0
+        self.history: list[Replacement] = []
+        self._loads: deque[Tensor] = deque(maxlen=window)
+
+    def step(self) -> list[Replacement]:
+        """Record this step's loads; every ``every`` steps, re-place. Returns the re-placements made now."""
+        if not self.layers:
+            return []
+        self.steps += 1
+        self._loads.append(torch.stack([self._routed(layer) for _, layer in self.layers]))
+        if self.steps % self.every:
+            return []
+        total = torch.stack(list(self._loads)).sum(0)
+        dist.all_reduce(total, group=self.group)
+        loads = total.cpu().double().numpy()
+        made = []
+        for (name, layer), load in zip(self.layers, loads):
+            new = self.policy(load, layer.placement)
+            if new is None or new.expert_at == layer.placement.expert_at:
+                continue
+            old = layer.placement
+            self.move(layer, new)
+            made.append(Replacement(self.steps, name, old, new, moved_experts(old, new), imbalance(load, old),
+                                    imbalance(load, new)))
+        self.history.extend(made)
+        return made
+
+    @staticmethod
+    def _routed(layer: MoE) -> Tensor:
+        if layer.routed_tokens_per_expert is None:
+            return torch.zeros(layer.num_experts, dtype=torch.int64, device=layer.experts.w_in.device)
+        return layer.routed_tokens_per_expert.to(torch.int64)
+
+    @torch.no_grad()
+    def move(self, layer: MoE, new: ExpertPlacement) -> None:
+        """Move ``layer``'s experts (parameters, gradients, optimizer state) to ``new`` and route by it.
+        Collective over the layer's expert-parallel group."""
+        old = layer.placement
+        new = ExpertPlacement(new.num_experts, old.ep_size, old.ep_rank, new.expert_at)
+
+        def moved(t: Tensor) -> Tensor:
+            return ops.move_expert_rows(t, list(old.expert_at), list(new.expert_at), layer.ep_group)
+
+        for param in layer.experts.parameters():
+            param.copy_(moved(param))
+            if param.grad is not None:
+                param.grad.copy_(moved(param.grad))
+            state = self.optimizer.state.get(param, {}) if self.optimizer is not None else {}
+            for key in sorted(state):
+                value = state[key]
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    value.copy_(moved(value))
+        layer.set_placement(new)
+
+
+__all__ = ["ExpertReplacement", "Replacement"]
