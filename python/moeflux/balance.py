@@ -46,8 +46,9 @@ class ShadowCostModel:
       of shadowed experts) at ``flops_per_s``;
     - ``shadow``: a broadcast and a reduce of every shadowed expert's parameters at ``link_bytes_per_s``.
 
-    Experts are considered from the most to the least loaded; one is shadowed when that lowers the estimate,
-    up to ``max_shadows`` (``None``: no limit). Set the rates from the simulator's calibration of the cluster
+    Experts are considered from the most to the least loaded and shadowed while that lowers the estimate
+    (the first that does not ends the search: a less loaded one saves less), up to ``max_shadows``
+    (``None``: no limit); a step costs ``shadows + 1`` estimates of ``O(P·E)`` each. Set the rates from the simulator's calibration of the cluster
     (:meth:`from_fitted_links`) or from what the hardware does.
     """
 
@@ -105,9 +106,10 @@ class ShadowCostModel:
             if len(chosen) >= limit or counts[:, position].sum() == 0:
                 break
             estimate = self.estimate_s(counts, chosen + [position], shape)
-            if estimate < best:
-                chosen.append(position)
-                best = estimate
+            if not estimate < best:
+                break
+            chosen.append(position)
+            best = estimate
         return tuple(sorted(chosen))
 
 
