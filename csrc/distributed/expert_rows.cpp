@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include <ATen/ops/bincount.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -25,6 +25,7 @@
 #include "csrc/checks.h"
 #include "csrc/distributed/all_to_all.h"
 #include "csrc/ops.h"
+#include "csrc/profiling/comm_stats.h"
 
 namespace moeflux {
 namespace {
@@ -99,7 +100,8 @@ at::Tensor routing_counts(const at::Tensor& tokens, const at::Tensor& expert_ids
   // here, so that every rank joins the exchange before any of them raises.
   const at::Tensor ids = expert_ids.reshape({-1}).to(at::kLong);
   const at::Tensor bin = at::where((ids < -1).logical_or(ids >= num_experts), num_experts + 1, ids + 1);
-  const at::Tensor bins = at::bincount(bin, {}, num_experts + 2);
+  // index_add rather than bincount: on CUDA, bincount reads the maximum back to the host.
+  const at::Tensor bins = at::zeros({num_experts + 2}, ids.options()).index_add_(0, bin, at::ones_like(bin));
   const int64_t width = num_experts + 4;
   at::Tensor header = at::empty({3}, at::TensorOptions().dtype(at::kLong));
   int64_t* fields = header.mutable_data_ptr<int64_t>();
@@ -151,7 +153,10 @@ at::Tensor broadcast_expert_rows(const at::Tensor& local, at::IntArrayRef positi
     std::vector<at::Tensor> buffer{rows};
     c10d::BroadcastOptions options;
     options.rootRank = owner;
+    comm_stats::CollectiveTimer timer("shadow_broadcast", group->getGroupName(), me, rows,
+                                      std::vector<int64_t>(world, owner == me ? rows.nbytes() : 0));
     group->broadcast(buffer, options)->wait();
+    timer.done();
     parts.push_back(rows);
   }
   if (parts.empty()) {
@@ -184,7 +189,11 @@ at::Tensor reduce_expert_rows(const at::Tensor& grad_rows, at::IntArrayRef posit
     c10d::ReduceOptions options;
     options.reduceOp = c10d::ReduceOp::SUM;
     options.rootRank = owner;
+    std::vector<int64_t> bytes_to_rank(world, 0);
+    bytes_to_rank[owner] = owner == me ? 0 : buffer[0].nbytes();
+    comm_stats::CollectiveTimer timer("shadow_reduce", group->getGroupName(), me, buffer[0], bytes_to_rank);
     group->reduce(buffer, options)->wait();
+    timer.done();
     if (owner == me) {
       out.index_copy_(0, slot_index(positions, begin, end, local_experts, out.device()), buffer[0]);
     }

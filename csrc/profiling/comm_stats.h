@@ -20,7 +20,8 @@ namespace moeflux::comm_stats {
 struct Record {
   std::string layer;                 // the MoE layer's tag when the collective ran ("" outside a layer)
   std::string phase;                 // dispatch, combine, combine_backward, dispatch_backward, count_exchange,
-                                     // all_to_all, grad_allreduce_wait
+                                     // all_to_all, grad_allreduce_wait, experts; load balancing: agreement,
+                                     // shadow_broadcast, shadow_reduce, expert_move
   std::string group;                 // process group name
   int64_t rank = 0;                  // this rank in that group
   double start_s = 0;                // host clock when it was issued (seconds, steady clock)

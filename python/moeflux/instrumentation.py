@@ -39,7 +39,8 @@ from torch import nn
 from . import _C
 
 TOKEN_PHASES = ("dispatch", "combine", "combine_backward", "dispatch_backward")
-PHASES = (*TOKEN_PHASES, "count_exchange", "all_to_all", "grad_allreduce_wait", "experts")
+BALANCE_PHASES = ("agreement", "shadow_broadcast", "shadow_reduce", "expert_move")  # moeflux.balance's collectives
+PHASES = (*TOKEN_PHASES, "count_exchange", "all_to_all", "grad_allreduce_wait", "experts", *BALANCE_PHASES)
 
 
 @dataclass(frozen=True)

@@ -208,7 +208,7 @@ class MoE(nn.Module):
             expert_ids = ops.apply_capacity(
                 expert_ids, routing.weights, self.num_experts, capacity, self.drop_policy == "probability"
             )
-        self.routed_tokens_per_expert = torch.bincount(expert_ids.flatten() + 1, minlength=self.num_experts + 1)[1:]
+        self.routed_tokens_per_expert = _count_slots(expert_ids, self.num_experts)
         with layer_scope(self.stats_name, self.ep_group):
             out, self.tokens_per_expert = self.exchange.run(tokens, expert_ids, routing.weights, capacity,
                                                             self.experts)
@@ -250,6 +250,14 @@ def expert_parameters(model: nn.Module) -> list[ExpertParameter]:
     """
     owner = {id(p): layer for layer in model.modules() if isinstance(layer, MoE) for p in layer.experts.parameters()}
     return [ExpertParameter(name, p, owner[id(p)]) for name, p in model.named_parameters() if id(p) in owner]
+
+
+def _count_slots(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """``[E]`` int64: slots routed to each expert (``-1`` ignored). Not ``torch.bincount``: on CUDA it reads
+    the maximum back to the host."""
+    ids = expert_ids.reshape(-1).long() + 1
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    return counts.index_add_(0, ids, torch.ones_like(ids))[1:]
 
 
 def _shadow_policy(shadowing: str | int | ShadowPolicy | None, device: torch.device | str | None
