@@ -72,7 +72,7 @@ setup(
     ext_modules=[CMakeExtension("moeflux._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11"],
+    install_requires=["torch>=2.11", "numpy", "scipy"],  # numpy, scipy: moeflux.balance
     extras_require={
         "test": ["pytest", "pytest-timeout", "expecttest", "numpy"],
         "train": ["matplotlib", "tqdm"],

@@ -156,14 +156,14 @@ class DispatchFunction : public torch::autograd::Function<DispatchFunction> {
 class BroadcastExpertRowsFunction : public torch::autograd::Function<BroadcastExpertRowsFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& local, at::IntArrayRef positions,
-                               const std::string& group_name) {
+                               const std::string& group_name, bool agree_first) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = find_op<decltype(broadcast_expert_rows)>("moeflux::broadcast_expert_rows");
     ctx->saved_data["positions"] = positions.vec();
     ctx->saved_data["local_experts"] = local.size(0);
     ctx->saved_data["group_name"] = group_name;
     ctx->saved_data["layer"] = comm_stats::current_layer();
-    return {op.call(local, positions, group_name)};
+    return {op.call(local, positions, group_name, agree_first)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -172,7 +172,7 @@ class BroadcastExpertRowsFunction : public torch::autograd::Function<BroadcastEx
     const auto positions = ctx->saved_data["positions"].toIntVector();
     return {op.call(grads[0].contiguous(), positions, ctx->saved_data["local_experts"].toInt(),
                     ctx->saved_data["group_name"].toStringRef()),
-            at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -209,8 +209,8 @@ class CombineFunction : public torch::autograd::Function<CombineFunction> {
 }  // namespace
 
 at::Tensor broadcast_expert_rows_autograd(const at::Tensor& local, at::IntArrayRef positions,
-                                          const std::string& group_name) {
-  return BroadcastExpertRowsFunction::apply(local, positions, group_name)[0];
+                                          const std::string& group_name, bool agree_first) {
+  return BroadcastExpertRowsFunction::apply(local, positions, group_name, agree_first)[0];
 }
 
 at::Tensor all_to_all_autograd(const at::Tensor& input, at::IntArrayRef output_split_sizes,

@@ -68,9 +68,12 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_outpu
 
 // Load balancing (expert_rows.cpp): [P, E] routed rows per position on every rank; owners' expert rows to
 // every rank and their gradients back; expert rows into a new placement.
+// agree_first: the agreement on the arguments first (one more small collective); false where the caller knows
+// the ranks agree (a layer whose configuration was agreed at construction, positions chosen from shared counts).
 at::Tensor routing_counts(const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts,
-                          const std::string& group_name);
-at::Tensor broadcast_expert_rows(const at::Tensor& local, at::IntArrayRef positions, const std::string& group_name);
+                          const std::string& group_name, bool agree_first);
+at::Tensor broadcast_expert_rows(const at::Tensor& local, at::IntArrayRef positions, const std::string& group_name,
+                                 bool agree_first);
 at::Tensor reduce_expert_rows(const at::Tensor& grad_rows, at::IntArrayRef positions, int64_t local_experts,
                               const std::string& group_name);
 at::Tensor move_expert_rows(const at::Tensor& local, at::IntArrayRef old_expert_at, at::IntArrayRef new_expert_at,
@@ -112,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
     const std::string& group_name, const std::optional<at::Tensor>& routing_counts);
 at::Tensor broadcast_expert_rows_autograd(const at::Tensor& local, at::IntArrayRef positions,
-                                          const std::string& group_name);
+                                          const std::string& group_name, bool agree_first);
 std::tuple<at::Tensor, at::Tensor> combine_autograd(const at::Tensor& expert_out, const at::Tensor& row_map,
                                                     const at::Tensor& regroup_map, const at::Tensor& send_splits,
                                                     const at::Tensor& recv_splits,

@@ -65,8 +65,9 @@ TORCH_LIBRARY(moeflux, m) {
         "str activation, int num_experts, int? capacity, str group_name, str schedule, int chunks, int group_size) "
         "-> (Tensor output, Tensor tokens_per_local_expert)");
   // load balancing: collectives on expert rows (csrc/distributed/expert_rows.cpp)
-  m.def("routing_counts(Tensor tokens, Tensor expert_ids, int num_experts, str group_name) -> Tensor");
-  m.def("broadcast_expert_rows(Tensor local, int[] positions, str group_name) -> Tensor");
+  m.def("routing_counts(Tensor tokens, Tensor expert_ids, int num_experts, str group_name, bool agree_first=True) "
+        "-> Tensor");
+  m.def("broadcast_expert_rows(Tensor local, int[] positions, str group_name, bool agree_first=True) -> Tensor");
   m.def("reduce_expert_rows(Tensor grad_rows, int[] positions, int local_experts, str group_name) -> Tensor");
   m.def("move_expert_rows(Tensor local, int[] old_expert_at, int[] new_expert_at, str group_name) -> Tensor");
   // experts

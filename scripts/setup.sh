@@ -23,7 +23,7 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install -q "${MOEFLUX_TORCH:-torch==2.14.1}"
 fi
 # --no-build-isolation builds with what is installed: the build tools must be here too.
-"$PYTHON" -m pip install -q "setuptools>=64" wheel "cmake>=3.28" ninja numpy pytest pytest-timeout expecttest tqdm matplotlib \
+"$PYTHON" -m pip install -q "setuptools>=64" wheel "cmake>=3.28" ninja numpy scipy pytest pytest-timeout expecttest tqdm matplotlib \
   "transformers>=5"  # transformers: only for moeflux.hf, its tests and examples/
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PYTHON" -m pip install -q --no-build-isolation -e .
 "$PYTHON" -c "import torch, moeflux; print('moeflux', moeflux.__version__, 'on torch', torch.__version__, \

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -33,7 +35,8 @@ def _worker(rank: int, world: int, store_path: str, fn: Callable, args: tuple, r
 
 
 def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = PROCESS_TIMEOUT) -> list[Any]:
-    """fn(rank, world, *args) on `world` gloo ranks; returns each rank's result or raises with every traceback."""
+    """fn(rank, world, *args) on `world` gloo ranks; returns each rank's result or raises with every traceback.
+    A rank process that dies (abort, segfault) fails the run at once rather than after the timeout."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,20 +45,25 @@ def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = PROCESS_TIM
         for p in procs:
             p.start()
         collected: dict[int, tuple[str, Any]] = {}
+        died: list[tuple[int, int]] = []
+        deadline = time.monotonic() + timeout
         try:
-            for _ in range(world):
-                rank, status, value = results.get(timeout=timeout)
-                collected[rank] = (status, value)
-        except Exception:  # queue.Empty: some rank hung
-            pass
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    errors = [f"rank {r}:\n{v}" for r, (s, v) in sorted(collected.items()) if s == "error"]
+            while len(collected) < world and time.monotonic() < deadline and not died:
+                try:
+                    rank, status, value = results.get(timeout=0.2)
+                    collected[rank] = (status, value)
+                except queue.Empty:
+                    died = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    errors = [f"rank {r} died with exit code {code}" for r, code in died]
+    errors += [f"rank {r}:\n{v}" for r, (s, v) in sorted(collected.items()) if s == "error"]
     missing = [r for r in range(world) if r not in collected]
-    if missing:
+    if missing and not died:
         errors.append(f"ranks {missing} did not finish within {timeout} s")
     if errors:
         raise AssertionError("\n".join(errors))

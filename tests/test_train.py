@@ -2,10 +2,12 @@
 another number of ranks, determinism, and one-line errors for bad input."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +98,65 @@ def test_bad_input_is_one_line(corpus, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), (extra, result.stderr)
         assert message in lines[0], (extra, lines[0])
+
+
+def test_shadowing_and_replacement_record_and_resume_where_experts_were(corpus, tmp_path):
+    """--shadowing and --replace-every on 2 ranks: re-placements are printed and recorded, the checkpoint names
+    experts by global index and records where they were, and a run resumed on as many ranks starts from there.
+    (That training is unchanged by them is tested on the library, in tests/test_replacement.py.)"""
+    out = tmp_path / "balanced"
+    result = run("--data", str(corpus), "--out", str(out), "--nproc", "2", *TINY, "--shadowing", "auto",
+                 "--replace-every", "2", "--record-routing", str(out / "routing.npz"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["shadowing"] == "auto" and metrics["replace_every"] == 2
+    assert [s["step"] for s in metrics["shadowed_experts"]] == metrics["steps"]
+    assert all(len(s["experts"]) == 2 for s in metrics["shadowed_experts"])
+    replacements = metrics["replacements"]
+    assert replacements, "no re-placement in 6 steps"
+    assert all(r["step"] % 2 == 0 and r["moved"] > 0 and r["layer"] in ("blocks.0.mlp", "blocks.1.mlp")
+               and r["imbalance_after"] < r["imbalance_before"] and sorted(r["expert_at"]) == [0, 1, 2, 3]
+               for r in replacements), replacements
+    assert "re-placed experts of blocks." in result.stdout
+    # the load plot's data is per global expert, whatever the placement and the shadows: as the router chose
+    from moeflux.sim import load_trace
+
+    trace = load_trace(out / "routing.npz")
+    assert trace.iterations.tolist() == metrics["load_steps"] == list(range(1, 7))
+    chosen = trace.counts.sum(axis=(1, 3)).astype(float)  # [step, layer, expert], summed over ranks
+    chosen /= chosen.sum(-1, keepdims=True)
+    np.testing.assert_allclose(chosen, np.array(metrics["expert_load"]), atol=1e-6)
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    placements = {name: entry["expert_at"] for name, entry in saved["placements"].items()}
+    last = {r["layer"]: r["expert_at"] for r in replacements}
+    assert placements == {name: last.get(name, [0, 1, 2, 3]) for name in ("blocks.0.mlp", "blocks.1.mlp")}
+    assert any(p != [0, 1, 2, 3] for p in placements.values())
+    assert {k for k in saved["model"] if ".experts." in k} == {
+        f"blocks.{i}.mlp.experts.{e}.{w}" for i in range(2) for e in range(4) for w in ("w_in", "w_out")}
+    assert {k for k in saved["optimizer"] if ".experts." in k} == {k for k in saved["model"] if ".experts." in k}
+
+    # Resume on 2 ranks, both still on (no re-placement due in the 3 steps left): the experts stay where
+    # they were saved.
+    resumed = tmp_path / "resumed"
+    run("--data", str(corpus), "--out", str(resumed), "--nproc", "2", "--resume", str(out / "checkpoint.pt"),
+        *TINY[:1], "9", *TINY[2:], "--shadowing", "1", "--replace-every", "10")
+    again = json.loads((resumed / "metrics.json").read_text())
+    assert again["steps"][-1] == 9 and again["shadowing"] == 1 and again["replacements"] == replacements
+    final = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    assert {name: entry["expert_at"] for name, entry in final["placements"].items()} == placements
+
+
+def test_bad_shadowing_and_replacement_options_are_usage_errors():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from moe_lm.train import UsageError, parse_args, validate
+
+    cases = {("--shadowing", "sometimes"): "--shadowing must be off, auto or an int >= 0, got 'sometimes'",
+             ("--shadowing", "-1"): "--shadowing must be off, auto or an int >= 0, got '-1'",
+             ("--shadowing", "auto", "--schedule", "chunked"): "--shadowing works with --schedule bulk only",
+             ("--replace-every", "-2"): "--replace-every must be >= 0 (0: off), got -2"}
+    for extra, message in cases.items():
+        with pytest.raises(UsageError, match=re.escape(message)):
+            validate(parse_args(list(extra)), 2, 10_000)
+    for value, parsed in (("off", "off"), ("auto", "auto"), ("0", 0), ("3", 3)):
+        args = parse_args(["--shadowing", value, "--replace-every", "5"])
+        validate(args, 2, 10_000)
+        assert args.shadowing == parsed and args.replace_every == 5

@@ -7,9 +7,12 @@
 //   move_expert_rows      re-placement (SmartMoE): each rank's stacked per-expert rows into a new placement
 //
 // A position is rank * E_local + slot (moeflux.ExpertPlacement); the owner of position p is p / E_local.
-// Each op first makes every rank agree on its arguments (a small all-to-all of a header), so that ranks
-// passing different arguments all raise the same error instead of mismatching inside the collective.
+// Each op (but the backward one) first makes every rank agree on its arguments: a small all-to-all of a
+// fixed-size header (whether the rank's own checks passed, sizes, dtype, fingerprints of the lists), so that
+// a rank with bad arguments, or ranks with different ones, make every rank raise instead of mismatching
+// inside the collective or leaving the others waiting.
 #include <algorithm>
+#include <sstream>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -39,21 +42,56 @@ int64_t fingerprint(const std::vector<int64_t>& values) {
   return static_cast<int64_t>(h >> 1);
 }
 
-// Every rank sends `fields` to every rank; raises on all of them unless all are equal. -> nothing.
-void agree(c10d::ProcessGroup& group, const std::vector<int64_t>& fields, const char* op, const char* what,
-           const at::Tensor& like) {
-  const int64_t world = group.getSize(), n = static_cast<int64_t>(fields.size());
+// The rank-local argument checks, run so that a failure becomes a message instead of an exception: the rank
+// must still join the agreement, so that every rank raises together.
+template <typename Checks>
+std::string local_error(Checks&& checks) {
+  try {
+    checks();
+    return "";
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+}
+
+c10::Device exchange_device(const at::Tensor& t) { return t.device().is_cuda() ? t.device() : c10::Device(c10::kCPU); }
+
+// Every rank sends whether its local checks passed and `fields` to every rank; all of them raise if any
+// rank's checks failed (that rank with its own message) or if the fields differ. A fixed-size exchange,
+// so that it cannot itself mismatch.
+// "hidden size 7, dtype Float and num_experts 4"
+std::string describe(const std::vector<const char*>& names, const int64_t* values) {
+  std::ostringstream out;
+  for (size_t i = 0; i < names.size(); ++i) {
+    out << (i == 0 ? "" : i + 1 == names.size() ? " and " : ", ") << names[i] << " ";
+    if (std::string(names[i]) == "dtype") {
+      out << static_cast<at::ScalarType>(values[i]);
+    } else {
+      out << values[i];
+    }
+  }
+  return out.str();
+}
+
+void agree(c10d::ProcessGroup& group, const std::vector<int64_t>& fields, const char* op,
+           const std::vector<const char*>& names, const c10::Device& device, const std::string& error) {
+  const int64_t world = group.getSize(), n = static_cast<int64_t>(fields.size()) + 1;
   at::Tensor mine = at::empty({1, n}, at::TensorOptions().dtype(at::kLong));
-  std::copy(fields.begin(), fields.end(), mine.mutable_data_ptr<int64_t>());
+  int64_t* m = mine.mutable_data_ptr<int64_t>();
+  m[0] = error.empty() ? 0 : 1;
+  std::copy(fields.begin(), fields.end(), m + 1);
   const std::vector<int64_t> ones(world, 1);
-  const at::Tensor all =
-      exchange_rows(mine.to(like.device()).expand({world, n}), ones, ones, group, op, "agreement").cpu();
+  const at::Tensor all = exchange_rows(mine.to(device).expand({world, n}), ones, ones, group, op, "agreement").cpu();
   const int64_t* h = all.const_data_ptr<int64_t>();
+  TORCH_CHECK(error.empty(), error);
   for (int64_t r = 0; r < world; ++r) {
-    TORCH_CHECK(std::equal(h + r * n, h + (r + 1) * n, fields.begin()), "moeflux.", op,
-                ": ranks of the process group disagree on ", what, ": rank ", r, " passed [",
-                c10::IntArrayRef(h + r * n, n), "], rank ", group.getRank(), " passed [", c10::IntArrayRef(fields),
-                "]");
+    TORCH_CHECK(h[r * n] == 0, "moeflux.", op, ": rank ", r, " of the process group passed invalid arguments ",
+                "(its error says which), so no rank takes part in the collective");
+  }
+  for (int64_t r = 0; r < world; ++r) {
+    TORCH_CHECK(std::equal(h + r * n + 1, h + (r + 1) * n, fields.begin()), "moeflux.", op,
+                ": ranks of the process group disagree: rank ", r, " passed ", describe(names, h + r * n + 1),
+                "; rank ", group.getRank(), " passed ", describe(names, fields.data()));
   }
 }
 
@@ -85,62 +123,77 @@ at::Tensor slot_index(const std::vector<int64_t>& positions, size_t begin, size_
 }  // namespace
 
 at::Tensor routing_counts(const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts,
-                          const std::string& group_name) {
+                          const std::string& group_name, bool agree_first) {
   const char* op = "routing_counts";
   const auto group = resolve_group(group_name, op);
   const int64_t world = group->getSize();
-  check_dim(tokens, 2, op, "tokens", "[tokens, hidden]");
-  check_dim(expert_ids, 2, op, "expert_ids", "[tokens, k]");
-  check_dtype(expert_ids, at::kInt, op, "expert_ids");
-  check_size(expert_ids, 0, tokens.size(0), op, "expert_ids", "tokens.size(0)");
-  check_same_device(expert_ids, tokens, op, "expert_ids", "tokens");
-  TORCH_CHECK(num_experts >= 1 && num_experts % world == 0, "moeflux.", op, ": num_experts must be a positive ",
-              "multiple of the group size ", world, ", got ", num_experts);
+  std::vector<int64_t> fields(3, 0);
+  const std::string error = local_error([&] {
+    check_dim(tokens, 2, op, "tokens", "[tokens, hidden]");
+    check_dim(expert_ids, 2, op, "expert_ids", "[tokens, k]");
+    check_dtype(expert_ids, at::kInt, op, "expert_ids");
+    check_size(expert_ids, 0, tokens.size(0), op, "expert_ids", "tokens.size(0)");
+    check_same_device(expert_ids, tokens, op, "expert_ids", "tokens");
+    check_device_supported(tokens, op, "tokens");
+    TORCH_CHECK(num_experts >= 1 && num_experts % world == 0, "moeflux.", op, ": num_experts must be a positive ",
+                "multiple of the group size ", world, ", got ", num_experts);
+    fields = {tokens.size(1), static_cast<int64_t>(tokens.scalar_type()), num_experts};
+  });
+  if (agree_first) {
+    agree(*group, fields, op, {"hidden size", "dtype", "num_experts"}, exchange_device(tokens), error);
+  } else {
+    TORCH_CHECK(error.empty(), error);  // the caller vouches that every rank passes valid arguments and E
+  }
   // Bin 0: dropped (-1); bins 1..E: experts; bin E+1: ids out of range, counted and sent rather than raised
-  // here, so that every rank joins the exchange before any of them raises.
+  // here, so that every rank joins the exchange before any of them raises. Then hidden size and dtype,
+  // compared after the exchange (without the agreement, this is the only check).
   const at::Tensor ids = expert_ids.reshape({-1}).to(at::kLong);
   const at::Tensor bin = at::where((ids < -1).logical_or(ids >= num_experts), num_experts + 1, ids + 1);
   // index_add rather than bincount: on CUDA, bincount reads the maximum back to the host.
   const at::Tensor bins = at::zeros({num_experts + 2}, ids.options()).index_add_(0, bin, at::ones_like(bin));
-  const int64_t width = num_experts + 4;
-  at::Tensor header = at::empty({3}, at::TensorOptions().dtype(at::kLong));
-  int64_t* fields = header.mutable_data_ptr<int64_t>();
-  fields[0] = tokens.size(1);
-  fields[1] = static_cast<int64_t>(tokens.scalar_type());
-  fields[2] = num_experts;
+  const int64_t width = num_experts + 3;
+  at::Tensor header = at::empty({2}, at::TensorOptions().dtype(at::kLong));
+  header.mutable_data_ptr<int64_t>()[0] = fields[0];
+  header.mutable_data_ptr<int64_t>()[1] = fields[1];
   const at::Tensor row = at::cat({bins.narrow(0, 1, num_experts + 1), header.to(bins.device())}).view({1, width});
   const std::vector<int64_t> ones(world, 1);
   const at::Tensor all = exchange_rows(row.expand({world, width}), ones, ones, *group, op, "count_exchange").cpu();
   const int64_t* h = all.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < world; ++r) {
-    const int64_t* theirs = h + r * width + num_experts + 1;
-    TORCH_CHECK(theirs[0] == tokens.size(1) && theirs[1] == static_cast<int64_t>(tokens.scalar_type()) &&
-                    theirs[2] == num_experts,
-                "moeflux.", op, ": ranks of the expert-parallel group disagree: rank ", r, " has tokens with ",
-                "hidden size ", theirs[0], ", dtype ", static_cast<at::ScalarType>(theirs[1]), " and num_experts ",
-                theirs[2], "; rank ", group->getRank(), " has hidden size ", tokens.size(1), ", dtype ",
-                tokens.scalar_type(), " and num_experts ", num_experts);
-    TORCH_CHECK(theirs[-1] == 0, "moeflux.", op, ": expert_ids of rank ", r, " hold ", theirs[-1],
+    const int64_t* theirs = h + r * width + num_experts;
+    TORCH_CHECK(theirs[1] == fields[0] && theirs[2] == fields[1], "moeflux.", op,
+                ": ranks of the expert-parallel group disagree: rank ", r, " has tokens with hidden size ", theirs[1],
+                " and dtype ", static_cast<at::ScalarType>(theirs[2]), "; rank ", group->getRank(),
+                " has hidden size ", fields[0], " and dtype ", static_cast<at::ScalarType>(fields[1]));
+    TORCH_CHECK(theirs[0] == 0, "moeflux.", op, ": expert_ids of rank ", r, " hold ", theirs[0],
                 " ids outside [-1, num_experts = ", num_experts, ")");
   }
   return all.narrow(1, 0, num_experts).contiguous();
 }
 
 at::Tensor broadcast_expert_rows(const at::Tensor& local, at::IntArrayRef positions_ref,
-                                 const std::string& group_name) {
+                                 const std::string& group_name, bool agree_first) {
   const char* op = "broadcast_expert_rows";
   const auto group = resolve_group(group_name, op);
   const int64_t world = group->getSize(), me = group->getRank();
-  TORCH_CHECK(local.dim() >= 1 && local.size(0) >= 1, "moeflux.", op,
-              ": local must be [E_local, ...] with E_local >= 1, got shape ", local.sizes());
-  check_device_supported(local, op, "local");
-  const int64_t local_experts = local.size(0);
   const std::vector<int64_t> positions = positions_ref.vec();
+  std::vector<int64_t> fields(5, 0);
+  const std::string error = local_error([&] {
+    TORCH_CHECK(local.dim() >= 1 && local.size(0) >= 1, "moeflux.", op,
+                ": local must be [E_local, ...] with E_local >= 1, got shape ", local.sizes());
+    check_device_supported(local, op, "local");
+    check_positions(positions, world * local.size(0), op);
+    fields = {local.size(0), local.numel() / local.size(0), static_cast<int64_t>(local.scalar_type()),
+              static_cast<int64_t>(positions.size()), fingerprint(positions)};
+  });
+  if (agree_first) {
+    agree(*group, fields, op, {"E_local", "row numel", "dtype", "number of positions", "fingerprint of positions"},
+          exchange_device(local), error);
+  } else {
+    TORCH_CHECK(error.empty(), error);  // the caller vouches that every rank passes the same positions
+  }
+  const int64_t local_experts = local.size(0);
   std::vector<int64_t> shape = local.sizes().vec();
-  agree(*group, {local_experts, local.numel() / local_experts, static_cast<int64_t>(local.scalar_type()),
-                 static_cast<int64_t>(positions.size()), fingerprint(positions)},
-        op, "[E_local, row numel, dtype, number of positions, fingerprint of positions]", local);
-  check_positions(positions, world * local_experts, op);
   RECORD_FUNCTION("moeflux::broadcast_expert_rows", std::vector<c10::IValue>());
   std::vector<at::Tensor> parts;
   for (int64_t owner = 0; owner < world; ++owner) {
@@ -206,26 +259,33 @@ at::Tensor move_expert_rows(const at::Tensor& local, at::IntArrayRef old_expert_
   const char* op = "move_expert_rows";
   const auto group = resolve_group(group_name, op);
   const int64_t world = group->getSize(), me = group->getRank();
-  TORCH_CHECK(local.dim() >= 1 && local.size(0) >= 1, "moeflux.", op,
-              ": local must be [E_local, ...] with E_local >= 1, got shape ", local.sizes());
-  check_device_supported(local, op, "local");
-  const int64_t local_experts = local.size(0), num_experts = world * local_experts;
   const std::vector<int64_t> old_at = old_expert_at_ref.vec(), new_at = new_expert_at_ref.vec();
-  agree(*group, {local_experts, local.numel() / local_experts, static_cast<int64_t>(local.scalar_type()),
-                 fingerprint(old_at), fingerprint(new_at)},
-        op, "[E_local, row numel, dtype, fingerprints of old_expert_at and new_expert_at]", local);
-  std::vector<int64_t> old_position(num_experts, -1);
-  for (const auto* table : {&old_at, &new_at}) {
-    TORCH_CHECK(static_cast<int64_t>(table->size()) == num_experts, "moeflux.", op,
-                ": old_expert_at and new_expert_at must list world * E_local = ", num_experts, " experts, got ",
-                table->size());
-    std::vector<bool> seen(num_experts, false);
-    for (const int64_t e : *table) {
-      TORCH_CHECK(e >= 0 && e < num_experts && !seen[e], "moeflux.", op, ": expert tables must be permutations of ",
-                  "range(", num_experts, "), got ", c10::IntArrayRef(*table));
-      seen[e] = true;
+  std::vector<int64_t> fields(5, 0);
+  const std::string error = local_error([&] {
+    TORCH_CHECK(local.dim() >= 1 && local.size(0) >= 1, "moeflux.", op,
+                ": local must be [E_local, ...] with E_local >= 1, got shape ", local.sizes());
+    check_device_supported(local, op, "local");
+    const int64_t num_experts = world * local.size(0);
+    for (const auto* table : {&old_at, &new_at}) {
+      TORCH_CHECK(static_cast<int64_t>(table->size()) == num_experts, "moeflux.", op,
+                  ": old_expert_at and new_expert_at must list world * E_local = ", num_experts, " experts, got ",
+                  table->size());
+      std::vector<bool> seen(num_experts, false);
+      for (const int64_t e : *table) {
+        TORCH_CHECK(e >= 0 && e < num_experts && !seen[e], "moeflux.", op,
+                    ": expert tables must be permutations of range(", num_experts, "), got ",
+                    c10::IntArrayRef(*table));
+        seen[e] = true;
+      }
     }
-  }
+    fields = {local.size(0), local.numel() / local.size(0), static_cast<int64_t>(local.scalar_type()),
+              fingerprint(old_at), fingerprint(new_at)};
+  });
+  agree(*group, fields, op,
+        {"E_local", "row numel", "dtype", "fingerprint of old_expert_at", "fingerprint of new_expert_at"},
+        exchange_device(local), error);
+  const int64_t local_experts = local.size(0), num_experts = world * local_experts;
+  std::vector<int64_t> old_position(num_experts, -1);
   for (int64_t p = 0; p < num_experts; ++p) old_position[old_at[p]] = p;
 
   // Send, per destination rank in order, the rows it will hold that are here now (in its slot order);

@@ -4,6 +4,11 @@ Experts are sharded over ranks, so every rank sends its share to rank 0, which
 writes one file in which every expert, and its optimizer state, is stored
 under its global index (``blocks.0.mlp.experts.7.w_in``). Loading, each rank
 takes the dense parameters and the experts it holds in its own layout.
+
+Expert re-placement (``--replace-every``) moves experts between ranks; the file
+also records each layer's placement, and a run resumed with the same
+expert-parallel size starts from it (on another size, from the contiguous one:
+experts are found by global index either way).
 """
 
 from __future__ import annotations
@@ -48,6 +53,22 @@ def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer)
     return by_name
 
 
+def _placements(model: nn.Module) -> dict[str, dict]:
+    """Where each MoE layer's experts live (the same on every rank: re-placement chooses for all)."""
+    return {name: {"ep_size": m.ep_size, "expert_at": list(m.placement.expert_at)}
+            for name, m in model.named_modules() if isinstance(m, moeflux.MoE)}
+
+
+def _restore_placements(model: nn.Module, saved: dict[str, dict]) -> None:
+    """Route by the saved placements where the expert-parallel size is the same (before loading the weights:
+    they are then read into the slots that placement gives each expert)."""
+    for name, layer in model.named_modules():
+        entry = saved.get(name)
+        if isinstance(layer, moeflux.MoE) and entry is not None and entry["ep_size"] == layer.ep_size:
+            layer.set_placement(moeflux.ExpertPlacement(layer.num_experts, layer.ep_size, layer.ep_rank,
+                                                        tuple(entry["expert_at"])))
+
+
 def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int, config: dict,
          metrics: dict) -> None:
     """Collective: every rank calls it; rank 0 writes `path` (atomically)."""
@@ -65,7 +86,7 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
         tmp = path.with_suffix(".tmp")
         torch.save({"format": "moeflux-lm/1", "config": config, "step": step, "model": merged_model,
                     "optimizer": merged_optim, "param_groups": groups, "scheduler": scheduler.state_dict(),
-                    "metrics": metrics}, tmp)
+                    "metrics": metrics, "placements": _placements(model)}, tmp)
         os.replace(tmp, path)
     dist.barrier()
 
@@ -87,8 +108,10 @@ def check_config(path: Path, saved: dict, current: dict) -> None:
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, dict]:
-    """Every rank loads its share; returns (step, metrics)."""
+    """Every rank loads its share (in the saved placement where the expert-parallel size is the same);
+    returns (step, metrics)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    _restore_placements(model, checkpoint.get("placements", {}))
     model.load_state_dict(checkpoint["model"])
     saved = checkpoint["optimizer"]
     experts = _expert_names(model)

@@ -6,6 +6,7 @@ and moeflux.DataParallel synchronising the gradients.
     python examples/train_moe_lm.py --nproc 4 --experts 16 --steps 600
     torchrun --nproc-per-node 8 examples/train_moe_lm.py   # one rank per GPU (NCCL), or CPU ranks with gloo
     python examples/train_moe_lm.py --resume runs/moe-lm/checkpoint.pt --steps 800   # continue, on any number of ranks
+    python examples/train_moe_lm.py --shadowing auto --replace-every 50   # balance the load (FasterMoE, SmartMoE)
 
 It shows a progress bar with the loss and tokens/s, evaluates bits per byte on
 held-out files (never trained on) next to the unigram baseline, and writes a
@@ -67,6 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--chunks", type=int, default=2, help="stages of --schedule chunked (default 2)")
     g.add_argument("--pairwise-group-size", type=int, default=1,
                    help="ranks per group of --schedule pairwise (default 1)")
+    g.add_argument("--shadowing", default="off",
+                   help="FasterMoE's shadowing of hot experts: off, auto (a cost model with rough rates for the "
+                        "device), or N (the same, at most N experts per layer and step); --schedule bulk only "
+                        "(default off)")
+    g.add_argument("--replace-every", type=int, default=0,
+                   help="SmartMoE's expert re-placement: every N steps, move experts between ranks by the load of "
+                        "the last N steps (0: off, the default); training is unchanged, only where experts live")
     g.add_argument("--ep-size", type=int, default=None,
                    help="expert-parallel size: experts are split over this many ranks, the rest are replicas "
                         "(default: all ranks); must divide the number of ranks and --experts")
@@ -91,8 +99,21 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
                        args.capacity_factor, args.seq_len)
 
 
+def shadowing_option(value: str | int) -> str | int:
+    """--shadowing as moeflux.MoE takes it: "off", "auto" or an int >= 0; raises UsageError."""
+    if isinstance(value, int) or value in ("off", "auto"):
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise UsageError(f"--shadowing must be off, auto or an int >= 0, got {value!r}")
+    return number
+
+
 def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
-    """Everything that can be checked before any rank starts; raises UsageError."""
+    """Everything that can be checked before any rank starts; raises UsageError. Normalises --shadowing."""
     positive = {"--steps": args.steps, "--batch": args.batch, "--layers": args.layers, "--d-model": args.d_model,
                 "--heads": args.heads, "--d-ffn": args.d_ffn, "--experts": args.experts, "--eval-bytes": args.eval_bytes,
                 "--checkpoint-every": args.checkpoint_every, "--record-every": args.record_every}
@@ -109,6 +130,11 @@ def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
         raise UsageError(f"--top-k must be in [1, --experts={args.experts}], got {args.top_k}")
     if args.capacity_factor is not None and args.capacity_factor <= 0:
         raise UsageError(f"--capacity-factor must be > 0, got {args.capacity_factor}")
+    args.shadowing = shadowing_option(args.shadowing)
+    if args.shadowing != "off" and args.schedule != "bulk":
+        raise UsageError(f"--shadowing works with --schedule bulk only, got --schedule {args.schedule}")
+    if args.replace_every < 0:
+        raise UsageError(f"--replace-every must be >= 0 (0: off), got {args.replace_every}")
     ep = args.ep_size or world
     if ep < 1 or world % ep:
         raise UsageError(f"--ep-size {ep} must divide the number of ranks ({world})")
@@ -144,12 +170,15 @@ def clip_grad_norm(model: ByteLM, max_norm: float, ep_group: dist.ProcessGroup) 
 
 
 def global_expert_load(model: ByteLM, groups: moeflux.ExpertParallelGroups) -> list[list[float]]:
-    """Share of all routed tokens that each expert of each layer got, over every rank."""
+    """Share of all routed tokens that each expert of each layer got in the last step, over every rank.
+    From each rank's routed slots per global expert: right whatever the placement (re-placement may have
+    moved experts since that forward) and whether or not an expert was shadowed (its tokens then never
+    reach its owner)."""
     loads = []
     for layer in model.moe_layers():
-        full = torch.zeros(layer.num_experts)
-        full[list(layer.placement.experts_of())] = layer.tokens_per_expert.float().cpu()  # slot order -> global
+        full = layer.routed_tokens_per_expert.float()  # a copy, on the device (NCCL reduces device tensors)
         dist.all_reduce(full)
+        full = full.cpu()
         loads.append((full / full.sum().clamp(min=1)).tolist())
     return loads
 
@@ -184,7 +213,8 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
     groups = moeflux.init_expert_parallel(args.ep_size or world)
     config = model_config(args)
     torch.manual_seed(args.seed)
-    exchange = {"schedule": args.schedule, "chunks": args.chunks, "pairwise_group_size": args.pairwise_group_size}
+    exchange = {"schedule": args.schedule, "chunks": args.chunks, "pairwise_group_size": args.pairwise_group_size,
+                "shadowing": shadowing_option(args.shadowing)}
     model = moeflux.DataParallel(ByteLM(config, groups, exchange).to(device))
     lm: ByteLM = model.module
     for moe in lm.moe_layers():
@@ -193,13 +223,21 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
     warmup = max(1, args.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    metrics = {"config": asdict(config), "world_size": world, "ep_size": groups.ep_size, "steps": [],
-               "train_bits_per_byte": [], "tokens_per_second": [], "load_steps": [], "expert_load": [], "eval": []}
+    metrics = {"config": asdict(config), "world_size": world, "ep_size": groups.ep_size,
+               "shadowing": exchange["shadowing"], "replace_every": args.replace_every, "steps": [],
+               "train_bits_per_byte": [], "tokens_per_second": [], "load_steps": [], "expert_load": [], "eval": [],
+               "replacements": [], "shadowed_experts": []}
+    # SmartMoE: moves experts (weights, AdamW state) between the ranks of each expert-parallel group as the
+    # load shifts; every rank, replicas included, makes the same choice from the load summed over the world.
+    replacement = moeflux.ExpertReplacement(lm, optimizer, every=args.replace_every) if args.replace_every else None
     start_step = 0
     if args.resume is not None:
-        start_step, saved = checkpoint.load(args.resume, lm, optimizer, schedule)
-        for key in ("steps", "train_bits_per_byte", "tokens_per_second", "load_steps", "expert_load", "eval"):
+        start_step, saved = checkpoint.load(args.resume, lm, optimizer, schedule)  # and the saved placements
+        for key in ("steps", "train_bits_per_byte", "tokens_per_second", "load_steps", "expert_load", "eval",
+                    "replacements", "shadowed_experts"):
             metrics[key] = saved.get(key, [])
+        if replacement is not None:
+            replacement.steps = start_step  # re-place at the same steps as a run that was not interrupted
     args.out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         metrics["unigram_bits_per_byte"] = data.unigram_bits_per_byte(train_data, test[: args.eval_bytes])
@@ -225,6 +263,15 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
         (loss + moeflux.aux_loss(lm)).backward()
         clip_grad_norm(lm, 1.0, groups.ep_group)
         optimizer.step()
+        if replacement is not None and (made := replacement.step()):
+            if rank == 0:
+                metrics["replacements"].extend(
+                    {"step": step, "layer": r.layer, "moved": r.moved, "imbalance_before": r.imbalance_before,
+                     "imbalance_after": r.imbalance_after, "expert_at": list(r.new.expert_at)} for r in made)
+                bar.write(f"step {step}: re-placed experts of {', '.join(r.layer for r in made)}: "
+                          f"{sum(r.moved for r in made)} moved, busiest rank at "
+                          f"{max(r.imbalance_before for r in made):.2f} -> {max(r.imbalance_after for r in made):.2f}"
+                          f" x the mean load")
         optimizer.zero_grad(set_to_none=False)
         schedule.step()
         window_steps += 1
@@ -240,6 +287,10 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
                 metrics["tokens_per_second"].append(speed)
                 metrics["load_steps"].append(step)
                 metrics["expert_load"].append(load)
+                if exchange["shadowing"] != "off":  # what the last forward shadowed (the same on every rank)
+                    metrics["shadowed_experts"].append(
+                        {"step": step, "experts": [list(getattr(layer.exchange, "shadowed_experts", ()))
+                                                   for layer in lm.moe_layers()]})
                 bar.set_postfix_str(f"loss {bits:.3f} bits/byte, {speed:,.0f} tokens/s")
             window_start, window_steps = time.perf_counter(), 0
         if bar is not None:

@@ -9,6 +9,7 @@ owner of position ``p`` is rank ``p // E_local``.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,17 +45,20 @@ class ShadowCostModel:
       rank's ``max(bytes sent, bytes received)`` to other ranks at ``link_bytes_per_s``;
     - ``compute``: the busiest rank's expert rows (its own experts' tokens from every rank, plus its own tokens
       of shadowed experts) at ``flops_per_s``;
-    - ``shadow``: a broadcast and a reduce of every shadowed expert's parameters at ``link_bytes_per_s``.
+    - ``shadow``: a broadcast and a reduce of every shadowed expert's parameters at ``link_bytes_per_s``,
+      plus ``latency_s`` for each of those collectives (two weights, one broadcast and one reduce per owner).
 
-    Experts are considered from the most to the least loaded and shadowed while that lowers the estimate
-    (the first that does not ends the search: a less loaded one saves less), up to ``max_shadows``
-    (``None``: no limit); a step costs ``shadows + 1`` estimates of ``O(P·E)`` each. Set the rates from the simulator's calibration of the cluster
-    (:meth:`from_fitted_links`) or from what the hardware does.
+    The candidates are the experts busier than the mean expert, from the most loaded (a colder one moves
+    no more than its share); the shadows are the prefix of that order with the lowest estimate (shadowing
+    several hot experts can pay when none pays alone, e.g. two equally hot experts on one rank), at most
+    ``max_shadows`` (``None``: no limit). A step costs one ``O(P·E)`` estimate per candidate. Set the rates
+    from the simulator's calibration of the cluster (:meth:`from_fitted_links`) or from the hardware.
     """
 
     link_bytes_per_s: float
     flops_per_s: float
     max_shadows: int | None = None
+    latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.link_bytes_per_s > 0 or not self.flops_per_s > 0:
@@ -62,6 +66,8 @@ class ShadowCostModel:
                              f"{self.link_bytes_per_s!r}, {self.flops_per_s!r}")
         if self.max_shadows is not None and (not isinstance(self.max_shadows, int) or self.max_shadows < 0):
             raise ValueError(f"ShadowCostModel: max_shadows must be an int >= 0 or None, got {self.max_shadows!r}")
+        if not self.latency_s >= 0:
+            raise ValueError(f"ShadowCostModel: latency_s must be >= 0, got {self.latency_s!r}")
 
     @classmethod
     def default_for(cls, device_type: str, max_shadows: int | None = None) -> ShadowCostModel:
@@ -75,7 +81,8 @@ class ShadowCostModel:
     def from_fitted_links(cls, fitted: object, link_gbit_per_s: float, flops_per_s: float,
                           max_shadows: int | None = None) -> ShadowCostModel:
         """From :class:`moeflux.sim.calibrate.FittedLinks` (the calibrated testbed) at a link rate."""
-        return cls(1.0 / fitted.inter(link_gbit_per_s).beta_s_per_byte, flops_per_s, max_shadows)
+        inter = fitted.inter(link_gbit_per_s)
+        return cls(1.0 / inter.beta_s_per_byte, flops_per_s, max_shadows, inter.alpha_s + fitted.overhead_s)
 
     def estimate_s(self, counts: np.ndarray, shadows: tuple[int, ...] | list[int], shape: ExpertShape) -> float:
         """Estimated layer time (s) for ``counts [P, E]`` (rows each rank routes to each position) with
@@ -92,25 +99,24 @@ class ShadowCostModel:
         comm = 4 * busiest_port * shape.row_bytes / self.link_bytes_per_s
         rows_on_rank = to_rank.sum(0) + np.where(shadowed, counts, 0.0).sum(1)
         compute = rows_on_rank.max() * shape.flops_per_row / self.flops_per_s
-        shadow = 2 * len(shadows) * shape.param_bytes / self.link_bytes_per_s
+        owners = len({p // local for p in shadows})
+        shadow = 2 * len(shadows) * shape.param_bytes / self.link_bytes_per_s + 4 * owners * self.latency_s
         return float(comm + compute + shadow)
 
     def choose(self, counts: np.ndarray, shape: ExpertShape) -> tuple[int, ...]:
         """The positions to shadow for ``counts [P, E]``, ascending."""
         counts = np.asarray(counts, dtype=np.float64)
+        load = counts.sum(0)
         limit = counts.shape[1] if self.max_shadows is None else self.max_shadows
-        chosen: list[int] = []
-        best = self.estimate_s(counts, chosen, shape)
         # Stable order: ties broken by position, so every rank makes the same choice.
-        for position in sorted(range(counts.shape[1]), key=lambda p: (-counts[:, p].sum(), p)):
-            if len(chosen) >= limit or counts[:, position].sum() == 0:
-                break
-            estimate = self.estimate_s(counts, chosen + [position], shape)
-            if not estimate < best:
-                break
-            chosen.append(position)
-            best = estimate
-        return tuple(sorted(chosen))
+        order = sorted(range(counts.shape[1]), key=lambda p: (-load[p], p))
+        candidates = [p for p in order if load[p] > load.mean()][:limit]
+        best, best_length = self.estimate_s(counts, [], shape), 0
+        for length in range(1, len(candidates) + 1):
+            estimate = self.estimate_s(counts, candidates[:length], shape)
+            if estimate < best:
+                best, best_length = estimate, length
+        return tuple(sorted(candidates[:best_length]))
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,18 @@ class FixedShadows:
 
     experts: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        experts = tuple(self.experts)
+        if any(not isinstance(e, int) or isinstance(e, bool) or e < 0 for e in experts) or \
+                len(set(experts)) != len(experts):
+            raise ValueError(f"FixedShadows: experts must be distinct ints >= 0, got {self.experts!r}")
+        object.__setattr__(self, "experts", experts)
+
     def choose_experts(self, placement: ExpertPlacement) -> tuple[int, ...]:
+        """Their positions under ``placement``, ascending."""
+        if any(e >= placement.num_experts for e in self.experts):
+            raise ValueError(f"FixedShadows: experts must be < num_experts={placement.num_experts}, "
+                             f"got {self.experts}")
         return tuple(sorted(placement.expert_at.index(e) for e in self.experts))
 
 
@@ -129,40 +146,49 @@ def rank_loads(load: np.ndarray, placement: ExpertPlacement) -> np.ndarray:
     return np.array([load[list(placement.experts_of(r))].sum() for r in range(placement.ep_size)])
 
 
-def greedy_placement(load: np.ndarray, placement: ExpertPlacement) -> ExpertPlacement | None:
+def greedy_placement(load: np.ndarray, placement: ExpertPlacement,
+                     min_improvement: float = 0.05) -> ExpertPlacement | None:
     """SmartMoE's greedy re-placement (ATC'23, §4.2) from ``load [E]`` per global expert: experts from the
     most to the least loaded, each onto the least loaded rank that still has a free slot (ties: lowest rank,
-    lowest expert). Accepted only if the busiest rank's load drops; ``None`` otherwise.
+    lowest expert). Accepted only if the busiest rank's load drops by at least ``min_improvement`` (a
+    fraction: moving experts costs an all-to-all of their weights and optimizer state, which a 1% better
+    balance does not repay); ``None`` otherwise.
 
-    To move as few experts as possible, the new groups of experts are then matched to ranks by how many of
-    their experts each rank already holds (largest overlap first), and an expert that stays on its rank keeps
-    its slot.
+    To move as few experts as possible, the new groups of experts are then matched to ranks so that the
+    most experts stay where they are (an assignment problem, solved by
+    ``scipy.optimize.linear_sum_assignment``), and an expert that stays on its rank keeps its slot.
     """
     load = np.asarray(load, dtype=np.float64)
     world, local = placement.ep_size, placement.local_experts
     if load.shape != (placement.num_experts,):
         raise ValueError(f"greedy_placement: load must have shape ({placement.num_experts},), got {load.shape}")
+    if not 0 <= min_improvement < 1:
+        raise ValueError(f"greedy_placement: min_improvement must be in [0, 1), got {min_improvement!r}")
     if world == 1:
         return None
     bins: list[list[int]] = [[] for _ in range(world)]
     bin_load = [0.0] * world
+    open_bins = [(0.0, b) for b in range(world)]  # (load, rank) of the ranks with a free slot: a heap
     for expert in sorted(range(placement.num_experts), key=lambda e: (-load[e], e)):
-        target = min((b for b in range(world) if len(bins[b]) < local), key=lambda b: (bin_load[b], b))
+        target_load, target = heapq.heappop(open_bins)
         bins[target].append(expert)
-        bin_load[target] += load[expert]
-    if not max(bin_load) < rank_loads(load, placement).max() * (1 - 1e-9):
+        bin_load[target] = target_load + load[expert]
+        if len(bins[target]) < local:
+            heapq.heappush(open_bins, (bin_load[target], target))
+    if not max(bin_load) < rank_loads(load, placement).max() * (1 - min_improvement) - 1e-12:
         return None
 
-    # Match groups to ranks by overlap with what each rank holds now (greedy maximum overlap).
-    held = [set(placement.experts_of(r)) for r in range(world)]
-    pairs = sorted(((len(held[r] & set(bins[b])), r, b) for r in range(world) for b in range(world)),
-                   key=lambda t: (-t[0], t[1], t[2]))
-    group_of_rank: dict[int, int] = {}
-    used_groups: set[int] = set()
-    for _, r, b in pairs:
-        if r not in group_of_rank and b not in used_groups:
-            group_of_rank[r] = b
-            used_groups.add(b)
+    # Match groups to ranks by the overlap with what each rank holds now: a maximum-weight assignment.
+    from scipy.optimize import linear_sum_assignment  # deterministic: same input, same answer on every rank
+
+    old_rank = np.empty(placement.num_experts, dtype=np.int64)
+    old_rank[list(placement.expert_at)] = np.arange(placement.num_experts) // local
+    new_group = np.empty(placement.num_experts, dtype=np.int64)
+    for b, experts in enumerate(bins):
+        new_group[experts] = b
+    overlap = np.bincount(old_rank * world + new_group, minlength=world * world).reshape(world, world)
+    ranks, groups = linear_sum_assignment(overlap, maximize=True)
+    group_of_rank = dict(zip(ranks.tolist(), groups.tolist()))
     expert_at: list[int] = []
     for r in range(world):
         group = set(bins[group_of_rank[r]])

@@ -201,6 +201,12 @@ class ShadowedExchange(AllToAllExchange):
         self.policy = policy
         self.shadowed_experts: tuple[int, ...] = ()  # global experts shadowed by the last forward
 
+    def join_failed_dispatch(self, x: Tensor, top_k: int, capacity: int | None) -> None:
+        # The other ranks are in routing_counts (dropless or not), which compares hidden sizes: join it.
+        no_ids = torch.empty((0, top_k), dtype=torch.int32, device=x.device)
+        ops.routing_counts(x.new_empty((0, x.shape[-1])), no_ids, self.placement.num_experts, self.group,
+                           agree_first=False)
+
     def _shadow_positions(self, counts: Tensor, experts: GroupedExperts) -> list[int]:
         if isinstance(self.policy, FixedShadows):
             return list(self.policy.choose_experts(self.placement))
@@ -211,7 +217,12 @@ class ShadowedExchange(AllToAllExchange):
             experts: GroupedExperts) -> tuple[Tensor, Tensor]:
         positions = self._positions(expert_ids)
         num_experts = self.placement.num_experts
-        counts = ops.routing_counts(tokens, positions, num_experts, self.group)
+        # No agreement collectives: the layer's num_experts was agreed at construction, and the shadows are
+        # chosen from counts every rank holds. Hidden size and dtype are still compared, in the counts.
+        counts = ops.routing_counts(tokens, positions, num_experts, self.group, agree_first=False)
+        local = self.placement.local_experts
+        # This rank's experts' load, shadowed tokens included (what the plain exchange reports, unpadded).
+        routed_per_local_expert = counts[:, self.placement.ep_rank * local:(self.placement.ep_rank + 1) * local].sum(0)
         shadows = self._shadow_positions(counts, experts)
         self.shadowed_experts = tuple(self.placement.expert_at[p] for p in shadows)
         if shadows:
@@ -222,15 +233,15 @@ class ShadowedExchange(AllToAllExchange):
             positions = torch.where(shadow_ids >= 0, -1, positions)
             counts = counts.clone()
             counts[:, shadows] = 0
-            shadow_w_in = ops.broadcast_expert_rows(experts.w_in, shadows, self.group)
-            shadow_w_out = ops.broadcast_expert_rows(experts.w_out, shadows, self.group)
+            shadow_w_in = ops.broadcast_expert_rows(experts.w_in, shadows, self.group, agree_first=False)
+            shadow_w_out = ops.broadcast_expert_rows(experts.w_out, shadows, self.group, agree_first=False)
         rows, plan = ops.dispatch(tokens, positions, num_experts, None, self.group, routing_counts=counts)
         out = ops.combine(experts(rows, plan.tokens_per_local_expert), plan, weights)
         if shadows:
             shadow_rows, shadow_counts, row_map = ops.permute(tokens, shadow_ids, len(shadows))
             shadow_out = experts.ffn(shadow_rows, shadow_counts, shadow_w_in, shadow_w_out)
             out = out + ops.unpermute(shadow_out, row_map, weights)
-        return out, plan.tokens_per_local_expert
+        return out, routed_per_local_expert.to(device=tokens.device, dtype=torch.int32)
 
 
 SCHEDULES = ("bulk", *PipelinedExchange.SCHEDULES)

@@ -136,11 +136,18 @@ def from_hf_block(block: nn.Module, config: Any = None,
 
 
 def _gather_experts(moe: MoE, weight: torch.Tensor) -> torch.Tensor:
+    """Every expert's rows, in global expert order (the ranks hold them in placement order)."""
     if moe.ep_group is None or moe.ep_size == 1:
-        return weight.detach()
-    parts = [torch.empty_like(weight) for _ in range(moe.ep_size)]
-    dist.all_gather(parts, weight.detach().contiguous(), group=moe.ep_group)
-    return torch.cat(parts)
+        by_position = weight.detach()
+    else:
+        parts = [torch.empty_like(weight) for _ in range(moe.ep_size)]
+        dist.all_gather(parts, weight.detach().contiguous(), group=moe.ep_group)
+        by_position = torch.cat(parts)
+    if moe.placement.is_contiguous:
+        return by_position
+    by_expert = torch.empty_like(by_position)
+    by_expert[list(moe.placement.expert_at)] = by_position
+    return by_expert
 
 
 def to_hf_block(moe: MoE) -> nn.Module:

@@ -256,20 +256,24 @@ def pipelined_moe(
 
 
 def routing_counts(tokens: Tensor, expert_ids: Tensor, num_experts: int,
-                   group: dist.ProcessGroup | str | None = None) -> Tensor:
+                   group: dist.ProcessGroup | str | None = None, agree_first: bool = True) -> Tensor:
     """``[P, E]`` int64 on the host: how many of ``expert_ids``' slots every rank of ``group`` routes to each
     expert position, on every rank (one small all-to-all, one host synchronisation). It also checks that the
     ranks agree on ``tokens``' hidden size and dtype and on ``num_experts``, and that every id is in
-    ``[-1, num_experts)``, raising the same error on every rank."""
-    return _ops.routing_counts(tokens, expert_ids, num_experts, _group_name(group))
+    ``[-1, num_experts)``, raising the same error on every rank. ``agree_first=False`` skips the first of
+    its two collectives, the agreement on the arguments; only for callers that know every rank passes the same
+    ``num_experts`` (a layer's configuration is agreed at construction) and valid arguments."""
+    return _ops.routing_counts(tokens, expert_ids, num_experts, _group_name(group), agree_first)
 
 
-def broadcast_expert_rows(local: Tensor, positions: list[int],
-                          group: dist.ProcessGroup | str | None = None) -> Tensor:
+def broadcast_expert_rows(local: Tensor, positions: list[int], group: dist.ProcessGroup | str | None = None,
+                          agree_first: bool = True) -> Tensor:
     """The rows of expert ``positions`` (ascending; position ``p`` is row ``p % E_local`` of rank
     ``p // E_local``'s ``local [E_local, ...]``) on every rank: ``[len(positions), ...]``. Differentiable:
-    the gradient of every rank's copy is summed onto the owner's row (FasterMoE's shadowed experts)."""
-    return _ops.broadcast_expert_rows(local, positions, _group_name(group))
+    the gradient of every rank's copy is summed onto the owner's row (FasterMoE's shadowed experts).
+    ``agree_first=False`` skips the agreement on the arguments (one small collective) for callers whose
+    ranks chose ``positions`` from shared data."""
+    return _ops.broadcast_expert_rows(local, positions, _group_name(group), agree_first)
 
 
 def move_expert_rows(local: Tensor, old_expert_at: list[int], new_expert_at: list[int],
@@ -404,12 +408,12 @@ def _combine_backward_fake(grad_output, returned_rows, row_map, regroup_map, sen
 
 
 @torch.library.register_fake("moeflux::routing_counts")
-def _routing_counts_fake(tokens, expert_ids, num_experts, group_name):
+def _routing_counts_fake(tokens, expert_ids, num_experts, group_name, agree_first=True):
     return torch.empty((_group_size(group_name), num_experts), dtype=torch.int64, device="cpu")
 
 
 @torch.library.register_fake("moeflux::broadcast_expert_rows")
-def _broadcast_expert_rows_fake(local, positions, group_name):
+def _broadcast_expert_rows_fake(local, positions, group_name, agree_first=True):
     return local.new_empty((len(positions), *local.shape[1:]))
 
 

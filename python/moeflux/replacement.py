@@ -36,7 +36,8 @@ class ExpertReplacement:
 
     Call :meth:`step` once per training step, after ``optimizer.step()``, on every rank of ``group``. Every
     ``every`` steps the routed load of the last ``window`` steps (each layer's
-    :attr:`moeflux.MoE.routed_tokens_per_expert`, summed over ``group``: one all-reduce) goes through
+    :attr:`moeflux.MoE.routed_tokens_per_expert`, summed over the training-mode forwards of each step by a
+    forward hook, then over ``group``: one all-reduce) goes through
     ``policy`` (default: :func:`moeflux.balance.greedy_placement`, SmartMoE's greedy); for each layer whose
     new placement it accepts, the experts' parameters, their gradients if any and their optimizer state
     (every state tensor of the parameter's shape: AdamW's moments, SGD's momentum) are moved to their new
@@ -61,13 +62,34 @@ class ExpertReplacement:
         self.steps = 0
         self.history: list[Replacement] = []
         self._loads: deque[Tensor] = deque(maxlen=window)
+        # Every training forward's routed load since the last step() (gradient accumulation runs several;
+        # evaluation forwards do not count).
+        self._pending: list[Tensor | None] = [None] * len(self.layers)
+        self._hooks = [layer.register_forward_hook(self._recorder(i)) for i, (_, layer) in enumerate(self.layers)]
+
+    def _recorder(self, index: int):
+        def record(layer: MoE, inputs: object, output: object) -> None:
+            routed = layer.routed_tokens_per_expert
+            if layer.training and routed is not None:
+                pending = self._pending[index]
+                self._pending[index] = routed.clone() if pending is None else pending + routed
+        return record
+
+    def remove(self) -> None:
+        """Stop recording loads (removes the forward hooks)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def step(self) -> list[Replacement]:
         """Record this step's loads; every ``every`` steps, re-place. Returns the re-placements made now."""
         if not self.layers:
             return []
         self.steps += 1
-        self._loads.append(torch.stack([self._routed(layer) for _, layer in self.layers]))
+        self._loads.append(torch.stack([
+            torch.zeros(layer.num_experts, dtype=torch.int64, device=layer.experts.w_in.device) if p is None else p
+            for p, (_, layer) in zip(self._pending, self.layers)]))
+        self._pending = [None] * len(self.layers)
         if self.steps % self.every:
             return []
         total = torch.stack(list(self._loads)).sum(0)
@@ -85,31 +107,32 @@ class ExpertReplacement:
         self.history.extend(made)
         return made
 
-    @staticmethod
-    def _routed(layer: MoE) -> Tensor:
-        if layer.routed_tokens_per_expert is None:
-            return torch.zeros(layer.num_experts, dtype=torch.int64, device=layer.experts.w_in.device)
-        return layer.routed_tokens_per_expert.to(torch.int64)
-
     @torch.no_grad()
     def move(self, layer: MoE, new: ExpertPlacement) -> None:
         """Move ``layer``'s experts (parameters, gradients, optimizer state) to ``new`` and route by it.
         Collective over the layer's expert-parallel group."""
         old = layer.placement
+        if layer.ep_group is None:
+            raise ValueError("ExpertReplacement.move: the layer has no expert-parallel group; every expert is "
+                             "on this rank already")
         new = ExpertPlacement(new.num_experts, old.ep_size, old.ep_rank, new.expert_at)
 
-        def moved(t: Tensor) -> Tensor:
-            return ops.move_expert_rows(t, list(old.expert_at), list(new.expert_at), layer.ep_group)
-
+        # Everything that is per expert: parameters, their gradients, optimizer state of their shape.
+        tensors: list[Tensor] = []
         for param in layer.experts.parameters():
-            param.copy_(moved(param))
+            tensors.append(param)
             if param.grad is not None:
-                param.grad.copy_(moved(param.grad))
+                tensors.append(param.grad)
             state = self.optimizer.state.get(param, {}) if self.optimizer is not None else {}
-            for key in sorted(state):
-                value = state[key]
-                if isinstance(value, Tensor) and value.shape == param.shape:
-                    value.copy_(moved(value))
+            tensors.extend(state[key] for key in sorted(state)
+                           if isinstance(state[key], Tensor) and state[key].shape == param.shape)
+        # One all-to-all per dtype: each expert's rows of all the tensors side by side.
+        for dtype in sorted({t.dtype for t in tensors}, key=str):
+            group = [t for t in tensors if t.dtype == dtype]
+            rows = torch.cat([t.reshape(t.shape[0], -1) for t in group], dim=1)
+            rows = ops.move_expert_rows(rows, list(old.expert_at), list(new.expert_at), layer.ep_group)
+            for t, part in zip(group, rows.split([t[0].numel() for t in group], dim=1)):
+                t.copy_(part.view(t.shape))
         layer.set_placement(new)
 
 
