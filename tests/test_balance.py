@@ -212,6 +212,17 @@ def test_fixed_shadows_map_global_experts_to_positions():
     assert moeflux.FixedShadows is FixedShadows and moeflux.ShadowCostModel is ShadowCostModel
 
 
+@pytest.mark.parametrize("experts", [(1, 1), (-1,), (1.0,), (True,)])
+def test_fixed_shadows_reject_bad_experts(experts):
+    with pytest.raises(ValueError, match="FixedShadows: experts must be distinct ints >= 0"):
+        FixedShadows(experts)
+
+
+def test_fixed_shadows_reject_experts_past_the_layer():
+    with pytest.raises(ValueError, match=r"FixedShadows: experts must be < num_experts=8, got \(3, 8\)"):
+        FixedShadows((3, 8)).choose_experts(ExpertPlacement(8, 2))
+
+
 # ---- greedy_placement (SmartMoE)
 
 

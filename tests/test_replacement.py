@@ -239,29 +239,28 @@ def experts_by_index(lm, optimizer):
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in state:
                         local[(i, expert, name, key)] = state[key][slot].clone()
+    merged = merge_from_ranks(local, "replicas of {} differ")
+    assert {k[:2] for k in merged} == {(i, e) for i in range(CONFIG.layers) for e in range(CONFIG.experts)}
+    return merged
+
+
+def merge_from_ranks(local, mismatch):
+    """Every rank's dict of tensors, merged; a key that several ranks hold must hold equal tensors there
+    (``mismatch.format(key)`` otherwise)."""
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, local)
     merged = {}
     for part in everyone:
         for key, value in part.items():
             if key in merged:
-                assert torch.equal(merged[key], value), f"replicas of {key} differ"
+                assert torch.equal(merged[key], value), mismatch.format(key)
             merged[key] = value
-    assert {k[:2] for k in merged} == {(i, e) for i in range(CONFIG.layers) for e in range(CONFIG.experts)}
     return merged
 
 
 def full_state_dict(lm):
     """The model's state dict from every rank, merged: experts by global index; replicas must be equal."""
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, lm.state_dict())
-    merged = {}
-    for part in everyone:
-        for key, value in part.items():
-            if key in merged:
-                assert torch.equal(merged[key], value), f"ranks disagree on {key}"
-            merged[key] = value
-    return merged
+    return merge_from_ranks(lm.state_dict(), "ranks disagree on {}")
 
 
 def assert_same_entries(a, b, what, tol=1e-5):
@@ -617,6 +616,19 @@ def test_replacement_arguments_and_layers_without_expert_parallelism():
             moeflux.ExpertReplacement(model, **bad)
     replacement = moeflux.ExpertReplacement(model, every=1)
     assert replacement.layers == [] and replacement.step() == [] and replacement.history == []
+    layer = model.moe_layers()[0]
+    with pytest.raises(ValueError, match="ExpertReplacement.move: the layer has no expert-parallel group"):
+        replacement.move(layer, ExpertPlacement(CONFIG.experts, 1, 0, tuple(range(CONFIG.experts))[::-1]))
+
+
+def test_set_placement_must_keep_the_layers_shape():
+    layer = moeflux.MoE(8, 8, 4)
+    for bad in (ExpertPlacement(8), ExpertPlacement(4, 2), ExpertPlacement(4, 2, 1)):
+        with pytest.raises(ValueError, match="set_placement: the placement must keep num_experts=4, ep_size=1"):
+            layer.set_placement(bad)
+    reversed_experts = ExpertPlacement(4, 1, 0, (3, 2, 1, 0))
+    layer.set_placement(reversed_experts)
+    assert layer.placement is layer.experts.placement is layer.exchange.placement is reversed_experts
 
 
 def test_greedy_placement():

@@ -73,6 +73,10 @@ def check_routing_counts_errors(rank, world):
     expect_error(RuntimeError, "num_experts must be a positive multiple of the group size",
                  ops.routing_counts, x, ids, num_experts + 1)
     expect_error(RuntimeError, "expert_ids must be Int", ops.routing_counts, x, ids.long(), num_experts)
+    # bad arguments on one rank only: that rank names its check, the others the rank that failed
+    expect_error(RuntimeError, f"moeflux.routing_counts: (expert_ids must be Int|rank {last} of the process group "
+                               "passed invalid arguments)",
+                 ops.routing_counts, x, ids.long() if rank == last else ids, num_experts)
     # and the group still works
     assert ops.routing_counts(x, ids, num_experts).sum() == 6 * world
 

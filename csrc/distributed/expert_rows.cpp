@@ -56,9 +56,6 @@ std::string local_error(Checks&& checks) {
 
 c10::Device exchange_device(const at::Tensor& t) { return t.device().is_cuda() ? t.device() : c10::Device(c10::kCPU); }
 
-// Every rank sends whether its local checks passed and `fields` to every rank; all of them raise if any
-// rank's checks failed (that rank with its own message) or if the fields differ. A fixed-size exchange,
-// so that it cannot itself mismatch.
 // "hidden size 7, dtype Float and num_experts 4"
 std::string describe(const std::vector<const char*>& names, const int64_t* values) {
   std::ostringstream out;
@@ -73,6 +70,9 @@ std::string describe(const std::vector<const char*>& names, const int64_t* value
   return out.str();
 }
 
+// Every rank sends whether its local checks passed and `fields` to every rank; all of them raise if any
+// rank's checks failed (that rank with its own message) or if the fields differ. A fixed-size exchange,
+// so that it cannot itself mismatch.
 void agree(c10d::ProcessGroup& group, const std::vector<int64_t>& fields, const char* op,
            const std::vector<const char*>& names, const c10::Device& device, const std::string& error) {
   const int64_t world = group.getSize(), n = static_cast<int64_t>(fields.size()) + 1;
@@ -127,7 +127,7 @@ at::Tensor routing_counts(const at::Tensor& tokens, const at::Tensor& expert_ids
   const char* op = "routing_counts";
   const auto group = resolve_group(group_name, op);
   const int64_t world = group->getSize();
-  std::vector<int64_t> fields(3, 0);
+  std::vector<int64_t> fields(2, 0);  // hidden size, dtype
   const std::string error = local_error([&] {
     check_dim(tokens, 2, op, "tokens", "[tokens, hidden]");
     check_dim(expert_ids, 2, op, "expert_ids", "[tokens, k]");
@@ -137,16 +137,16 @@ at::Tensor routing_counts(const at::Tensor& tokens, const at::Tensor& expert_ids
     check_device_supported(tokens, op, "tokens");
     TORCH_CHECK(num_experts >= 1 && num_experts % world == 0, "moeflux.", op, ": num_experts must be a positive ",
                 "multiple of the group size ", world, ", got ", num_experts);
-    fields = {tokens.size(1), static_cast<int64_t>(tokens.scalar_type()), num_experts};
+    fields = {tokens.size(1), static_cast<int64_t>(tokens.scalar_type())};
   });
-  if (agree_first) {
-    agree(*group, fields, op, {"hidden size", "dtype", "num_experts"}, exchange_device(tokens), error);
+  if (agree_first) {  // on num_experts, which sizes the count row; hidden size and dtype travel in the row
+    agree(*group, {num_experts}, op, {"num_experts"}, exchange_device(tokens), error);
   } else {
     TORCH_CHECK(error.empty(), error);  // the caller vouches that every rank passes valid arguments and E
   }
   // Bin 0: dropped (-1); bins 1..E: experts; bin E+1: ids out of range, counted and sent rather than raised
   // here, so that every rank joins the exchange before any of them raises. Then hidden size and dtype,
-  // compared after the exchange (without the agreement, this is the only check).
+  // compared after the exchange.
   const at::Tensor ids = expert_ids.reshape({-1}).to(at::kLong);
   const at::Tensor bin = at::where((ids < -1).logical_or(ids >= num_experts), num_experts + 1, ids + 1);
   // index_add rather than bincount: on CUDA, bincount reads the maximum back to the host.

@@ -6,6 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -15,7 +16,7 @@ from .balance import greedy_placement, imbalance, moved_experts
 from .moe import MoE
 from .placement import ExpertPlacement
 
-PlacementPolicy = Callable[["np.ndarray", ExpertPlacement], "ExpertPlacement | None"]  # noqa: F821
+PlacementPolicy = Callable[[np.ndarray, ExpertPlacement], "ExpertPlacement | None"]
 
 
 @dataclass(frozen=True)
