@@ -137,17 +137,6 @@ def link_gbit() -> float:
     return bits / 1e9 if bits else 10.0  # unshaped / loopback runs: a nominal 10 Gbit/s
 
 
-def fitted_links(path: Path):
-    import dataclasses
-
-    from moeflux.sim import FittedLinks
-
-    data = json.loads(path.read_text())
-    names = {f.name for f in dataclasses.fields(FittedLinks)}
-    data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
-    return FittedLinks(**data)
-
-
 def run_worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
@@ -155,16 +144,11 @@ def run_worker(args: argparse.Namespace) -> None:
 
     import moeflux
     from moeflux.instrumentation import CommStats
+    from moeflux.sim import load_fitted
     from moeflux.sim.replay import attach_replay
 
-    sys.path.insert(0, str(ROOT / "examples"))
-    from moe_lm.model import ByteLM, ModelConfig
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    groups = moeflux.init_expert_parallel(world)
+    rank, world, ranks_per_node, groups, config = bench_step.start_worker(args)
+    from moe_lm.model import ByteLM  # on the path from start_worker
     variants = args.variants.split(",")
     layers = [int(v) for v in args.trace_layers.split(",")][:args.layers]
     if len(layers) != args.layers:
@@ -179,10 +163,8 @@ def run_worker(args: argparse.Namespace) -> None:
     dist.all_reduce(rate)
     flops = float(rate.item()) / world  # mean over ranks: every rank must hold the same policy
     gbit = link_gbit()
-    policy = moeflux.ShadowCostModel.from_fitted_links(fitted_links(args.fitted), gbit, flops, args.max_shadows)
+    policy = moeflux.ShadowCostModel.from_fitted_links(load_fitted(args.fitted), gbit, flops, args.max_shadows)
 
-    config = ModelConfig(args.layers, args.d_model, args.heads, args.d_ffn, args.experts, args.top_k, None,
-                         args.seq_len)
     models, optimizers, replacements, replays, timers = {}, {}, {}, {}, {}
     for name in variants:
         torch.manual_seed(0)
@@ -480,6 +462,7 @@ def testbed_estimate(run: dict, args: argparse.Namespace) -> dict:
     """moeflux.sim.balance on what the run replayed, with the testbed's calibrated links and the run's measured
     matmul rate and policy: the simulator's prediction of the per-layer gain on the emulated cluster."""
     from moeflux.balance import ShadowCostModel
+    from moeflux.sim import load_fitted
     from moeflux.sim.balance import BalanceConfig, simulate_methods, summarise
     from moeflux.sim.replay import fit_counts
     from moeflux.sim.sweep import ModelShape
@@ -489,7 +472,7 @@ def testbed_estimate(run: dict, args: argparse.Namespace) -> dict:
     tokens = cfg["batch"] * cfg["seq_len"]
     fitted_counts = np.stack([[[fit_counts(counts[s, r, l], tokens, cfg["top_k"]) for r in range(counts.shape[1])]
                                for l in range(counts.shape[2])] for s in range(counts.shape[0])])  # [S, L, P, E]
-    links = fitted_links(args.fitted)
+    links = load_fitted(args.fitted)
     topo = links.topology(run["nodes"], run["ranks_per_node"], run["link_gbit"])
     shape = ModelShape(hidden=cfg["d_model"], ffn=cfg["d_ffn"], ffn_matrices=3, top_k=cfg["top_k"],
                        tokens_per_rank=tokens, bytes_per_elem=4,

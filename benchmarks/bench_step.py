@@ -66,15 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- worker: one configuration, every rank
 
 
-def run_worker(args: argparse.Namespace) -> None:
+def start_worker(args: argparse.Namespace):
+    """What every benchmark worker starts with (this one and bench_balance's): one thread, gloo over the
+    launcher's ranks, experts split over all of them, the main job's model config from the model arguments.
+    -> (rank, world, ranks_per_node, groups, config)."""
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     import moeflux
 
     sys.path.insert(0, str(ROOT / "examples"))
-    from moe_lm.model import ByteLM, ModelConfig
+    from moe_lm.model import ModelConfig
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -83,6 +85,18 @@ def run_worker(args: argparse.Namespace) -> None:
     groups = moeflux.init_expert_parallel(world)
     config = ModelConfig(args.layers, args.d_model, args.heads, args.d_ffn, args.experts, args.top_k, None,
                          args.seq_len)
+    return rank, world, ranks_per_node, groups, config
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import moeflux
+
+    rank, world, ranks_per_node, groups, config = start_worker(args)
+    from moe_lm.model import ByteLM  # on the path from start_worker
     torch.manual_seed(0)
     exchange = {"schedule": args.schedule, "chunks": args.chunks, "pairwise_group_size": args.pairwise_group_size}
     model = moeflux.DataParallel(ByteLM(config, groups, exchange), all_to_all_priority=args.priority == "on")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeflux.sim.calibrate import DEFAULT_FIT, FittedLinks, fit, load_measurements, predict
+from moeflux.sim.calibrate import FittedLinks, fit, load_measurements, predict, save_fitted
 from moeflux.sim.cost_model import algbw, busbw_from_algbw
 
 HERE = Path(__file__).resolve().parent
@@ -180,7 +180,6 @@ def main() -> None:
     errors = [abs(p / m - 1) for _, m, p in pred_rows]
     within = sum(e <= TOLERANCE for e in errors)
 
-    params = {f.name: getattr(fitted, f.name) for f in dataclasses.fields(fitted)}
     lines = [
         "# Simulator calibration on the emulated cluster",
         "",
@@ -244,7 +243,7 @@ def main() -> None:
     ]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "table.md").write_text("\n".join(lines))
-    (args.out_dir / "fitted.json").write_text(json.dumps(params, indent=1))
+    save_fitted(args.out_dir / "fitted.json", fitted)
     print("\n".join(lines))
     if within < len(pred_rows):
         print(f"\n{len(pred_rows) - within} prediction(s) off by more than {TOLERANCE:.0%}", file=sys.stderr)

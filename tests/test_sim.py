@@ -11,8 +11,8 @@ import pytest
 
 from moeflux.sim import (DEFAULT_TRACE_PATH, IB_400G, NVLINK_H100, FittedLinks, LinkClass, Measurement, RoutingSpec,
                          Topology, algbw, all_to_all_breakdown, all_to_all_time, busbw_from_algbw, expert_ranks, fit,
-                         load_measurements, load_stats, load_trace, moe_layer_all_to_all_time, predict,
-                         ring_all_reduce_time, save_trace, scale_counts, step_time, traffic_matrix, uniform,
+                         load_fitted, load_measurements, load_stats, load_trace, moe_layer_all_to_all_time, predict,
+                         ring_all_reduce_time, save_fitted, save_trace, scale_counts, step_time, traffic_matrix, uniform,
                          uniform_all_to_all_time, uniform_traffic, zipf)
 from moeflux.sim.__main__ import main as cli_main
 
@@ -497,3 +497,14 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 def test_cli_rejects_a_cluster_that_does_not_fill_its_nodes(capsys):
     with pytest.raises(SystemExit, match="--gpus 12 is not a multiple of --ranks-per-node 8"):
         cli_main(["--gpus", "12", "--routing", "uniform"])
+
+
+def test_fitted_links_round_trip(tmp_path):
+    fitted = FittedLinks(overhead_s=1e-4, intra_beta_s_per_byte=2e-9, pair_serialization=0.5,
+                         fitted=("overhead_s", "pair_serialization"), rms_relative_error=0.1,
+                         max_relative_error=0.2, num_measurements=3)
+    save_fitted(tmp_path / "fitted.json", fitted)
+    assert load_fitted(tmp_path / "fitted.json") == fitted
+    # Unknown keys (a newer writer) are ignored; missing ones take the defaults.
+    (tmp_path / "old.json").write_text(json.dumps({"overhead_s": 2e-4, "future_key": 1}))
+    assert load_fitted(tmp_path / "old.json") == FittedLinks(overhead_s=2e-4)

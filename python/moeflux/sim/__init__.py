@@ -11,7 +11,8 @@ batch dimensions.
 - :mod:`.calibrate`: fit link parameters to measured all-to-alls.
 """
 
-from .calibrate import FittedLinks, Measurement, RoutingSpec, fit, load_measurements, predict
+from .calibrate import (FittedLinks, Measurement, RoutingSpec, fit, load_fitted, load_measurements, predict,
+                        save_fitted)
 from .cost_model import (AllToAllBreakdown, StepTime, algbw, all_to_all_breakdown, all_to_all_phases,
                          all_to_all_time, busbw_from_algbw, moe_layer_all_to_all_time, ring_all_reduce_time,
                          pipelined_layer_time, step_time, uniform_all_to_all_time, uniform_traffic)
@@ -26,5 +27,5 @@ __all__ = [
     "moe_layer_all_to_all_time", "step_time", "pipelined_layer_time",
     "DEFAULT_TRACE_PATH", "RoutingTrace", "LoadStats", "load_trace", "save_trace", "expert_ranks",
     "traffic_matrix", "uniform", "zipf", "scale_counts", "load_stats",
-    "RoutingSpec", "Measurement", "FittedLinks", "fit", "predict", "load_measurements",
+    "RoutingSpec", "Measurement", "FittedLinks", "fit", "predict", "load_measurements", "load_fitted", "save_fitted",
 ]

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from .nnls import nnls
 from .routing import traffic_matrix, zipf
 
 __all__ = ["RoutingSpec", "Measurement", "FittedLinks", "PARAMETERS", "DEFAULT_FIT", "fit", "predict",
-           "load_measurements", "serialized_pair_bytes"]
+           "load_measurements", "serialized_pair_bytes", "save_fitted", "load_fitted"]
 
 # Parameter names, in the order a collinear one is dropped last-first.
 PARAMETERS: tuple[str, ...] = ("inter_efficiency", "overhead_s", "inter_alpha_s", "intra_beta_s_per_byte",
@@ -318,3 +318,15 @@ def load_measurements(json_path: str | Path) -> list[Measurement]:
     if not isinstance(data, list):
         raise ValueError(f"load_measurements: {json_path} must hold a JSON list, got {type(data).__name__}")
     return [_measurement_from_json(obj, i) for i, obj in enumerate(data)]
+
+
+def save_fitted(path: str | Path, fitted: FittedLinks) -> None:
+    """Write ``fitted`` as JSON (benchmarks/calibrate_sim.py's ``fitted.json``)."""
+    Path(path).write_text(json.dumps({f.name: getattr(fitted, f.name) for f in fields(fitted)}, indent=1))
+
+
+def load_fitted(path: str | Path) -> FittedLinks:
+    """The :class:`FittedLinks` that :func:`save_fitted` wrote (e.g. for ``ShadowCostModel.from_fitted_links``)."""
+    data = json.loads(Path(path).read_text())
+    names = {f.name for f in fields(FittedLinks)}
+    return FittedLinks(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names})
