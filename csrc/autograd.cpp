@@ -2,22 +2,12 @@
 // dispatch key. Forward redispatches below autograd to the CPU / CUDA kernel;
 // backward calls other moeflux ops through the dispatcher, so fake tensors,
 // torch.compile and profiling see them like any ATen op.
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
-
+#include "csrc/autograd_function.h"
 #include "csrc/ops.h"
 #include "csrc/profiling/comm_stats.h"
 
 namespace moeflux {
 namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-template <typename Fn>
-c10::TypedOperatorHandle<Fn> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
 
 // The ops' signatures as the dispatcher calls them (the Autograd kernels have the same ones).
 using RouteOp = decltype(route_autograd);

@@ -4,6 +4,7 @@
 // binds one table per dispatch key.
 #pragma once
 
+#include <array>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -89,8 +90,24 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe(const at::Tensor& tokens, const
                                                  const std::string& group_name, c10::string_view schedule,
                                                  int64_t chunks, int64_t group_size);
 
-// ---- experts
+// ---- experts (experts/): grouped GEMMs over per-expert row segments
 at::Tensor grouped_mm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& tokens_per_expert);
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                       const at::Tensor& weight,
+                                                       const at::Tensor& tokens_per_expert,
+                                                       std::array<bool, 2> output_mask);
+at::Tensor expert_ffn(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
+                      const at::Tensor& tokens_per_expert, c10::string_view activation,
+                      std::optional<int64_t> capacity);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_forward(const at::Tensor& rows, const at::Tensor& w_in,
+                                                                  const at::Tensor& w_out,
+                                                                  const at::Tensor& tokens_per_expert,
+                                                                  c10::string_view activation,
+                                                                  std::optional<int64_t> capacity);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward(
+    const at::Tensor& grad_output, const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
+    const at::Tensor& tokens_per_expert, const at::Tensor& pre_activation, const at::Tensor& activated,
+    c10::string_view activation, std::optional<int64_t> capacity);
 
 // ---- Autograd-key kernels (autograd.cpp, pipeline/): C++ autograd functions around the ops above.
 std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& tokens, const at::Tensor& expert_ids,
@@ -100,6 +117,10 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& toke
                                                           std::optional<int64_t> capacity,
                                                           const std::string& group_name, c10::string_view schedule,
                                                           int64_t chunks, int64_t group_size);
+at::Tensor grouped_mm_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& tokens_per_expert);
+at::Tensor expert_ffn_autograd(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
+                               const at::Tensor& tokens_per_expert, c10::string_view activation,
+                               std::optional<int64_t> capacity);
 std::tuple<at::Tensor, at::Tensor> route_autograd(const at::Tensor& logits, int64_t k, bool renormalize,
                                                   c10::string_view scoring,
                                                   const std::optional<at::Tensor>& expert_bias, int64_t num_groups,

@@ -8,6 +8,7 @@
 #include "csrc/bucketer/bucketer.h"
 #include "csrc/distributed/all_to_all.h"
 #include "csrc/distributed/comm_scheduler.h"
+#include "csrc/host_sync.h"
 #include "csrc/profiling/comm_stats.h"
 
 namespace py = pybind11;
@@ -23,9 +24,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("collective_counts", [] {
     const moeflux::CollectiveCounts counts = moeflux::collective_counts();
     return py::dict(py::arg("token_all_to_alls") = counts.token_all_to_alls,
-                    py::arg("count_exchanges") = counts.count_exchanges);
+                    py::arg("count_exchanges") = counts.count_exchanges,
+                    py::arg("host_count_reads") = moeflux::host_count_reads());
   });
-  m.def("reset_collective_counts", &moeflux::reset_collective_counts);
+  m.def("reset_collective_counts", [] {
+    moeflux::reset_collective_counts();
+    moeflux::reset_host_count_reads();
+  });
 
   namespace stats = moeflux::comm_stats;
   m.def("comm_stats_enabled", &stats::enabled);

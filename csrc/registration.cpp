@@ -28,6 +28,11 @@ void register_device_ops(torch::Library& m) {
   m.impl("permute", TORCH_FN((OnDevice<&permute, kernels>::call)));
   m.impl("unpermute", TORCH_FN((OnDevice<&unpermute, kernels>::call)));
   m.impl("unpermute_backward", TORCH_FN((OnDevice<&unpermute_backward, kernels>::call)));
+  // The grouped GEMMs pick torch._grouped_mm or their per-segment loop by device and dtype themselves.
+  m.impl("grouped_mm", &grouped_mm);
+  m.impl("grouped_mm_backward", &grouped_mm_backward);
+  m.impl("expert_ffn_forward", &expert_ffn_forward);
+  m.impl("expert_ffn_backward", &expert_ffn_backward);
 }
 
 }  // namespace
@@ -72,6 +77,15 @@ TORCH_LIBRARY(moeflux, m) {
   m.def("move_expert_rows(Tensor local, int[] old_expert_at, int[] new_expert_at, str group_name) -> Tensor");
   // experts
   m.def("grouped_mm(Tensor input, Tensor weight, Tensor tokens_per_expert) -> Tensor");
+  m.def("grouped_mm_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor tokens_per_expert, "
+        "bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight)");
+  m.def("expert_ffn(Tensor rows, Tensor w_in, Tensor w_out, Tensor tokens_per_expert, str activation, "
+        "int? capacity=None) -> Tensor");
+  m.def("expert_ffn_forward(Tensor rows, Tensor w_in, Tensor w_out, Tensor tokens_per_expert, str activation, "
+        "int? capacity) -> (Tensor output, Tensor pre_activation, Tensor activated)");
+  m.def("expert_ffn_backward(Tensor grad_output, Tensor rows, Tensor w_in, Tensor w_out, Tensor tokens_per_expert, "
+        "Tensor pre_activation, Tensor activated, str activation, int? capacity) "
+        "-> (Tensor grad_rows, Tensor grad_w_in, Tensor grad_w_out)");
 }
 
 TORCH_LIBRARY_IMPL(moeflux, CPU, m) { moeflux::register_device_ops<moeflux::cpu::kernels>(m); }
@@ -88,6 +102,8 @@ TORCH_LIBRARY_IMPL(moeflux, Autograd, m) {
   m.impl("combine", &moeflux::combine_autograd);
   m.impl("pipelined_moe", &moeflux::pipelined_moe_autograd);
   m.impl("broadcast_expert_rows", &moeflux::broadcast_expert_rows_autograd);
+  m.impl("grouped_mm", &moeflux::grouped_mm_autograd);
+  m.impl("expert_ffn", &moeflux::expert_ffn_autograd);
 }
 
 // Device-generic: index bookkeeping from ATen ops (apply_capacity), and the collectives, which run on any
@@ -104,10 +120,10 @@ TORCH_LIBRARY_IMPL(moeflux, CompositeExplicitAutograd, m) {
   m.impl("broadcast_expert_rows", &moeflux::broadcast_expert_rows);
   m.impl("reduce_expert_rows", &moeflux::reduce_expert_rows);
   m.impl("move_expert_rows", &moeflux::move_expert_rows);
+  m.impl("expert_ffn", &moeflux::expert_ffn);  // below autograd: expert_ffn_forward's output
 }
 
 // Built from differentiable ATen ops: autograd derives their backward.
 TORCH_LIBRARY_IMPL(moeflux, CompositeImplicitAutograd, m) {
   m.impl("router_aux_loss", &moeflux::router_aux_loss);
-  m.impl("grouped_mm", &moeflux::grouped_mm);
 }

@@ -1,8 +1,14 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICES, TOLERANCE
 from moeflux import ops
+
+# in_features x out_features: (16, 24) runs in torch._grouped_mm wherever it exists (16-byte rows), (6, 10) in
+# the per-segment loop.
+SHAPES = [(16, 24), (6, 10)]
+COUNTS = [[0], [5], [3, 0, 4], [0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8], [0, 9, 0]]
 
 
 def reference_grouped_mm(x, w, counts):
@@ -14,22 +20,56 @@ def reference_grouped_mm(x, w, counts):
     return out
 
 
-@pytest.mark.parametrize("counts", [[0], [5], [3, 0, 4], [0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
-def test_grouped_mm_matches_reference(counts, dtype, device, gen):
-    num_rows = sum(counts) + 2  # two tail rows past the last segment: zero
-    x = torch.randn(num_rows, 16, generator=gen).to(dtype).to(device)
-    w = torch.randn(len(counts), 16, 24, generator=gen).to(dtype).to(device)
-    tpe = torch.tensor(counts, dtype=torch.int32, device=device)
+def _tolerance(dtype):
+    return dict(TOLERANCE[dtype]) if dtype in (torch.float32, torch.float64) else dict(atol=0.25, rtol=2e-2)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("counts", COUNTS, ids=str)
+def test_grouped_mm_matches_reference(counts, shape, dtype, device, gen):
+    num_rows = sum(counts) + 2  # two tail rows past the last segment: zero (counts on the host)
+    x = torch.randn(num_rows, shape[0], generator=gen).to(dtype).to(device)
+    w = torch.randn(len(counts), *shape, generator=gen).to(dtype).to(device)
+    tpe = torch.tensor(counts, dtype=torch.int32)
     out = ops.grouped_mm(x, w, tpe)
-    ref = reference_grouped_mm(x.cpu(), w.cpu(), tpe.cpu())
-    tol = dict(TOLERANCE[dtype]) if dtype in (torch.float32, torch.float64) else dict(atol=0.25, rtol=2e-2)
-    torch.testing.assert_close(out.cpu().double(), ref, **tol)
+    torch.testing.assert_close(out.cpu().double(), reference_grouped_mm(x.cpu(), w.cpu(), tpe), **_tolerance(dtype))
 
 
-def test_grouped_mm_gradcheck(device, gen):
-    x = torch.randn(9, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    w = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    tpe = torch.tensor([4, 0, 5], dtype=torch.int32, device=device)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("counts", COUNTS, ids=str)
+def test_grouped_mm_gradients_match_reference(counts, shape, device, gen):
+    x = torch.randn(sum(counts) + 1, shape[0], generator=gen).to(device).requires_grad_()
+    w = torch.randn(len(counts), *shape, generator=gen).to(device).requires_grad_()
+    tpe = torch.tensor(counts, dtype=torch.int32, device=device)
+    grad = torch.randn(x.shape[0], shape[1], generator=gen).to(device)
+    got = torch.autograd.grad(ops.grouped_mm(x, w, tpe), (x, w), grad)
+    x64, w64 = x.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
+    want = torch.autograd.grad(reference_grouped_mm(x64, w64, tpe.cpu()), (x64, w64), grad.double().cpu())
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.cpu().double(), r, atol=1e-4, rtol=1e-4)
+    assert (got[0][-1] == 0).all()  # the row past the last segment gets no gradient
+
+
+def test_grouped_mm_non_contiguous_inputs_and_expanded_gradient(device, gen):
+    # A transposed weight, a column-sliced input and the stride-0 gradient of a sum.
+    counts = torch.tensor([3, 0, 5], dtype=torch.int32, device=device)
+    for k, m in SHAPES:
+        base = torch.randn(8, 2 * k, generator=gen).to(device)
+        x = base[:, :k].detach().requires_grad_()
+        w = torch.randn(3, m, k, generator=gen).to(device).transpose(1, 2).detach().requires_grad_()
+        assert not x.is_contiguous() and not w.is_contiguous()
+        grad_x, grad_w = torch.autograd.grad(ops.grouped_mm(x, w, counts).sum(), (x, w))
+        x64, w64 = x.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
+        want = torch.autograd.grad(reference_grouped_mm(x64, w64, counts.cpu()).sum(), (x64, w64))
+        torch.testing.assert_close(grad_x.cpu().double(), want[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(grad_w.cpu().double(), want[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("counts", [[4, 0, 5], [0, 0, 9], [9]], ids=str)
+def test_grouped_mm_gradcheck(counts, device, gen):
+    x = torch.randn(sum(counts), 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(len(counts), 4, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    tpe = torch.tensor(counts, dtype=torch.int32, device=device)
     assert torch.autograd.gradcheck(lambda a, b: ops.grouped_mm(a, b, tpe), (x, w))
 
 
@@ -37,23 +77,73 @@ def test_grouped_mm_experts_without_rows_get_zero_gradients(device, gen):
     # Backward must reach every weight and the input even when no expert has rows:
     # under expert parallelism every rank has to run its backward all-to-alls.
     for counts in ([0, 0, 0], [0, 3, 0]):
-        x = torch.randn(sum(counts), 4, generator=gen).to(device).requires_grad_()
-        w = torch.randn(3, 4, 5, generator=gen).to(device).requires_grad_()
-        out = ops.grouped_mm(x, w, torch.tensor(counts, dtype=torch.int32, device=device))
-        assert out.requires_grad
-        grad_x, grad_w = torch.autograd.grad(out.sum(), (x, w))
-        assert grad_x.shape == x.shape and (grad_w[0] == 0).all() and (grad_w[2] == 0).all()
+        for k, m in SHAPES:
+            x = torch.randn(sum(counts), k, generator=gen).to(device).requires_grad_()
+            w = torch.randn(3, k, m, generator=gen).to(device).requires_grad_()
+            out = ops.grouped_mm(x, w, torch.tensor(counts, dtype=torch.int32, device=device))
+            assert out.requires_grad
+            grad_x, grad_w = torch.autograd.grad(out.sum(), (x, w))
+            assert grad_x.shape == x.shape and (grad_w[0] == 0).all() and (grad_w[2] == 0).all()
 
 
-def test_grouped_mm_opcheck(device, gen):
-    # The per-expert path reads the counts on the host, so only the schema and
-    # the autograd registration are checked (no FakeTensor / AOT tracing).
-    x = torch.randn(9, 4, generator=gen).to(device).requires_grad_()
-    w = torch.randn(3, 4, 5, generator=gen).to(device).requires_grad_()
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func, [tuple(t.shape) for t in args if isinstance(t, torch.Tensor)]))
+        return out
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_grouped_mm_backward_writes_the_weight_gradient_once(shape):
+    # No per-expert zero fill or accumulation into a whole-weight buffer (that work grows as E^2), and with
+    # torch._grouped_mm the backward's op count does not grow with the number of experts.
+    op_counts = []
+    for experts in (4, 64):
+        x = torch.randn(8 * experts, shape[0], requires_grad=True)
+        w = torch.randn(experts, *shape, requires_grad=True)
+        out = ops.grouped_mm(x, w, torch.full((experts,), 8, dtype=torch.int32))
+        with _OpLog() as log:
+            out.backward(torch.ones_like(out))
+        whole = (experts, *shape)
+        touched = [f for f, shapes in log.calls if whole in shapes and f.__name__.split(".")[0] in
+                   ("fill_", "zero_", "add_", "add", "zeros_like", "index_put_", "copy_")]
+        assert not touched, touched
+        op_counts.append(len(log.calls))
+    if shape == SHAPES[0]:
+        assert op_counts[0] == op_counts[1], op_counts
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_grouped_mm_opcheck(shape, device, gen):
+    x = torch.randn(9, shape[0], generator=gen).to(device).requires_grad_()
+    w = torch.randn(3, *shape, generator=gen).to(device).requires_grad_()
     tpe = torch.tensor([4, 0, 5], dtype=torch.int32, device=device)
-    torch.library.opcheck(
-        torch.ops.moeflux.grouped_mm.default, (x, w, tpe), test_utils=("test_schema", "test_autograd_registration")
-    )
+    torch.library.opcheck(torch.ops.moeflux.grouped_mm.default, (x, w, tpe))
+    grad = torch.randn(9, shape[1], generator=gen).to(device)
+    torch.library.opcheck(torch.ops.moeflux.grouped_mm_backward.default, (grad, x.detach(), w.detach(), tpe,
+                                                                         [True, True]))
+
+
+def test_grouped_mm_counts_on_the_host_are_not_read_back(gen):
+    ops.reset_collective_counts()
+    x = torch.randn(9, 6, generator=gen, requires_grad=True)
+    w = torch.randn(3, 6, 10, generator=gen, requires_grad=True)
+    ops.grouped_mm(x, w, torch.tensor([4, 0, 5], dtype=torch.int32)).sum().backward()
+    assert ops.collective_counts()["host_count_reads"] == 0
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+def test_grouped_mm_cuda_reads_device_counts_once(gen):
+    # float32 on CUDA runs per segment: forward reads the counts once, backward reuses them.
+    x = torch.randn(9, 6, generator=gen).cuda().requires_grad_()
+    w = torch.randn(3, 6, 10, generator=gen).cuda().requires_grad_()
+    ops.reset_collective_counts()
+    ops.grouped_mm(x, w, torch.tensor([4, 0, 5], dtype=torch.int32, device="cuda")).sum().backward()
+    assert ops.collective_counts()["host_count_reads"] == 1
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")

@@ -88,8 +88,9 @@ def counts_worker(rank, world):
 def test_collectives_per_step_follow_the_schedule():
     for seen in run_ranks(2, counts_worker):
         for schedule, (forward, total, stages) in seen.items():
-            assert forward == {"token_all_to_alls": 2 * stages, "count_exchanges": 1}, schedule
-            assert total == {"token_all_to_alls": 4 * stages, "count_exchanges": 1}, schedule
+            # One count exchange and one read of the counts on the host per step, forward only.
+            assert forward == {"token_all_to_alls": 2 * stages, "count_exchanges": 1, "host_count_reads": 1}, schedule
+            assert total == {"token_all_to_alls": 4 * stages, "count_exchanges": 1, "host_count_reads": 1}, schedule
 
 
 def bad_options_worker(rank, world):

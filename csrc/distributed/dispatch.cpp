@@ -26,6 +26,7 @@
 #include "csrc/checks.h"
 #include "csrc/distributed/all_to_all.h"
 #include "csrc/distributed/counts.h"
+#include "csrc/host_sync.h"
 #include "csrc/ops.h"
 
 namespace moeflux {
@@ -79,7 +80,7 @@ ExchangedCounts exchange_counts(const at::Tensor& tokens, const at::Tensor& toke
   const std::vector<int64_t> ones(world, 1);
   count_count_exchange();
   const at::Tensor recv_msg = exchange_rows(send_msg, ones, ones, group, op, "count_exchange");
-  const at::Tensor both = at::cat({send_msg, recv_msg}).cpu();  // the one host synchronisation
+  const at::Tensor both = counts_to_host(at::cat({send_msg, recv_msg}));  // the one host synchronisation
   const auto* h = both.const_data_ptr<int64_t>();
   const int64_t width = local_experts + kHeader;
   for (int64_t src = 0; src < world; ++src) {

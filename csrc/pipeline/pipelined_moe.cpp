@@ -27,6 +27,7 @@
 #include "csrc/checks.h"
 #include "csrc/distributed/all_to_all.h"
 #include "csrc/distributed/counts.h"
+#include "csrc/experts/activation.h"
 #include "csrc/ops.h"
 
 namespace moeflux {
@@ -124,18 +125,6 @@ std::vector<Stage> plan_stages(const Schedule& schedule, int64_t rank, const at:
 
 // ---- the experts: GroupedExperts' FFN, one matmul pair per local expert
 
-at::Tensor activate(const at::Tensor& h, bool swiglu) {
-  if (!swiglu) return at::gelu(h);
-  const auto parts = h.chunk(2, -1);
-  return at::silu(parts[0]) * parts[1];
-}
-
-at::Tensor activate_backward(const at::Tensor& grad, const at::Tensor& h, bool swiglu) {
-  if (!swiglu) return at::gelu_backward(grad, h);
-  const auto parts = h.chunk(2, -1);
-  return at::cat({at::silu_backward(grad * parts[1], parts[0]), grad * at::silu(parts[0])}, -1);
-}
-
 struct ExpertWeights {
   at::Tensor w_in, w_out;  // [E_local, H, F_in], [E_local, F, H]
   bool swiglu;
@@ -152,7 +141,7 @@ std::pair<at::Tensor, at::Tensor> experts_forward(const at::Tensor& x, const std
     if (n == 0) continue;
     at::Tensor h_j = h.narrow(0, offset, n), y_j = y.narrow(0, offset, n);
     at::mm_out(h_j, x.narrow(0, offset, n), w.w_in[j]);
-    at::mm_out(y_j, activate(h_j, w.swiglu), w.w_out[j]);
+    at::mm_out(y_j, activation_forward(h_j, w.swiglu), w.w_out[j]);
     offset += n;
   }
   return {y, h};
@@ -168,8 +157,8 @@ at::Tensor experts_backward(const at::Tensor& dy, const at::Tensor& x, const at:
     const int64_t n = expert_rows[j];
     if (n == 0) continue;
     const at::Tensor dy_j = dy.narrow(0, offset, n), h_j = h.narrow(0, offset, n), x_j = x.narrow(0, offset, n);
-    grad_w_out[j].addmm_(activate(h_j, w.swiglu).t(), dy_j);
-    const at::Tensor dh = activate_backward(dy_j.mm(w.w_out[j].t()), h_j, w.swiglu);
+    grad_w_out[j].addmm_(activation_forward(h_j, w.swiglu).t(), dy_j);
+    const at::Tensor dh = activation_backward(dy_j.mm(w.w_out[j].t()), h_j, w.swiglu);
     grad_w_in[j].addmm_(x_j.t(), dh);
     at::Tensor dx_j = dx.narrow(0, offset, n);
     at::mm_out(dx_j, dh, w.w_in[j].t());
@@ -319,9 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(const at
 }
 
 ExpertWeights expert_weights(const at::Tensor& w_in, const at::Tensor& w_out, c10::string_view activation) {
-  TORCH_CHECK(activation == "swiglu" || activation == "gelu", "moeflux.pipelined_moe: activation must be ",
-              "'swiglu' or 'gelu', got '", std::string(activation), "'");
-  return {w_in.contiguous(), w_out.contiguous(), activation == "swiglu"};
+  return {w_in.contiguous(), w_out.contiguous(), is_swiglu(activation, kOp)};
 }
 
 using torch::autograd::AutogradContext;

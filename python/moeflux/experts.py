@@ -104,12 +104,6 @@ class GroupedExperts(nn.Module):
         """The global index of each expert held here, in the order of the stacked weights."""
         return self.placement.experts_of()
 
-    def _activate(self, h: Tensor) -> Tensor:
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        return F.gelu(h)
-
     def forward(self, rows: Tensor, tokens_per_expert: Tensor, capacity: int | None = None) -> Tensor:
         """``rows [N, d_model]`` grouped by expert → ``[N, d_model]``.
 
@@ -123,12 +117,7 @@ class GroupedExperts(nn.Module):
             capacity: int | None = None) -> Tensor:
         """:meth:`forward` with other experts' weights ``w_in [n, ...]``, ``w_out [n, ...]`` of this module's
         shape (copies of other ranks' experts: FasterMoE's shadows)."""
-        if capacity is not None:
-            h = torch.bmm(rows.view(w_in.shape[0], capacity, self.d_model), w_in)
-            out = torch.bmm(self._activate(h), w_out)
-            return out.view(-1, self.d_model)
-        h = ops.grouped_mm(rows, w_in, tokens_per_expert)
-        return ops.grouped_mm(self._activate(h), w_out, tokens_per_expert)
+        return ops.expert_ffn(rows, w_in, w_out, tokens_per_expert, self.activation, capacity)
 
     def extra_repr(self) -> str:
         return f"experts {list(self.global_experts)}, d_model={self.d_model}, d_ffn={self.d_ffn}, activation={self.activation}"

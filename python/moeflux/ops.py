@@ -2,8 +2,7 @@
 
 The ops are implemented in C++/CUDA (``csrc/``, ``cuda/``); this module only
 gives them Python signatures and docstrings, and registers the fake (meta)
-kernels that let shapes propagate under FakeTensor (``torch.compile`` of a
-whole layer does not work yet: ``grouped_mm`` reads its counts on the host).
+kernels that let shapes propagate under FakeTensor.
 
 Conventions: ``T`` tokens, ``H`` hidden size, ``E`` experts, ``k`` experts per
 token, ``N`` permuted rows (``T * k`` dropless, ``E * capacity`` with a
@@ -28,6 +27,7 @@ __all__ = [
     "permute",
     "unpermute",
     "grouped_mm",
+    "expert_ffn",
     "all_to_all",
     "dispatch",
     "combine",
@@ -129,13 +129,35 @@ def unpermute(rows: Tensor, row_map: Tensor, weights: Tensor | None = None) -> T
 def grouped_mm(input: Tensor, weight: Tensor, tokens_per_expert: Tensor) -> Tensor:
     """Per-expert matmul over the contiguous segments of :func:`permute`'s output.
 
-    ``input [N, K]``, ``weight [E, K, M]``, ``tokens_per_expert [E]`` (int32):
-    rows ``[start_e, start_e + tokens_per_expert[e])`` are multiplied by
-    ``weight[e]``. Uses ``torch._grouped_mm`` on Hopper GPUs in bfloat16, one
-    matmul per expert elsewhere (which reads the counts on the host).
-    Differentiable with respect to ``input`` and ``weight``.
+    ``input [N, K]``, ``weight [E, K, M]``, ``tokens_per_expert [E]`` (int32, on
+    ``input``'s device or on the CPU): rows ``[start_e, start_e +
+    tokens_per_expert[e])`` are multiplied by ``weight[e]``. Rows past the last
+    segment are zero when the counts are on the CPU, unspecified otherwise.
+
+    ``torch._grouped_mm`` does the work where it can (CPU in float32, bfloat16
+    and float16; CUDA in bfloat16 on Hopper/Blackwell; ``K`` and ``M`` a
+    multiple of 16 bytes) and never reads the counts on the host; elsewhere one matmul per
+    segment, with the counts read on the host once in forward and reused by
+    backward. Differentiable with respect to ``input`` and ``weight``: its own
+    backward writes each gradient once (experts without rows get zeros).
     """
     return _ops.grouped_mm(input, weight, tokens_per_expert)
+
+
+def expert_ffn(rows: Tensor, w_in: Tensor, w_out: Tensor, tokens_per_expert: Tensor, activation: str = "swiglu",
+               capacity: int | None = None) -> Tensor:
+    """The experts' two-layer FFN over rows grouped by expert, as one op with its own backward.
+
+    ``y[segment e] = act(x[segment e] @ w_in[e]) @ w_out[e]`` with ``rows [N, H]``,
+    ``w_in [E, H, F_in]``, ``w_out [E, F, H]``, and ``act`` SwiGLU (``F_in = 2F``:
+    gate columns first, then up; ``silu(gate) * up``) or GELU (``F_in = F``).
+    Segments as in :func:`grouped_mm`; with a ``capacity`` expert ``e`` owns rows
+    ``[e * capacity, (e + 1) * capacity)`` (``N = E * capacity``) and batched
+    matmuls do the work. Differentiable with respect to ``rows``, ``w_in`` and
+    ``w_out``; backward writes every gradient once, the activation's gradient
+    straight into its ``[N, F_in]`` buffer.
+    """
+    return _ops.expert_ffn(rows, w_in, w_out, tokens_per_expert, activation, capacity)
 
 
 # ---- expert parallelism
@@ -285,8 +307,9 @@ def move_expert_rows(local: Tensor, old_expert_at: list[int], new_expert_at: lis
 
 
 def collective_counts() -> dict[str, int]:
-    """Collectives this process has issued through moeflux ops:
-    ``{"token_all_to_alls": ..., "count_exchanges": ...}``."""
+    """Collectives this process has issued through moeflux ops, and its reads of routing counts on the host
+    (each a host synchronisation on a GPU): ``{"token_all_to_alls": ..., "count_exchanges": ...,
+    "host_count_reads": ...}``."""
     return _C.collective_counts()
 
 
@@ -425,3 +448,29 @@ def _reduce_expert_rows_fake(grad_rows, positions, local_experts, group_name):
 @torch.library.register_fake("moeflux::move_expert_rows")
 def _move_expert_rows_fake(local, old_expert_at, new_expert_at, group_name):
     return torch.empty_like(local, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("moeflux::grouped_mm")
+def _grouped_mm_fake(input, weight, tokens_per_expert):
+    return input.new_empty((input.shape[0], weight.shape[2]))
+
+
+@torch.library.register_fake("moeflux::grouped_mm_backward")
+def _grouped_mm_backward_fake(grad_output, input, weight, tokens_per_expert, output_mask):
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else None
+    return grad_input, grad_weight
+
+
+@torch.library.register_fake("moeflux::expert_ffn_forward")
+def _expert_ffn_forward_fake(rows, w_in, w_out, tokens_per_expert, activation, capacity):
+    n = rows.shape[0]
+    return rows.new_empty((n, rows.shape[1])), rows.new_empty((n, w_in.shape[2])), rows.new_empty((n, w_out.shape[1]))
+
+
+@torch.library.register_fake("moeflux::expert_ffn_backward")
+def _expert_ffn_backward_fake(grad_output, rows, w_in, w_out, tokens_per_expert, pre_activation, activated,
+                              activation, capacity):
+    contiguous = torch.contiguous_format
+    return (torch.empty_like(rows, memory_format=contiguous), torch.empty_like(w_in, memory_format=contiguous),
+            torch.empty_like(w_out, memory_format=contiguous))

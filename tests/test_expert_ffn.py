@@ -1,0 +1,136 @@
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TOLERANCE
+from moeflux import ops
+from test_grouped_mm import _OpLog
+
+# (hidden, ffn): (16, 8) runs in torch._grouped_mm wherever it exists (16-byte rows), (6, 5) per segment.
+SHAPES = [(16, 8), (6, 5)]
+COUNTS = [[3, 0, 5, 2], [0, 0, 0], [7], [0, 9], [4, 4, 4, 4], [12, 0, 0, 0]]
+
+
+def reference_ffn(x, w_in, w_out, counts, activation, capacity=None):
+    """Per expert, in float64, from the definition."""
+    x, w_in, w_out = x.double(), w_in.double(), w_out.double()
+    out = torch.zeros(x.shape[0], w_out.shape[2], dtype=torch.float64)
+    start = 0
+    for e, n in enumerate(counts):
+        rows = capacity if capacity is not None else n
+        h = x[start:start + rows] @ w_in[e]
+        if activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            a = F.silu(gate) * up
+        else:
+            a = F.gelu(h)
+        out[start:start + rows] = a @ w_out[e]
+        start += rows
+    return out
+
+
+def make_args(counts, shape, activation, capacity, dtype, device, gen):
+    hidden, ffn = shape
+    experts = len(counts)
+    rows = experts * capacity if capacity is not None else sum(counts) + 1  # one row past the last segment
+    f_in = 2 * ffn if activation == "swiglu" else ffn
+    x = torch.randn(rows, hidden, generator=gen).to(dtype).to(device)
+    w_in = (torch.randn(experts, hidden, f_in, generator=gen) / hidden ** 0.5).to(dtype).to(device)
+    w_out = (torch.randn(experts, ffn, hidden, generator=gen) / ffn ** 0.5).to(dtype).to(device)
+    tpe = torch.tensor(counts if capacity is None else [min(c, capacity) for c in counts], dtype=torch.int32,
+                       device=device)
+    return x, w_in, w_out, tpe
+
+
+@pytest.mark.parametrize("capacity", [None, 3], ids=["dropless", "capacity"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("counts", COUNTS, ids=str)
+def test_expert_ffn_matches_reference(counts, shape, activation, capacity, dtype, device, gen):
+    x, w_in, w_out, tpe = make_args(counts, shape, activation, capacity, dtype, device, gen)
+    params = [t.requires_grad_() for t in (x, w_in, w_out)]
+    out = ops.expert_ffn(x, w_in, w_out, tpe, activation, capacity)
+    grad = torch.randn(out.shape, generator=gen).to(dtype).to(device)
+    got = torch.autograd.grad(out, params, grad)
+    refs = [t.detach().cpu().double().requires_grad_() for t in params]
+    ref = reference_ffn(*refs, tpe.tolist(), activation, capacity)
+    want = torch.autograd.grad(ref, refs, grad.cpu().double())
+    tol = dict(TOLERANCE[dtype]) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
+    if dtype in (torch.bfloat16, torch.float16):
+        tol = dict(atol=0.1, rtol=5e-2)
+    torch.testing.assert_close(out.cpu().double(), ref.detach(), **tol)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu().double(), w, **tol)
+
+
+def test_expert_ffn_non_contiguous_rows_and_expanded_gradient(device, gen):
+    for shape in SHAPES:
+        x, w_in, w_out, tpe = make_args([3, 0, 5], shape, "swiglu", None, torch.float32, device, gen)
+        x = torch.cat([x, x], dim=1)[:, :shape[0]].detach().requires_grad_()  # a column slice: row stride 2H
+        w_out = w_out.transpose(1, 2).contiguous().transpose(1, 2).detach().requires_grad_()
+        w_in.requires_grad_()
+        assert not x.is_contiguous() and not w_out.is_contiguous()
+        got = torch.autograd.grad(ops.expert_ffn(x, w_in, w_out, tpe).sum(), (x, w_in, w_out))
+        refs = [t.detach().double().cpu().requires_grad_() for t in (x, w_in, w_out)]
+        want = torch.autograd.grad(reference_ffn(*refs, tpe.tolist(), "swiglu").sum(), refs)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.cpu().double(), w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("capacity", [None, 2], ids=["dropless", "capacity"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_expert_ffn_gradcheck(activation, capacity, device, gen):
+    x, w_in, w_out, tpe = make_args([2, 0, 3], (4, 3), activation, capacity, torch.float64, device, gen)
+    params = tuple(t.requires_grad_() for t in (x, w_in, w_out))
+    assert torch.autograd.gradcheck(lambda *p: ops.expert_ffn(*p, tpe, activation, capacity), params)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_expert_ffn_backward_writes_each_gradient_once(shape):
+    # No zero fill of a whole-weight buffer, no chunk/cat of the activation's gradient, and with
+    # torch._grouped_mm an op count that does not grow with the number of experts.
+    op_counts = []
+    for experts in (4, 64):
+        x, w_in, w_out, tpe = make_args([8] * experts, shape, "swiglu", None, torch.float32, "cpu",
+                                        torch.Generator().manual_seed(0))
+        params = [t.requires_grad_() for t in (x, w_in, w_out)]
+        out = ops.expert_ffn(*params, tpe)
+        with _OpLog() as log:
+            out.backward(torch.ones_like(out))
+        names = [f.__name__.split(".")[0] for f, _ in log.calls]
+        assert "cat" not in names and "fill_" not in names and "zero_" not in names, names
+        op_counts.append(len(log.calls))
+    if shape == SHAPES[0]:
+        assert op_counts[0] == op_counts[1], op_counts
+
+
+@pytest.mark.parametrize("capacity", [None, 3], ids=["dropless", "capacity"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_expert_ffn_opcheck(shape, capacity, device, gen):
+    x, w_in, w_out, tpe = make_args([3, 0, 5], shape, "swiglu", capacity, torch.float32, device, gen)
+    torch.library.opcheck(torch.ops.moeflux.expert_ffn.default,
+                          ([t.requires_grad_() for t in (x, w_in, w_out)] + [tpe, "swiglu", capacity]))
+    out, h, a = torch.ops.moeflux.expert_ffn_forward(x.detach(), w_in.detach(), w_out.detach(), tpe, "swiglu",
+                                                     capacity)
+    torch.library.opcheck(torch.ops.moeflux.expert_ffn_forward.default,
+                          (x.detach(), w_in.detach(), w_out.detach(), tpe, "swiglu", capacity))
+    torch.library.opcheck(torch.ops.moeflux.expert_ffn_backward.default,
+                          (torch.randn_like(out), x.detach(), w_in.detach(), w_out.detach(), tpe, h, a, "swiglu",
+                           capacity))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda x, wi, wo, c: ops.expert_ffn(x, wi[:, :, :5], wo, c), "w_in.size(2) must equal 2 * w_out.size(1)"),
+    (lambda x, wi, wo, c: ops.expert_ffn(x, wi, wo, c, "relu"), "activation must be 'swiglu' or 'gelu'"),
+    (lambda x, wi, wo, c: ops.expert_ffn(x, wi, wo, c, capacity=2), "must hold num_experts * capacity"),
+    (lambda x, wi, wo, c: ops.expert_ffn(x, wi, wo, c * 2), "sum to at most input.size(0)"),
+    (lambda x, wi, wo, c: ops.expert_ffn(x, wi.double(), wo, c), "w_in must have the dtype of rows"),
+    (lambda x, wi, wo, c: ops.expert_ffn(x, wi, wo[:2], c), "w_out.size(0) must equal w_in.size(0)"),
+    (lambda x, wi, wo, c: ops.expert_ffn(x, wi, wo, c.long()), "tokens_per_expert must be Int"),
+], ids=["swiglu width", "activation", "capacity rows", "counts", "dtype", "experts", "counts dtype"])
+def test_expert_ffn_errors_name_the_argument(make, message, gen):
+    x, w_in, w_out, tpe = make_args([3, 0, 5], (6, 5), "swiglu", None, torch.float32, "cpu", gen)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        make(x, w_in, w_out, tpe)
