@@ -8,6 +8,8 @@
 #include "csrc/bucketer/bucketer.h"
 #include "csrc/distributed/all_to_all.h"
 #include "csrc/distributed/comm_scheduler.h"
+#include "csrc/cpu/workspace.h"
+#include "csrc/experts/grouped_gemm.h"
 #include "csrc/host_sync.h"
 #include "csrc/profiling/comm_stats.h"
 
@@ -27,6 +29,13 @@ PYBIND11_MODULE(_C, m) {
                     py::arg("count_exchanges") = counts.count_exchanges,
                     py::arg("host_count_reads") = moeflux::host_count_reads());
   });
+  m.def("set_cpu_grouped_mm_backend", [](const std::string& backend) {
+    TORCH_CHECK(backend == "aten" || backend == "segments", "set_cpu_grouped_mm_backend: backend must be 'aten' ",
+                "or 'segments', got '", backend, "'");
+    moeflux::set_cpu_grouped_mm_backend(backend == "aten");
+  }, py::arg("backend"));
+  m.def("cpu_workspace_cached_bytes", &moeflux::cpu::workspace_cached_bytes);
+  m.def("release_cpu_workspace", &moeflux::cpu::workspace_release);
   m.def("reset_collective_counts", [] {
     moeflux::reset_collective_counts();
     moeflux::reset_host_count_reads();

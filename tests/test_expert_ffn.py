@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import TOLERANCE
 from moeflux import ops
-from test_grouped_mm import _OpLog
+from test_grouped_mm import _OpLog, cpu_backend  # noqa: F401 - the fixture runs every test on both CPU paths
 
 # (hidden, ffn): (16, 8) runs in torch._grouped_mm wherever it exists (16-byte rows), (6, 5) per segment.
 SHAPES = [(16, 8), (6, 5)]
@@ -14,12 +14,14 @@ COUNTS = [[3, 0, 5, 2], [0, 0, 0], [7], [0, 9], [4, 4, 4, 4], [12, 0, 0, 0]]
 
 
 def reference_ffn(x, w_in, w_out, counts, activation, capacity=None):
-    """Per expert, in float64, from the definition."""
+    """Per expert, in float64, from the definition: only token rows are computed (padding gets zeros)."""
     x, w_in, w_out = x.double(), w_in.double(), w_out.double()
     out = torch.zeros(x.shape[0], w_out.shape[2], dtype=torch.float64)
     start = 0
     for e, n in enumerate(counts):
-        rows = capacity if capacity is not None else n
+        rows = n
+        if capacity is not None:
+            start = e * capacity
         h = x[start:start + rows] @ w_in[e]
         if activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
@@ -41,6 +43,9 @@ def make_args(counts, shape, activation, capacity, dtype, device, gen):
     w_out = (torch.randn(experts, ffn, hidden, generator=gen) / ffn ** 0.5).to(dtype).to(device)
     tpe = torch.tensor(counts if capacity is None else [min(c, capacity) for c in counts], dtype=torch.int32,
                        device=device)
+    if capacity is not None:  # padding past each expert's count is zero, as permute and dispatch leave it
+        for e, n in enumerate(tpe.tolist()):
+            x[e * capacity + n:(e + 1) * capacity] = 0
     return x, w_in, w_out, tpe
 
 
@@ -88,7 +93,7 @@ def test_expert_ffn_gradcheck(activation, capacity, device, gen):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_expert_ffn_backward_writes_each_gradient_once(shape):
+def test_expert_ffn_backward_writes_each_gradient_once(shape, cpu_backend):
     # No zero fill of a whole-weight buffer, no chunk/cat of the activation's gradient, and with
     # torch._grouped_mm an op count that does not grow with the number of experts.
     op_counts = []
@@ -102,7 +107,7 @@ def test_expert_ffn_backward_writes_each_gradient_once(shape):
         names = [f.__name__.split(".")[0] for f, _ in log.calls]
         assert "cat" not in names and "fill_" not in names and "zero_" not in names, names
         op_counts.append(len(log.calls))
-    if shape == SHAPES[0]:
+    if shape == SHAPES[0] and cpu_backend == "aten":
         assert op_counts[0] == op_counts[1], op_counts
 
 
@@ -134,3 +139,20 @@ def test_expert_ffn_errors_name_the_argument(make, message, gen):
     x, w_in, w_out, tpe = make_args([3, 0, 5], (6, 5), "swiglu", None, torch.float32, "cpu", gen)
     with pytest.raises(RuntimeError, match=re.escape(message)):
         make(x, w_in, w_out, tpe)
+
+
+def test_expert_ffn_reuses_cpu_workspace(gen):
+    # Large buffers come back to the pool when freed and serve the next step; results do not change.
+    x, w_in, w_out, tpe = make_args([1000, 0, 2000, 1096], (256, 512), "swiglu", None, torch.float32, "cpu", gen)
+    params = [t.requires_grad_() for t in (x, w_in, w_out)]
+    ops.release_cpu_workspace()
+    first = [ops.expert_ffn(*params, tpe).sum()]
+    first += torch.autograd.grad(first[0], params)
+    first = [t.clone() for t in first]
+    assert ops.cpu_workspace_bytes() > 0
+    second = [ops.expert_ffn(*params, tpe).sum()]
+    second += torch.autograd.grad(second[0], params)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    ops.release_cpu_workspace()
+    assert ops.cpu_workspace_bytes() == 0

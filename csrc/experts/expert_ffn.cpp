@@ -46,7 +46,7 @@ void check_expert_ffn_args(const at::Tensor& rows, const at::Tensor& w_in, const
 
 Segments ffn_segments(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
                       const at::Tensor& tokens_per_expert, std::optional<int64_t> capacity, const char* op) {
-  if (capacity) return uniform_segments(w_in.size(0), *capacity);
+  if (capacity) return capacity_segments(tokens_per_expert, *capacity, op);
   return plan_segments(tokens_per_expert, rows, aten_grouped_mm_usable(rows, w_in, w_out), op);
 }
 

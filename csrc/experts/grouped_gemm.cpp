@@ -1,6 +1,7 @@
 #include "csrc/experts/grouped_gemm.h"
 
 #include <algorithm>
+#include <atomic>
 
 #include <ATen/ATen.h>
 
@@ -9,6 +10,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include "csrc/cpu/workspace.h"
 #include "csrc/host_sync.h"
 
 namespace moeflux {
@@ -42,17 +44,17 @@ void check_host_counts(const at::Tensor& host_counts, int64_t num_rows, const ch
   }
 }
 
-void zero_rows_past(at::Tensor& out, const Segments& seg) {
-  const std::optional<int64_t> used = seg.total_rows();
-  if (used && *used < out.size(0)) out.narrow(0, *used, out.size(0) - *used).zero_();
-}
+// On the CPU torch._grouped_mm is itself one mm per group, into an output it allocates afresh each call; the
+// per-segment path runs the same GEMMs into workspace buffers, without the page faults (measured ~10% of a
+// layer step, benchmarks/RESULTS.md), so it is the default there. Tests switch to cover both.
+std::atomic<bool> cpu_uses_aten_grouped_mm{false};
 
 }  // namespace
 
-std::optional<int64_t> Segments::total_rows() const {
-  if (capacity) return num_experts * *capacity;
-  if (host_counts.defined()) return host_counts.sum().item<int64_t>();  // host tensor: no synchronisation
-  return std::nullopt;
+void set_cpu_grouped_mm_backend(bool aten) { cpu_uses_aten_grouped_mm = aten; }
+
+at::Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return options.device().is_cpu() ? cpu::workspace_empty(sizes, options) : at::empty(sizes, options);
 }
 
 bool aten_grouped_mm_usable(const at::Tensor& rows, int64_t k_dim, int64_t n_dim) {
@@ -60,7 +62,7 @@ bool aten_grouped_mm_usable(const at::Tensor& rows, int64_t k_dim, int64_t n_dim
   // Its row strides must be multiples of 16 bytes, on every device.
   const int64_t bytes = static_cast<int64_t>(c10::elementSize(t));
   if ((k_dim * bytes) % 16 != 0 || (n_dim * bytes) % 16 != 0) return false;
-  if (rows.is_cpu()) return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+  if (rows.is_cpu()) return cpu_uses_aten_grouped_mm && (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf);
 #ifdef MOEFLUX_WITH_CUDA
   if (!rows.is_cuda() || t != at::kBFloat16) return false;
   int major = 0;
@@ -86,60 +88,86 @@ Segments plan_segments(const at::Tensor& tokens_per_expert, const at::Tensor& ro
   } else if (!on_host) {
     seg.host_counts = counts_to_host(tokens_per_expert).to(at::kLong);
   }
-  if (seg.host_counts.defined()) check_host_counts(seg.host_counts, rows.size(0), op);
+  if (seg.host_counts.defined()) {
+    check_host_counts(seg.host_counts, rows.size(0), op);
+    seg.used_rows = seg.host_counts.sum().item<int64_t>();  // a host tensor: no synchronisation
+  }
   return seg;
 }
 
-Segments uniform_segments(int64_t num_experts, int64_t capacity) {
+Segments capacity_segments(const at::Tensor& tokens_per_expert, int64_t capacity, const char* op) {
   Segments seg;
-  seg.num_experts = num_experts;
+  seg.num_experts = tokens_per_expert.size(0);
   seg.capacity = capacity;
+  seg.used_rows = seg.num_experts * capacity;
+  if (tokens_per_expert.is_cpu()) {
+    seg.host_counts = tokens_per_expert.to(at::kLong);
+    const int64_t* count = seg.host_counts.const_data_ptr<int64_t>();
+    for (int64_t e = 0; e < seg.num_experts; ++e) {
+      TORCH_CHECK(count[e] >= 0 && count[e] <= capacity, "moeflux.", op, ": with capacity ", capacity,
+                  " tokens_per_expert must be in [0, ", capacity, "], got ", count[e], " for expert ", e);
+    }
+  }
   return seg;
 }
+
+namespace {
+
+// f(e, first row, rows) for each segment that is known on the host: packed one after another, or with a
+// capacity at e * capacity (rows past the count up to the capacity are padding).
+template <typename F>
+void for_each_segment(const Segments& seg, F&& f) {
+  const int64_t* count = seg.host_counts.const_data_ptr<int64_t>();
+  int64_t start = 0;
+  for (int64_t e = 0; e < seg.num_experts; ++e) {
+    f(e, seg.capacity ? e * *seg.capacity : start, count[e]);
+    start += count[e];
+  }
+}
+
+}  // namespace
 
 at::Tensor segment_mm(const at::Tensor& x, const at::Tensor& w, const Segments& seg) {
   const int64_t n = x.size(0), k = x.size(1), m = w.size(2);
   if (n == 0) return at::empty({0, m}, x.options());
-  if (seg.capacity) {
-    const int64_t c = *seg.capacity;
-    return at::bmm(x.view({seg.num_experts, c, k}), w).view({n, m});
+  if (seg.capacity && !seg.host_counts.defined()) {
+    return at::bmm(x.view({seg.num_experts, *seg.capacity, k}), w).view({n, m});
   }
-  at::Tensor out;
   if (seg.offsets.defined()) {
-    out = at::_grouped_mm(gemm_operand(x), gemm_operand(w), seg.offsets);
-  } else {
-    out = at::empty({n, m}, x.options());
-    const int64_t* count = seg.host_counts.const_data_ptr<int64_t>();
-    int64_t start = 0;
-    for (int64_t e = 0; e < seg.num_experts; ++e) {
-      if (count[e] > 0) {
-        at::Tensor part = out.narrow(0, start, count[e]);
-        at::mm_out(part, x.narrow(0, start, count[e]), w.select(0, e));
-      }
-      start += count[e];
-    }
+    at::Tensor out = at::_grouped_mm(gemm_operand(x), gemm_operand(w), seg.offsets);
+    if (seg.used_rows >= 0 && seg.used_rows < n) out.narrow(0, seg.used_rows, n - seg.used_rows).zero_();
+    return out;
   }
-  zero_rows_past(out, seg);
+  // Only the rows that hold tokens are multiplied; padding and rows past the last segment are zeroed.
+  at::Tensor out = new_buffer({n, m}, x.options());
+  int64_t covered = 0;
+  for_each_segment(seg, [&](int64_t e, int64_t first, int64_t rows) {
+    if (rows > 0) {
+      at::Tensor part = out.narrow(0, first, rows);
+      at::mm_out(part, x.narrow(0, first, rows), w.select(0, e));
+    }
+    const int64_t end = seg.capacity ? first + *seg.capacity : first + rows;
+    if (end > first + rows) out.narrow(0, first + rows, end - first - rows).zero_();
+    covered = end;
+  });
+  if (covered < n) out.narrow(0, covered, n - covered).zero_();
   return out;
 }
 
 at::Tensor segment_weight_grad(const at::Tensor& x, const at::Tensor& grad, const Segments& seg) {
   const int64_t k = x.size(1), m = grad.size(1);
   if (x.size(0) == 0) return at::zeros({seg.num_experts, k, m}, x.options());
-  if (seg.capacity) {
+  if (seg.capacity && !seg.host_counts.defined()) {
     const int64_t c = *seg.capacity;
     return at::bmm(x.view({seg.num_experts, c, k}).transpose(1, 2), grad.view({seg.num_experts, c, m}));
   }
   if (seg.offsets.defined()) return at::_grouped_mm(gemm_operand(x.t()), gemm_operand(grad), seg.offsets);
   // Each expert's slice is written once: a product over zero rows writes zeros.
-  at::Tensor out = at::empty({seg.num_experts, k, m}, x.options());
-  const int64_t* count = seg.host_counts.const_data_ptr<int64_t>();
-  int64_t start = 0;
-  for (int64_t e = 0; e < seg.num_experts; ++e) {
+  at::Tensor out = new_buffer({seg.num_experts, k, m}, x.options());
+  for_each_segment(seg, [&](int64_t e, int64_t first, int64_t rows) {
     at::Tensor slice = out.select(0, e);
-    at::mm_out(slice, x.narrow(0, start, count[e]).t(), grad.narrow(0, start, count[e]));
-    start += count[e];
-  }
+    at::mm_out(slice, x.narrow(0, first, rows).t(), grad.narrow(0, first, rows));
+  });
   return out;
 }
 

@@ -38,6 +38,8 @@ __all__ = [
     "move_expert_rows",
     "collective_counts",
     "reset_collective_counts",
+    "cpu_workspace_bytes",
+    "release_cpu_workspace",
 ]
 
 _ops = torch.ops.moeflux
@@ -152,8 +154,11 @@ def expert_ffn(rows: Tensor, w_in: Tensor, w_out: Tensor, tokens_per_expert: Ten
     ``w_in [E, H, F_in]``, ``w_out [E, F, H]``, and ``act`` SwiGLU (``F_in = 2F``:
     gate columns first, then up; ``silu(gate) * up``) or GELU (``F_in = F``).
     Segments as in :func:`grouped_mm`; with a ``capacity`` expert ``e`` owns rows
-    ``[e * capacity, (e + 1) * capacity)`` (``N = E * capacity``) and batched
-    matmuls do the work. Differentiable with respect to ``rows``, ``w_in`` and
+    ``[e * capacity, (e + 1) * capacity)`` (``N = E * capacity``), of which the
+    first ``tokens_per_expert[e]`` hold tokens and the rest is zero padding (as
+    :func:`permute` and :func:`dispatch` leave it): with the counts on the CPU
+    only the token rows are multiplied, otherwise batched matmuls run over
+    the padded rows (no host synchronisation). Differentiable with respect to ``rows``, ``w_in`` and
     ``w_out``; backward writes every gradient once, the activation's gradient
     straight into its ``[N, F_in]`` buffer.
     """
@@ -315,6 +320,18 @@ def collective_counts() -> dict[str, int]:
 
 def reset_collective_counts() -> None:
     _C.reset_collective_counts()
+
+
+def cpu_workspace_bytes() -> int:
+    """Bytes of CPU memory the experts' workspace pool holds free for the next step's buffers. On the CPU the
+    expert FFN's large buffers (activations, their gradients, weight gradients) come from this pool rather
+    than from fresh mmaps, which would page-fault on every step; it keeps at most 4 GiB free."""
+    return _C.cpu_workspace_cached_bytes()
+
+
+def release_cpu_workspace() -> None:
+    """Return the workspace pool's free memory to the system (like ``torch.cuda.empty_cache``)."""
+    _C.release_cpu_workspace()
 
 
 # ---- fake kernels: output shapes and dtypes without touching data
