@@ -112,8 +112,10 @@ class AllToAllExchange(Exchange):
     and back by all-to-all (:func:`moeflux.ops.dispatch` / :func:`moeflux.ops.combine`).
 
     Dropless: a count exchange and one host synchronisation per dispatch (to size the all-to-all). With a
-    capacity, every rank sends ``capacity`` rows per expert: fixed splits, no host synchronisation, and each
-    local expert owns ``capacity * ep_size`` rows of the batch.
+    capacity on a GPU, every rank sends ``capacity`` rows per expert: fixed splits, no host synchronisation,
+    and each local expert owns ``capacity * ep_size`` rows of the batch. On the CPU there is no
+    synchronisation to spare, so the tokens the capacity kept travel packed, as dropless ones do: no padding
+    rows on the wire or in the experts' GEMMs (the same outputs and gradients).
     """
 
     def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup) -> None:
@@ -125,6 +127,8 @@ class AllToAllExchange(Exchange):
 
     def dispatch(self, tokens: Tensor, expert_ids: Tensor,
                  capacity: int | None) -> tuple[ExpertBatch, ops.DispatchPlan]:
+        if tokens.device.type == "cpu":
+            capacity = None  # the ids already mark the dropped slots (-1): send the kept ones packed
         rows, plan = ops.dispatch(tokens, self._positions(expert_ids), self.placement.num_experts, capacity,
                                   self.group)
         expert_capacity = None if capacity is None else capacity * self.placement.ep_size
@@ -135,9 +139,9 @@ class AllToAllExchange(Exchange):
 
     def join_failed_dispatch(self, x: Tensor, top_k: int, capacity: int | None) -> None:
         # Dropless dispatch starts with the count exchange, which also compares every rank's hidden size:
-        # joining it with no tokens makes it report the mismatch on every rank. (Capacity mode has no
-        # such exchange yet.)
-        if capacity is None:
+        # joining it with no tokens makes it report the mismatch on every rank. (Capacity mode on a GPU has
+        # no such exchange yet; on the CPU it travels dropless.)
+        if capacity is None or x.device.type == "cpu":
             no_ids = torch.empty((0, top_k), dtype=torch.int32, device=x.device)
             ops.dispatch(x.new_empty((0, x.shape[-1])), no_ids, self.placement.num_experts, None, self.group)
 
@@ -169,6 +173,8 @@ class PipelinedExchange(AllToAllExchange):
 
     def run(self, tokens: Tensor, expert_ids: Tensor, weights: Tensor | None, capacity: int | None,
             experts: GroupedExperts) -> tuple[Tensor, Tensor]:
+        if tokens.device.type == "cpu":
+            capacity = None  # as AllToAllExchange.dispatch: the kept tokens travel packed
         return ops.pipelined_moe(tokens, self._positions(expert_ids), weights, experts.w_in, experts.w_out,
                                  experts.activation, self.placement.num_experts, capacity, self.group,
                                  self.schedule, self.chunks, self.group_size)
