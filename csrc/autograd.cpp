@@ -118,11 +118,11 @@ class DispatchFunction : public torch::autograd::Function<DispatchFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& tokens, const at::Tensor& expert_ids,
                                int64_t num_experts, std::optional<int64_t> capacity, const std::string& group_name,
-                               const std::optional<at::Tensor>& routing_counts) {
+                               const std::optional<at::Tensor>& routing_counts, bool agree_first) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = find_op<decltype(dispatch)>("moeflux::dispatch");
     auto [rows, tokens_per_local_expert, row_map, regroup_map, send_splits, recv_splits] =
-        op.call(tokens, expert_ids, num_experts, capacity, group_name, routing_counts);
+        op.call(tokens, expert_ids, num_experts, capacity, group_name, routing_counts, agree_first);
     ctx->save_for_backward({row_map, regroup_map, send_splits, recv_splits});
     ctx->saved_data["group_name"] = group_name;
     ctx->saved_data["layer"] = comm_stats::current_layer();
@@ -137,7 +137,7 @@ class DispatchFunction : public torch::autograd::Function<DispatchFunction> {
     // Gradients are materialised (zeros for unused outputs), so every rank takes part in the all-to-all.
     const at::Tensor grad_tokens =
         op.call(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["group_name"].toStringRef());
-    return {grad_tokens, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_tokens, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -210,8 +210,9 @@ at::Tensor all_to_all_autograd(const at::Tensor& input, at::IntArrayRef output_s
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_autograd(
     const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
-    const std::string& group_name, const std::optional<at::Tensor>& routing_counts) {
-  auto out = DispatchFunction::apply(tokens, expert_ids, num_experts, capacity, group_name, routing_counts);
+    const std::string& group_name, const std::optional<at::Tensor>& routing_counts, bool agree_first) {
+  auto out = DispatchFunction::apply(tokens, expert_ids, num_experts, capacity, group_name, routing_counts,
+                                     agree_first);
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 

@@ -53,7 +53,7 @@ at::Tensor all_to_all(const at::Tensor& input, at::IntArrayRef output_split_size
 // dispatch skips its own count exchange.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch(
     const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
-    const std::string& group_name, const std::optional<at::Tensor>& routing_counts);
+    const std::string& group_name, const std::optional<at::Tensor>& routing_counts, bool agree_first);
 at::Tensor dispatch_backward(const at::Tensor& grad_expert_rows, const at::Tensor& row_map,
                              const at::Tensor& regroup_map, const at::Tensor& send_splits,
                              const at::Tensor& recv_splits, const std::string& group_name);
@@ -134,7 +134,7 @@ at::Tensor all_to_all_autograd(const at::Tensor& input, at::IntArrayRef output_s
                                at::IntArrayRef input_split_sizes, const std::string& group_name);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_autograd(
     const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
-    const std::string& group_name, const std::optional<at::Tensor>& routing_counts);
+    const std::string& group_name, const std::optional<at::Tensor>& routing_counts, bool agree_first);
 at::Tensor broadcast_expert_rows_autograd(const at::Tensor& local, at::IntArrayRef positions,
                                           const std::string& group_name, bool agree_first);
 std::tuple<at::Tensor, at::Tensor> combine_autograd(const at::Tensor& expert_out, const at::Tensor& row_map,

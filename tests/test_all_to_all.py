@@ -103,8 +103,10 @@ def test_dispatch_combine_route_rows_across_ranks(world, capacity):
 def mismatched_hidden_worker(rank, world):
     x = torch.randn(3, 8 if rank == 0 else 6)
     ids = torch.zeros(3, 1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="ranks of the process group disagree: .*hidden size"):
+        ops.dispatch(x, ids, world)  # the agreement first
     with pytest.raises(RuntimeError, match="ranks of the expert-parallel group disagree"):
-        ops.dispatch(x, ids, world)
+        ops.dispatch(x, ids, world, agree_first=False)  # the count exchange's own check
     dist.barrier()  # the group is still usable after the error
     return True
 

@@ -12,7 +12,6 @@
 // a rank with bad arguments, or ranks with different ones, make every rank raise instead of mismatching
 // inside the collective or leaving the others waiting.
 #include <algorithm>
-#include <sstream>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -26,6 +25,7 @@
 #include <ATen/record_function.h>
 
 #include "csrc/checks.h"
+#include "csrc/distributed/agreement.h"
 #include "csrc/distributed/all_to_all.h"
 #include "csrc/host_sync.h"
 #include "csrc/ops.h"
@@ -41,59 +41,6 @@ int64_t fingerprint(const std::vector<int64_t>& values) {
     h = (h ^ static_cast<uint64_t>(v)) * 1099511628211ull;
   }
   return static_cast<int64_t>(h >> 1);
-}
-
-// The rank-local argument checks, run so that a failure becomes a message instead of an exception: the rank
-// must still join the agreement, so that every rank raises together.
-template <typename Checks>
-std::string local_error(Checks&& checks) {
-  try {
-    checks();
-    return "";
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-}
-
-c10::Device exchange_device(const at::Tensor& t) { return t.device().is_cuda() ? t.device() : c10::Device(c10::kCPU); }
-
-// "hidden size 7, dtype Float and num_experts 4"
-std::string describe(const std::vector<const char*>& names, const int64_t* values) {
-  std::ostringstream out;
-  for (size_t i = 0; i < names.size(); ++i) {
-    out << (i == 0 ? "" : i + 1 == names.size() ? " and " : ", ") << names[i] << " ";
-    if (std::string(names[i]) == "dtype") {
-      out << static_cast<at::ScalarType>(values[i]);
-    } else {
-      out << values[i];
-    }
-  }
-  return out.str();
-}
-
-// Every rank sends whether its local checks passed and `fields` to every rank; all of them raise if any
-// rank's checks failed (that rank with its own message) or if the fields differ. A fixed-size exchange,
-// so that it cannot itself mismatch.
-void agree(c10d::ProcessGroup& group, const std::vector<int64_t>& fields, const char* op,
-           const std::vector<const char*>& names, const c10::Device& device, const std::string& error) {
-  const int64_t world = group.getSize(), n = static_cast<int64_t>(fields.size()) + 1;
-  at::Tensor mine = at::empty({1, n}, at::TensorOptions().dtype(at::kLong));
-  int64_t* m = mine.mutable_data_ptr<int64_t>();
-  m[0] = error.empty() ? 0 : 1;
-  std::copy(fields.begin(), fields.end(), m + 1);
-  const std::vector<int64_t> ones(world, 1);
-  const at::Tensor all = exchange_rows(mine.to(device).expand({world, n}), ones, ones, group, op, "agreement").cpu();
-  const int64_t* h = all.const_data_ptr<int64_t>();
-  TORCH_CHECK(error.empty(), error);
-  for (int64_t r = 0; r < world; ++r) {
-    TORCH_CHECK(h[r * n] == 0, "moeflux.", op, ": rank ", r, " of the process group passed invalid arguments ",
-                "(its error says which), so no rank takes part in the collective");
-  }
-  for (int64_t r = 0; r < world; ++r) {
-    TORCH_CHECK(std::equal(h + r * n + 1, h + (r + 1) * n, fields.begin()), "moeflux.", op,
-                ": ranks of the process group disagree: rank ", r, " passed ", describe(names, h + r * n + 1),
-                "; rank ", group.getRank(), " passed ", describe(names, fields.data()));
-  }
 }
 
 // Positions must be ascending, unique and in [0, P * E_local).
@@ -141,7 +88,7 @@ at::Tensor routing_counts(const at::Tensor& tokens, const at::Tensor& expert_ids
     fields = {tokens.size(1), static_cast<int64_t>(tokens.scalar_type())};
   });
   if (agree_first) {  // on num_experts, which sizes the count row; hidden size and dtype travel in the row
-    agree(*group, {num_experts}, op, {"num_experts"}, exchange_device(tokens), error);
+    agree(*group, {num_experts}, op, {"num_experts"}, exchange_device(tokens.device()), error);
   } else {
     TORCH_CHECK(error.empty(), error);  // the caller vouches that every rank passes valid arguments and E
   }
@@ -190,7 +137,7 @@ at::Tensor broadcast_expert_rows(const at::Tensor& local, at::IntArrayRef positi
   });
   if (agree_first) {
     agree(*group, fields, op, {"E_local", "row numel", "dtype", "number of positions", "fingerprint of positions"},
-          exchange_device(local), error);
+          exchange_device(local.device()), error);
   } else {
     TORCH_CHECK(error.empty(), error);  // the caller vouches that every rank passes the same positions
   }
@@ -285,7 +232,7 @@ at::Tensor move_expert_rows(const at::Tensor& local, at::IntArrayRef old_expert_
   });
   agree(*group, fields, op,
         {"E_local", "row numel", "dtype", "fingerprint of old_expert_at", "fingerprint of new_expert_at"},
-        exchange_device(local), error);
+        exchange_device(local.device()), error);
   const int64_t local_experts = local.size(0), num_experts = world * local_experts;
   std::vector<int64_t> old_position(num_experts, -1);
   for (int64_t p = 0; p < num_experts; ++p) old_position[old_at[p]] = p;

@@ -130,7 +130,7 @@ class AllToAllExchange(Exchange):
         if tokens.device.type == "cpu":
             capacity = None  # the ids already mark the dropped slots (-1): send the kept ones packed
         rows, plan = ops.dispatch(tokens, self._positions(expert_ids), self.placement.num_experts, capacity,
-                                  self.group)
+                                  self.group, agree_first=False)
         expert_capacity = None if capacity is None else capacity * self.placement.ep_size
         return ExpertBatch(rows, plan.tokens_per_local_expert, expert_capacity), plan
 
@@ -143,7 +143,8 @@ class AllToAllExchange(Exchange):
         # no such exchange yet; on the CPU it travels dropless.)
         if capacity is None or x.device.type == "cpu":
             no_ids = torch.empty((0, top_k), dtype=torch.int32, device=x.device)
-            ops.dispatch(x.new_empty((0, x.shape[-1])), no_ids, self.placement.num_experts, None, self.group)
+            ops.dispatch(x.new_empty((0, x.shape[-1])), no_ids, self.placement.num_experts, None, self.group,
+                         agree_first=False)
 
 
 class PipelinedExchange(AllToAllExchange):
@@ -241,7 +242,8 @@ class ShadowedExchange(AllToAllExchange):
             counts[:, shadows] = 0
             shadow_w_in = ops.broadcast_expert_rows(experts.w_in, shadows, self.group, agree_first=False)
             shadow_w_out = ops.broadcast_expert_rows(experts.w_out, shadows, self.group, agree_first=False)
-        rows, plan = ops.dispatch(tokens, positions, num_experts, None, self.group, routing_counts=counts)
+        rows, plan = ops.dispatch(tokens, positions, num_experts, None, self.group, routing_counts=counts,
+                                  agree_first=False)
         out = ops.combine(experts(rows, plan.tokens_per_local_expert), plan, weights)
         if shadows:
             shadow_rows, shadow_counts, row_map = ops.permute(tokens, shadow_ids, len(shadows))

@@ -209,6 +209,7 @@ def dispatch(
     capacity: int | None = None,
     group: dist.ProcessGroup | str | None = None,
     routing_counts: Tensor | None = None,
+    agree_first: bool = True,
 ) -> tuple[Tensor, DispatchPlan]:
     """Send every token to the ranks that hold its experts.
 
@@ -226,10 +227,15 @@ def dispatch(
 
     ``routing_counts``: :func:`routing_counts` of these ``expert_ids`` (dropless only); dispatch then
     takes its split sizes from it instead of exchanging counts (no collective, no host synchronisation).
+
+    ``agree_first``: every rank first checks its arguments and the ranks compare ``num_experts``, the hidden
+    size, the dtype and the capacity in one small fixed-size exchange, so that a rank with bad or different
+    arguments makes every rank raise the same clear error (instead of a hang or an abort in the exchange).
+    :class:`moeflux.MoE` agrees on its configuration once, at construction, and passes ``False``.
     """
     name = _group_name(group)
     rows, counts, row_map, regroup_map, send, recv = _ops.dispatch(tokens, expert_ids, num_experts, capacity, name,
-                                                                   routing_counts)
+                                                                   routing_counts, agree_first)
     return rows, DispatchPlan(counts, row_map, regroup_map, send, recv, name, capacity)
 
 
@@ -402,7 +408,7 @@ def _all_to_all_fake(input: Tensor, output_split_sizes: list[int], input_split_s
 
 @torch.library.register_fake("moeflux::dispatch")
 def _dispatch_fake(tokens: Tensor, expert_ids: Tensor, num_experts: int, capacity: int | None, group_name: str,
-                   routing_counts: Tensor | None = None):
+                   routing_counts: Tensor | None = None, agree_first: bool = True):
     world = _group_size(group_name)
     local = num_experts // world
     if capacity is None:  # how many rows arrive is data-dependent

@@ -1,0 +1,102 @@
+"""Ranks that disagree, or one rank with bad arguments, at moeflux.ops.dispatch: every rank raises the same
+clear error within seconds (no hang until the group's timeout, no abort inside gloo), and the group stays usable.
+World 2 and 4, gloo, spawned processes, a 20 s group timeout."""
+
+import re
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moeflux import ops
+from multiprocess import run_ranks
+
+HIDDEN, EXPERTS = 6, 8
+
+
+def args(rank, tokens=5, hidden=HIDDEN, experts=EXPERTS, dtype=torch.float32, k=2, ids_dtype=torch.int32):
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    ids = torch.randint(0, experts, (tokens, k), generator=gen).to(ids_dtype)
+    return x, ids
+
+
+# name: (what rank 0 passes, what the other ranks pass, the message every rank must get): dicts of args()
+# overrides and dispatch arguments.
+CASES = {
+    "num_experts differ": (dict(num_experts=4, experts=4), dict(), "disagree"),
+    "hidden size differs": (dict(hidden=8), dict(), "disagree"),
+    "dtype differs": (dict(dtype=torch.float64), dict(), "disagree"),
+    "capacity differs": (dict(capacity=3), dict(capacity=4), "disagree"),
+    "dropless vs capacity": (dict(capacity=3), dict(), "disagree"),
+    "ids int64 on one rank": (dict(ids_dtype=torch.int64), dict(), "invalid arguments|expert_ids must be Int"),
+    "id out of range on one rank": (dict(bad_id=EXPERTS), dict(), "invalid arguments|must be in \\[-1"),
+    "num_experts not a multiple of the group": (dict(num_experts=EXPERTS + 1), dict(),
+                                                "invalid arguments|positive multiple"),
+    "3-D tokens on one rank": (dict(three_d=True), dict(), "invalid arguments|must be 2-D"),
+    "float16 tokens on one rank": (dict(dtype=torch.float16), dict(), "disagree"),
+    "k differs": (dict(k=3), dict(), "no error"),  # k is per rank: slots, not rows, differ
+    "ids rows differ from tokens": (dict(short_ids=True), dict(), "invalid arguments|expert_ids.size\\(0\\)"),
+    "negative capacity on one rank": (dict(capacity=-1), dict(capacity=2), "invalid arguments|capacity must be"),
+}
+
+# Cases that are not errors: capacity mode with a different number of tokens per rank, or none (the capacity is
+# per rank: every rank sends capacity rows per expert), and dropless with a rank without tokens.
+GOOD = {
+    "capacity, tokens 8 vs 12": (dict(tokens=8, capacity=3), dict(tokens=12, capacity=3)),
+    "capacity, a rank without tokens": (dict(tokens=0, capacity=3), dict(tokens=9, capacity=3)),
+    "dropless, a rank without tokens": (dict(tokens=0), dict(tokens=7)),
+}
+
+
+def call(rank, spec):
+    spec = dict(spec)
+    num_experts = spec.pop("num_experts", EXPERTS)
+    capacity = spec.pop("capacity", None)
+    bad_id, three_d = spec.pop("bad_id", None), spec.pop("three_d", False)
+    short_ids = spec.pop("short_ids", False)
+    x, ids = args(rank, **spec)
+    if bad_id is not None:
+        ids[0, 0] = bad_id
+    if three_d:
+        x = x.unsqueeze(0)
+    if short_ids:
+        ids = ids[:-1]
+    x.requires_grad_()
+    rows, plan = ops.dispatch(x, ids, num_experts, capacity)
+    out = ops.combine(rows * 2, plan)
+    out.sum().backward()
+    return out
+
+
+def fault_worker(rank, world):
+    outcomes = {}
+    for name, (first, others, _) in CASES.items():
+        start = time.monotonic()
+        try:
+            call(rank, first if rank == 0 else others)
+            outcomes[name] = ("no error", time.monotonic() - start)
+        except RuntimeError as error:
+            outcomes[name] = (str(error).splitlines()[0], time.monotonic() - start)
+    for name, (first, others) in GOOD.items():
+        spec = first if rank == 0 else others
+        x, ids = args(rank, **{k: v for k, v in spec.items() if k in ("tokens",)})
+        out = call(rank, spec)
+        # Each token's output is twice the sum of its kept slots' rows: its own row, k times if none dropped.
+        _, _, row_map = ops.permute(x, ids, EXPERTS, spec.get("capacity"))  # the slots dispatch keeps
+        expected = 2 * x * (row_map >= 0).sum(1, keepdim=True)
+        torch.testing.assert_close(out, expected)
+    dist.barrier()  # the group is still usable
+    return outcomes
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_rank_raises_the_same_clear_error(world):
+    results = run_ranks(world, fault_worker, timeout=240)
+    for name, (_, _, pattern) in CASES.items():
+        for rank, outcomes in enumerate(results):
+            message, seconds = outcomes[name]
+            assert re.search(pattern, message), (name, rank, message)
+            assert pattern == "no error" or "moeflux.dispatch" in message, (name, rank, message)
+            assert seconds < 15, (name, rank, seconds)
