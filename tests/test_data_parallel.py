@@ -173,6 +173,10 @@ def bad_config_worker(rank, world):
         moeflux.DataParallel(bare)
     with pytest.raises(ValueError, match="comm_hook must be one of"):
         moeflux.DataParallel(Dense(), comm_hook="fp8")
+    # A Python hook that returns no Future raises a clear error in backward (it reached C++ as a null future).
+    forgetful = moeflux.DataParallel(Dense(), comm_hook=lambda state, bucket: None)
+    with pytest.raises(Exception, match="must return a torch.futures.Future.*got NoneType"):
+        forgetful(torch.randn(4, 6)).sum().backward()
     return True
 
 

@@ -81,7 +81,9 @@ def test_op_rejects_bad_input(case):
 MODULE_CASES = {
     "top_k > num_experts": (dict(num_experts=4, top_k=5), "top_k must be an int in [1, num_experts=4]"),
     "top_k = 0": (dict(top_k=0), "top_k must be an int in [1"),
-    "negative capacity factor": (dict(capacity_factor=-1.0), "capacity_factor must be > 0"),
+    "negative capacity factor": (dict(capacity_factor=-1.0), "capacity_factor must be a finite number > 0"),
+    "infinite capacity factor": (dict(capacity_factor=float("inf")), "capacity_factor must be a finite number > 0"),
+    "NaN capacity factor": (dict(capacity_factor=float("nan")), "capacity_factor must be a finite number > 0"),
     "zero experts": (dict(num_experts=0), "num_experts must be a positive int"),
     "unknown activation": (dict(activation="relu6"), "activation must be one of"),
     "unknown drop policy": (dict(capacity_factor=1.0, drop_policy="random"), "drop_policy must be one of"),

@@ -152,3 +152,10 @@ def test_example_trains_expert_parallel_and_saves_in_transformers_format(family)
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(match)" in result.stdout and "per rank on 2 ranks" in result.stdout
+
+
+def test_converting_twice_leaves_converted_blocks_alone():
+    model = mixtral()
+    first = hf.convert_model(model)
+    assert len(first) == 2 and hf.convert_model(model) == []
+    assert sum(isinstance(m, moeflux.MoE) for m in model.modules()) == 2

@@ -174,7 +174,7 @@ class DataParallel(nn.Module):
                 raise ValueError(f"comm_hook must be one of {BUILTIN_HOOKS} or a callable, got {hook!r}")
             self._bucketer.set_builtin_comm_hook(hook)
         elif callable(hook):
-            self._bucketer.set_python_comm_hook([CommHookState(g, state) for g in self.groups], hook)
+            self._bucketer.set_python_comm_hook([CommHookState(g, state) for g in self.groups], _checked_hook(hook))
         else:
             raise TypeError(f"comm_hook must be a str or a callable, got {type(hook).__name__}")
 
@@ -199,3 +199,17 @@ class DataParallel(nn.Module):
     def launch_log(self) -> list[tuple[int, int]]:
         """(bucket, gradients still pending) for each bucket launched by the last synchronised backward."""
         return self._bucketer.launch_log()
+
+
+def _checked_hook(hook: Callable) -> Callable:
+    """``hook`` with its result checked: the bucketer needs a Future, and anything else (a hook that forgot to
+    return one) would reach C++ as a null future."""
+
+    def checked(state: CommHookState, bucket: Any) -> torch.futures.Future:
+        future = hook(state, bucket)
+        if not isinstance(future, torch.futures.Future):
+            raise TypeError(f"DataParallel comm_hook {getattr(hook, '__name__', hook)!r} must return a "
+                            f"torch.futures.Future of the bucket's reduced tensor, got {type(future).__name__}")
+        return future
+
+    return checked

@@ -196,12 +196,15 @@ def convert_model(model: nn.Module, ep_group: ExpertParallelGroups | dist.Proces
     """Replace every supported sparse MoE block of ``model`` in place; returns ``[(module name, family)]``.
 
     Blocks whose class name looks like an MoE block but is not supported raise
-    :class:`UnsupportedBlockError` before anything is replaced.
+    :class:`UnsupportedBlockError` before anything is replaced. Blocks already converted
+    (:class:`moeflux.MoE`) are left as they are: converting a model twice returns ``[]`` the second time.
     """
     config = getattr(model, "config", None)
+    converted = {n for n, m in model.named_modules() if isinstance(m, MoE)}  # already moeflux: left as they are
     candidates = [(n, m) for n, m in model.named_modules()
-                  if type(m).__name__ in FAMILIES or ("Moe" in type(m).__name__ and "Block" in type(m).__name__)
-                  or type(m).__name__.endswith("MoE")]
+                  if not isinstance(m, MoE) and not any(n.startswith(c + ".") for c in converted)
+                  and (type(m).__name__ in FAMILIES or ("Moe" in type(m).__name__ and "Block" in type(m).__name__)
+                       or type(m).__name__.endswith("MoE"))]
     for name, module in candidates:  # validate everything first: all or nothing
         if type(module).__name__ not in FAMILIES:
             raise UnsupportedBlockError(f"{name} ({type(module).__name__}): not a supported MoE block "

@@ -137,8 +137,9 @@ class MoE(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}")
+        if capacity_factor is not None and not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+            raise ValueError(f"capacity_factor must be a finite number > 0, or None (dropless), got "
+                             f"{capacity_factor!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if drop_policy not in DROP_POLICIES:
