@@ -207,7 +207,8 @@ def _checked_hook(hook: Callable) -> Callable:
 
     def checked(state: CommHookState, bucket: Any) -> torch.futures.Future:
         future = hook(state, bucket)
-        if not isinstance(future, torch.futures.Future):
+        # Duck-typed: dist work's get_future() returns torch's C++ Future, the base of torch.futures.Future.
+        if not (callable(getattr(future, "wait", None)) and callable(getattr(future, "then", None))):
             raise TypeError(f"DataParallel comm_hook {getattr(hook, '__name__', hook)!r} must return a "
                             f"torch.futures.Future of the bucket's reduced tensor, got {type(future).__name__}")
         return future
