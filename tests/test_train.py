@@ -83,13 +83,23 @@ def test_bad_input_is_one_line(corpus, tmp_path):
         ("--data", str(empty)): "holds no .py files",
         ("--data", str(corpus), "--seq-len", "100000000"): "is longer than the training data",
         ("--data", str(corpus), "--nproc", "2", "--ep-size", "3"): "--ep-size 3 must divide the number of ranks (2)",
-        ("--data", str(corpus), "--nproc", "2", "--experts", "3"): "--ep-size 2 must divide --experts 3",
+        ("--data", str(corpus), "--nproc", "2", "--experts", "3"):
+            "the expert-parallel size (2: every rank) must divide --experts 3",
         ("--data", str(corpus), "--experts", "8", "--resume", str(tmp_path / "run" / "checkpoint.pt")):
             "was written for a different model: experts 4 (now 8)",
         ("--data", str(corpus), "--resume", str(other)): "no such file",
         ("--data", str(corpus), "--heads", "3"): "--heads 3 must divide --d-model 16",
         ("--data", str(corpus), "--top-k", "5"): "--top-k must be in [1, --experts=4], got 5",
-        ("--data", str(corpus), "--capacity-factor", "0"): "--capacity-factor must be > 0, got 0.0",
+        ("--data", str(corpus), "--capacity-factor", "0"): "--capacity-factor must be a finite number > 0, got 0.0",
+        ("--data", str(corpus), "--capacity-factor", "nan"): "--capacity-factor must be a finite number > 0, got nan",
+        ("--data", str(corpus), "--lr", "-1"): "--lr must be a finite number > 0, got -1.0",
+        ("--data", str(corpus), "--eval-bytes", "10"): "--eval-bytes must hold at least one sequence",
+        ("--data", str(corpus), "--nproc", "0"): "--nproc must be >= 1, got 0",
+        ("--data", str(corpus), "--nproc", "1", "--ep-size", "0"): "--ep-size 0 must divide the number of ranks (1)",
+        ("--data", str(corpus), "--nproc", "3", "--experts", "4"):
+            "the expert-parallel size (3: every rank) must divide --experts 4",
+        ("--data", str(corpus / "__init__.py") if (corpus / "__init__.py").exists() else str(SCRIPT)):
+            "not a folder",
         ("--data", str(corpus), "--steps", "0"): "--steps must be >= 1, got 0",
         ("--data", str(corpus), "--seq-len", "1"): "--seq-len must be >= 2, got 1",
     }

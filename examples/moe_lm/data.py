@@ -14,8 +14,10 @@ class DataError(ValueError):
 
 
 def source_files(root: Path) -> list[Path]:
-    if not root.is_dir():
+    if not root.exists():
         raise DataError(f"--data {root}: no such folder")
+    if not root.is_dir():
+        raise DataError(f"--data {root}: not a folder (a folder of .py files is expected)")
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
     if not files:
         raise DataError(f"--data {root}: holds no .py files")

@@ -112,6 +112,11 @@ def shadowing_option(value: str | int) -> str | int:
     return number
 
 
+def expert_parallel_size(args: argparse.Namespace, world: int) -> int:
+    """--ep-size as given (0 included, for validate to reject), every rank when not given."""
+    return args.ep_size if args.ep_size is not None else world
+
+
 def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
     """Everything that can be checked before any rank starts; raises UsageError. Normalises --shadowing."""
     positive = {"--steps": args.steps, "--batch": args.batch, "--layers": args.layers, "--d-model": args.d_model,
@@ -128,18 +133,27 @@ def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
         raise UsageError(f"--heads {args.heads} must divide --d-model {args.d_model}")
     if not 1 <= args.top_k <= args.experts:
         raise UsageError(f"--top-k must be in [1, --experts={args.experts}], got {args.top_k}")
-    if args.capacity_factor is not None and args.capacity_factor <= 0:
-        raise UsageError(f"--capacity-factor must be > 0, got {args.capacity_factor}")
+    if args.capacity_factor is not None and not (args.capacity_factor > 0 and math.isfinite(args.capacity_factor)):
+        raise UsageError(f"--capacity-factor must be a finite number > 0, got {args.capacity_factor}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (args.aux_loss_weight >= 0 and math.isfinite(args.aux_loss_weight)):
+        raise UsageError(f"--aux-loss-weight must be a finite number >= 0, got {args.aux_loss_weight}")
+    if args.eval_bytes < args.seq_len + 1:
+        raise UsageError(f"--eval-bytes must hold at least one sequence (--seq-len + 1 = {args.seq_len + 1} "
+                         f"bytes), got {args.eval_bytes}")
     args.shadowing = shadowing_option(args.shadowing)
     if args.shadowing != "off" and args.schedule != "bulk":
         raise UsageError(f"--shadowing works with --schedule bulk only, got --schedule {args.schedule}")
     if args.replace_every < 0:
         raise UsageError(f"--replace-every must be >= 0 (0: off), got {args.replace_every}")
-    ep = args.ep_size or world
+    ep = expert_parallel_size(args, world)
+    # Without --ep-size the experts are split over every rank: say so rather than name an option not given.
+    named = f"--ep-size {ep}" if args.ep_size is not None else f"the expert-parallel size ({ep}: every rank)"
     if ep < 1 or world % ep:
-        raise UsageError(f"--ep-size {ep} must divide the number of ranks ({world})")
+        raise UsageError(f"{named} must divide the number of ranks ({world})")
     if args.experts % ep:
-        raise UsageError(f"--ep-size {ep} must divide --experts {args.experts}")
+        raise UsageError(f"{named} must divide --experts {args.experts}")
     if args.resume is not None:
         if not args.resume.is_file():
             raise UsageError(f"--resume {args.resume}: no such file")
@@ -210,7 +224,7 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     train_data, test = corpus
-    groups = moeflux.init_expert_parallel(args.ep_size or world)
+    groups = moeflux.init_expert_parallel(expert_parallel_size(args, world))
     config = model_config(args)
     torch.manual_seed(args.seed)
     exchange = {"schedule": args.schedule, "chunks": args.chunks, "pairwise_group_size": args.pairwise_group_size,
@@ -344,8 +358,9 @@ def _rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    default_world = torch.cuda.device_count() if _use_gpus() else 2
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun else (
-        args.nproc or (torch.cuda.device_count() if _use_gpus() else 2))
+        args.nproc if args.nproc is not None else default_world)
     try:
         if world < 1:
             raise UsageError(f"--nproc must be >= 1, got {world}")
