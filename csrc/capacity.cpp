@@ -29,11 +29,7 @@ at::Tensor apply_capacity(const at::Tensor& expert_ids, const at::Tensor& weight
   TORCH_CHECK(num_experts >= 1, "moeflux.apply_capacity: num_experts must be >= 1, got ", num_experts);
   TORCH_CHECK(capacity >= 0, "moeflux.apply_capacity: capacity must be >= 0, got ", capacity);
   if (expert_ids.numel() == 0) return expert_ids.clone();
-  if (expert_ids.is_cpu()) {  // on CUDA this check would cost a host synchronisation; ids out of range drop
-    const int64_t lo = expert_ids.min().item<int64_t>(), hi = expert_ids.max().item<int64_t>();
-    TORCH_CHECK(lo >= -1 && hi < num_experts, "moeflux.apply_capacity: expert_ids must be in [0, num_experts = ",
-                num_experts, ") or -1 (dropped), got values in [", lo, ", ", hi, "]");
-  }
+  check_ids_in_range(expert_ids, num_experts, op);
 
   // Priority order of the assignments. By position (GShard): every token's
   // first choice before any second choice, tokens in order, i.e. slot-major.

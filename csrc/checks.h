@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <c10/util/Exception.h>
 
 namespace moeflux {
@@ -46,6 +47,16 @@ inline void check_device_supported(const at::Tensor& t, const char* op, const ch
   TORCH_CHECK(t.device().is_cpu(), "moeflux.", op, ": ", name,
               " must be a CPU tensor (this build of moeflux has no CUDA kernels), got ", t.device());
 #endif
+}
+
+// Expert ids on the CPU in [-1, num_experts) (-1: a dropped slot), in one pass. On CUDA the check would cost
+// a host synchronisation: the kernels treat ids out of range as dropped instead, so callers skip it there.
+inline void check_ids_in_range(const at::Tensor& expert_ids, int64_t num_experts, const char* op) {
+  if (!expert_ids.is_cpu() || expert_ids.numel() == 0) return;
+  const auto [lo_t, hi_t] = at::aminmax(expert_ids);
+  const int64_t lo = lo_t.item<int64_t>(), hi = hi_t.item<int64_t>();
+  TORCH_CHECK(lo >= -1 && hi < num_experts, "moeflux.", op, ": expert_ids must be in [0, num_experts = ",
+              num_experts, ") or -1 (dropped), got values in [", lo, ", ", hi, "]");
 }
 
 // Row indices are int32: every row count must fit.

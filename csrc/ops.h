@@ -29,6 +29,9 @@ at::Tensor apply_capacity(const at::Tensor& expert_ids, const at::Tensor& weight
                           int64_t capacity, bool drop_by_probability);
 
 // ---- scatter / gather
+// permute's argument checks (no data read), named after `op`: dispatch runs them before it agrees.
+void check_permute_args(const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts,
+                        std::optional<int64_t> capacity, const char* op);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const DeviceKernels& kernels, const at::Tensor& tokens,
                                                        const at::Tensor& expert_ids, int64_t num_experts,
                                                        std::optional<int64_t> capacity);

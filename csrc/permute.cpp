@@ -39,6 +39,15 @@ at::Tensor checked_weights(const std::optional<at::Tensor>& weights, const at::T
 
 }  // namespace
 
+void check_permute_args(const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts,
+                        std::optional<int64_t> capacity, const char* op) {
+  check_rows(tokens, op, "tokens", "[num_tokens, hidden]");
+  check_index(expert_ids, tokens, tokens.size(0), op, "expert_ids", "tokens");
+  TORCH_CHECK(num_experts >= 1, "moeflux.", op, ": num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK(!capacity.has_value() || *capacity >= 0, "moeflux.", op, ": capacity must be >= 0 or None, got ",
+              capacity.value_or(0));
+}
+
 const DeviceKernels& kernels_for(const at::Tensor& t) {
 #ifdef MOEFLUX_WITH_CUDA
   if (t.is_cuda()) return cuda::kernels;
@@ -65,11 +74,7 @@ at::Tensor gather_rows(const DeviceKernels& kernels, const at::Tensor& rows, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const DeviceKernels& kernels, const at::Tensor& tokens,
                                                        const at::Tensor& expert_ids, int64_t num_experts,
                                                        std::optional<int64_t> capacity) {
-  check_rows(tokens, "permute", "tokens", "[num_tokens, hidden]");
-  check_index(expert_ids, tokens, tokens.size(0), "permute", "expert_ids", "tokens");
-  TORCH_CHECK(num_experts >= 1, "moeflux.permute: num_experts must be >= 1, got ", num_experts);
-  TORCH_CHECK(!capacity.has_value() || *capacity >= 0, "moeflux.permute: capacity must be >= 0 or None, got ",
-              capacity.value_or(0));
+  check_permute_args(tokens, expert_ids, num_experts, capacity, "permute");
   const int64_t num_slots = expert_ids.numel();
   const int64_t num_rows = capacity.has_value() ? num_experts * *capacity : num_slots;
   check_fits_int32(num_slots, "permute", "num_tokens * k");

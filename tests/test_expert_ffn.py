@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TOLERANCE
+import moeflux
 from moeflux import ops
 from test_grouped_mm import _OpLog, cpu_backend  # noqa: F401 - the fixture runs every test on both CPU paths
 
@@ -156,3 +157,16 @@ def test_expert_ffn_reuses_cpu_workspace(gen):
         assert torch.equal(a, b)
     ops.release_cpu_workspace()
     assert ops.cpu_workspace_bytes() == 0
+
+
+def test_expert_ffn_backward_and_capacity_errors(gen):
+    x, w_in, w_out, tpe = make_args([3, 0, 2], (6, 5), "swiglu", 3, torch.float32, "cpu", gen)
+    with pytest.raises(RuntimeError, match=re.escape("with capacity 3 tokens_per_expert must be in [0, 3], got 4")):
+        ops.expert_ffn(x, w_in, w_out, torch.tensor([4, 0, 2], dtype=torch.int32), "swiglu", 3)
+    out, h, a = torch.ops.moeflux.expert_ffn_forward(x, w_in, w_out, tpe, "swiglu", 3)
+    with pytest.raises(RuntimeError, match="grad_output must have the shape of rows"):
+        torch.ops.moeflux.expert_ffn_backward(out[:-1], x, w_in, w_out, tpe, h, a, "swiglu", 3)
+    with pytest.raises(RuntimeError, match=re.escape("grouped_mm_backward: grad_output must be [9, 10]")):
+        torch.ops.moeflux.grouped_mm_backward(torch.randn(9, 9), x, w_in, tpe, [True, True])
+    with pytest.raises(RuntimeError, match="backend must be 'aten' or 'segments'"):
+        moeflux._C.set_cpu_grouped_mm_backend("fast")

@@ -31,7 +31,7 @@ CASES = {
     "capacity differs": (dict(capacity=3), dict(capacity=4), "disagree"),
     "dropless vs capacity": (dict(capacity=3), dict(), "disagree"),
     "ids int64 on one rank": (dict(ids_dtype=torch.int64), dict(), "invalid arguments|expert_ids must be Int"),
-    "id out of range on one rank": (dict(bad_id=EXPERTS), dict(), "invalid arguments|must be in \\[-1"),
+    "id out of range on one rank": (dict(bad_id=EXPERTS), dict(), "invalid arguments|must be in \\[0"),
     "num_experts not a multiple of the group": (dict(num_experts=EXPERTS + 1), dict(),
                                                 "invalid arguments|positive multiple"),
     "3-D tokens on one rank": (dict(three_d=True), dict(), "invalid arguments|must be 2-D"),

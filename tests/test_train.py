@@ -93,6 +93,7 @@ def test_bad_input_is_one_line(corpus, tmp_path):
         ("--data", str(corpus), "--capacity-factor", "0"): "--capacity-factor must be a finite number > 0, got 0.0",
         ("--data", str(corpus), "--capacity-factor", "nan"): "--capacity-factor must be a finite number > 0, got nan",
         ("--data", str(corpus), "--lr", "-1"): "--lr must be a finite number > 0, got -1.0",
+        ("--data", str(corpus), "--aux-loss-weight", "-1"): "--aux-loss-weight must be a finite number >= 0",
         ("--data", str(corpus), "--eval-bytes", "10"): "--eval-bytes must hold at least one sequence",
         ("--data", str(corpus), "--nproc", "0"): "--nproc must be >= 1, got 0",
         ("--data", str(corpus), "--nproc", "1", "--ep-size", "0"): "--ep-size 0 must divide the number of ranks (1)",

@@ -116,37 +116,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "dispatch";
   const auto group = resolve_group(group_name, op);
   const int64_t world = group->getSize();
-  auto check_args = [&] {
+  auto check_experts = [&] {
     TORCH_CHECK(num_experts >= 1 && num_experts % world == 0, "moeflux.dispatch: num_experts must be a positive ",
                 "multiple of the expert-parallel group size ", world, ", got ", num_experts);
-    TORCH_CHECK(!capacity || *capacity >= 0, "moeflux.dispatch: capacity must be >= 0, got ", *capacity);
-    check_device_supported(tokens, op, "tokens");
-    check_dim(tokens, 2, op, "tokens", "[num_tokens, hidden]");
-    check_float(tokens, op, "tokens");
-    check_dim(expert_ids, 2, op, "expert_ids", "[num_tokens, k]");
-    check_dtype(expert_ids, at::kInt, op, "expert_ids");
-    check_same_device(expert_ids, tokens, op, "expert_ids", "tokens");
-    check_size(expert_ids, 0, tokens.size(0), op, "expert_ids", "tokens.size(0)");
-    if (expert_ids.is_cpu() && expert_ids.numel() > 0) {  // on CUDA ids out of range are dropped instead
-      const int64_t lo = expert_ids.min().item<int64_t>(), hi = expert_ids.max().item<int64_t>();
-      TORCH_CHECK(lo >= -1 && hi < num_experts, "moeflux.dispatch: expert_ids must be in [-1, num_experts = ",
-                  num_experts, "), got values in [", lo, ", ", hi, "]");
-    }
   };
   if (agree_first) {
-    // Every rank checks its arguments and the ranks compare what the exchanges are sized by, in one
-    // fixed-size message: a bad or disagreeing rank makes every rank raise instead of hanging or aborting.
-    const std::string error = local_error(check_args);
+    // Every rank runs the checks permute would (and, on the CPU, the ids' range its kernel checks: a rank
+    // failing there after the agreement would leave the others waiting), then the ranks compare what the
+    // exchanges are sized by, in one fixed-size message: a bad or disagreeing rank makes every rank raise.
+    const std::string error = local_error([&] {
+      check_experts();
+      check_device_supported(tokens, op, "tokens");
+      check_permute_args(tokens, expert_ids, num_experts, capacity, op);
+      check_ids_in_range(expert_ids, num_experts, op);
+    });
     agree(*group, {num_experts, tokens.dim() == 2 ? tokens.size(1) : -1,
                    static_cast<int64_t>(tokens.scalar_type()), capacity.value_or(-1)},
           op, {"num_experts", "hidden size", "dtype", "capacity (-1: dropless)"}, exchange_device(tokens.device()),
           error);
   } else {
-    check_args();
+    check_experts();  // permute checks the rest
+    check_device_supported(tokens, op, "tokens");
   }
   const int64_t local_experts = num_experts / world;
 
-  check_device_supported(tokens, op, "tokens");
   const DeviceKernels& kernels = kernels_for(tokens);
   auto [permuted, tokens_per_expert, row_map] = permute(kernels, tokens, expert_ids, num_experts, capacity);
   const auto cpu_long = at::TensorOptions().dtype(at::kLong);

@@ -44,8 +44,9 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
     static const auto op = find_op<GroupedMmBackwardOp>("moeflux::grouped_mm_backward");
     const auto saved = ctx->get_saved_variables();
     const std::array<bool, 2> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
-    const at::Tensor grad = zeros_if_undefined(grads[0], at::empty({saved[0].size(0), saved[1].size(2)},
-                                                                   saved[0].options()));
+    const at::Tensor grad = grads[0].defined()
+                                ? grads[0]
+                                : at::zeros({saved[0].size(0), saved[1].size(2)}, saved[0].options());
     auto [grad_input, grad_weight] = op.call(grad, saved[0], saved[1], saved[2], mask);
     return {grad_input, grad_weight, at::Tensor()};
   }

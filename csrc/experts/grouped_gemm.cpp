@@ -33,7 +33,8 @@ at::Tensor offsets_on(const at::Tensor& host_counts, const at::Device& device) {
   return ends.pin_memory().to(device, /*non_blocking=*/true);
 }
 
-void check_host_counts(const at::Tensor& host_counts, int64_t num_rows, const char* op) {
+// Checks the counts against the rows; returns the rows they span.
+int64_t check_host_counts(const at::Tensor& host_counts, int64_t num_rows, const char* op) {
   const int64_t* count = host_counts.const_data_ptr<int64_t>();
   int64_t start = 0;
   for (int64_t e = 0; e < host_counts.numel(); ++e) {
@@ -42,6 +43,7 @@ void check_host_counts(const at::Tensor& host_counts, int64_t num_rows, const ch
                 " after ", start);
     start += count[e];
   }
+  return start;
 }
 
 // On the CPU torch._grouped_mm is itself one mm per group, into an output it allocates afresh each call; the
@@ -89,8 +91,7 @@ Segments plan_segments(const at::Tensor& tokens_per_expert, const at::Tensor& ro
     seg.host_counts = counts_to_host(tokens_per_expert).to(at::kLong);
   }
   if (seg.host_counts.defined()) {
-    check_host_counts(seg.host_counts, rows.size(0), op);
-    seg.used_rows = seg.host_counts.sum().item<int64_t>();  // a host tensor: no synchronisation
+    seg.used_rows = check_host_counts(seg.host_counts, rows.size(0), op);
   }
   return seg;
 }

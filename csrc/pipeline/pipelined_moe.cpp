@@ -24,6 +24,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "csrc/autograd_function.h"
 #include "csrc/checks.h"
 #include "csrc/distributed/all_to_all.h"
 #include "csrc/distributed/counts.h"
@@ -311,8 +312,6 @@ ExpertWeights expert_weights(const at::Tensor& w_in, const at::Tensor& w_out, c1
   return {w_in.contiguous(), w_out.contiguous(), is_swiglu(activation, kOp)};
 }
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 // The saved state lives in a C++ object owned by the autograd node: stages' index tensors and
 // activations, never visible as graph inputs.

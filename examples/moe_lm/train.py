@@ -228,7 +228,7 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
     config = model_config(args)
     torch.manual_seed(args.seed)
     exchange = {"schedule": args.schedule, "chunks": args.chunks, "pairwise_group_size": args.pairwise_group_size,
-                "shadowing": shadowing_option(args.shadowing)}
+                "shadowing": args.shadowing}  # normalised by validate
     model = moeflux.DataParallel(ByteLM(config, groups, exchange).to(device))
     lm: ByteLM = model.module
     for moe in lm.moe_layers():

@@ -125,10 +125,15 @@ class AllToAllExchange(Exchange):
         super().__init__(placement)
         self.group = group
 
+    @staticmethod
+    def _wire_capacity(tokens: Tensor, capacity: int | None) -> int | None:
+        """The capacity the exchange pads to: none on the CPU, where the ids already mark the dropped slots
+        (-1) and the kept tokens travel packed; the layer's on a GPU (fixed splits, no host sync)."""
+        return None if tokens.device.type == "cpu" else capacity
+
     def dispatch(self, tokens: Tensor, expert_ids: Tensor,
                  capacity: int | None) -> tuple[ExpertBatch, ops.DispatchPlan]:
-        if tokens.device.type == "cpu":
-            capacity = None  # the ids already mark the dropped slots (-1): send the kept ones packed
+        capacity = self._wire_capacity(tokens, capacity)
         rows, plan = ops.dispatch(tokens, self._positions(expert_ids), self.placement.num_experts, capacity,
                                   self.group, agree_first=False)
         expert_capacity = None if capacity is None else capacity * self.placement.ep_size
@@ -141,7 +146,7 @@ class AllToAllExchange(Exchange):
         # Dropless dispatch starts with the count exchange, which also compares every rank's hidden size:
         # joining it with no tokens makes it report the mismatch on every rank. (Capacity mode on a GPU has
         # no such exchange yet; on the CPU it travels dropless.)
-        if capacity is None or x.device.type == "cpu":
+        if self._wire_capacity(x, capacity) is None:
             no_ids = torch.empty((0, top_k), dtype=torch.int32, device=x.device)
             ops.dispatch(x.new_empty((0, x.shape[-1])), no_ids, self.placement.num_experts, None, self.group,
                          agree_first=False)
@@ -174,10 +179,9 @@ class PipelinedExchange(AllToAllExchange):
 
     def run(self, tokens: Tensor, expert_ids: Tensor, weights: Tensor | None, capacity: int | None,
             experts: GroupedExperts) -> tuple[Tensor, Tensor]:
-        if tokens.device.type == "cpu":
-            capacity = None  # as AllToAllExchange.dispatch: the kept tokens travel packed
         return ops.pipelined_moe(tokens, self._positions(expert_ids), weights, experts.w_in, experts.w_out,
-                                 experts.activation, self.placement.num_experts, capacity, self.group,
+                                 experts.activation, self.placement.num_experts,
+                                 self._wire_capacity(tokens, capacity), self.group,
                                  self.schedule, self.chunks, self.group_size)
 
 
