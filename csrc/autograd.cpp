@@ -22,10 +22,11 @@ class RouteFunction : public torch::autograd::Function<RouteFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, int64_t k, bool renormalize,
                                c10::string_view scoring, const std::optional<at::Tensor>& expert_bias,
-                               int64_t num_groups, int64_t top_groups, double scale) {
+                               int64_t num_groups, int64_t top_groups, double scale, int64_t group_score_top) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = find_op<RouteOp>("moeflux::route");
-    auto [weights, expert_ids] = op.call(logits, k, renormalize, scoring, expert_bias, num_groups, top_groups, scale);
+    auto [weights, expert_ids] = op.call(logits, k, renormalize, scoring, expert_bias, num_groups, top_groups, scale,
+                                               group_score_top);
     ctx->save_for_backward({logits, weights, expert_ids});
     ctx->saved_data["renormalize"] = renormalize;
     ctx->saved_data["scoring"] = std::string(scoring);
@@ -44,7 +45,7 @@ class RouteFunction : public torch::autograd::Function<RouteFunction> {
                             ctx->saved_data["scoring"].toStringRef(), ctx->saved_data["scale"].toDouble());
     }
     return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -228,8 +229,9 @@ std::tuple<at::Tensor, at::Tensor> combine_autograd(const at::Tensor& expert_out
 std::tuple<at::Tensor, at::Tensor> route_autograd(const at::Tensor& logits, int64_t k, bool renormalize,
                                                   c10::string_view scoring,
                                                   const std::optional<at::Tensor>& expert_bias, int64_t num_groups,
-                                                  int64_t top_groups, double scale) {
-  auto out = RouteFunction::apply(logits, k, renormalize, scoring, expert_bias, num_groups, top_groups, scale);
+                                                  int64_t top_groups, double scale, int64_t group_score_top) {
+  auto out = RouteFunction::apply(logits, k, renormalize, scoring, expert_bias, num_groups, top_groups, scale,
+                                  group_score_top);
   return {out[0], out[1]};
 }
 

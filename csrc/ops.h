@@ -20,7 +20,7 @@ namespace moeflux {
 std::tuple<at::Tensor, at::Tensor> route(const DeviceKernels& kernels, const at::Tensor& logits, int64_t k,
                                          bool renormalize, c10::string_view scoring,
                                          const std::optional<at::Tensor>& expert_bias, int64_t num_groups,
-                                         int64_t top_groups, double scale);
+                                         int64_t top_groups, double scale, int64_t group_score_top = 2);
 at::Tensor route_backward(const DeviceKernels& kernels, const at::Tensor& grad_weights, const at::Tensor& logits,
                           const at::Tensor& weights, const at::Tensor& expert_ids, bool renormalize,
                           c10::string_view scoring, double scale);
@@ -127,7 +127,7 @@ at::Tensor expert_ffn_autograd(const at::Tensor& rows, const at::Tensor& w_in, c
 std::tuple<at::Tensor, at::Tensor> route_autograd(const at::Tensor& logits, int64_t k, bool renormalize,
                                                   c10::string_view scoring,
                                                   const std::optional<at::Tensor>& expert_bias, int64_t num_groups,
-                                                  int64_t top_groups, double scale);
+                                                  int64_t top_groups, double scale, int64_t group_score_top = 2);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_autograd(const at::Tensor& tokens,
                                                                 const at::Tensor& expert_ids, int64_t num_experts,
                                                                 std::optional<int64_t> capacity);

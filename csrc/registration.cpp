@@ -41,7 +41,7 @@ void register_device_ops(torch::Library& m) {
 TORCH_LIBRARY(moeflux, m) {
   // gate
   m.def("route(Tensor logits, int k, bool renormalize=False, str scoring=\"softmax\", Tensor? expert_bias=None, "
-        "int num_groups=1, int top_groups=1, float scale=1.0) -> (Tensor weights, Tensor expert_ids)");
+        "int num_groups=1, int top_groups=1, float scale=1.0, int group_score_top=2) -> (Tensor weights, Tensor expert_ids)");
   m.def("route_backward(Tensor grad_weights, Tensor logits, Tensor weights, Tensor expert_ids, bool renormalize, "
         "str scoring, float scale) -> Tensor");
   m.def("router_aux_loss(Tensor logits, Tensor expert_ids) -> (Tensor load_balancing_loss, Tensor z_loss)");

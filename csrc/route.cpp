@@ -38,19 +38,23 @@ RouteOptions route_options(bool renormalize, c10::string_view scoring, double sc
   return RouteOptions{renormalize, scoring == "sigmoid", scale};
 }
 
-// DeepSeek-V3's group-limited choice: experts are split into num_groups groups;
-// a group's score is the sum of its two best scores (+ bias); only the experts
-// of the top_groups best groups may be chosen. Returns allowed [T, E] (bool).
+// DeepSeek's group-limited choice: experts are split into num_groups groups;
+// a group's score is the sum of its group_score_top best scores (+ bias; all of
+// them where a group has fewer): two
+// in DeepSeek-V3, one (the maximum) in DeepSeek-V2; only the experts of the
+// top_groups best groups may be chosen. Returns allowed [T, E] (bool).
 // Written with ATen ops: it is O(T * E) and only used when num_groups > 1.
 at::Tensor allowed_experts(const at::Tensor& logits, const RouteOptions& options, const at::Tensor& bias,
-                           int64_t num_groups, int64_t top_groups) {
+                           int64_t num_groups, int64_t top_groups, int64_t group_score_top) {
   const at::Tensor x = logits.to(accumulate_type(logits.scalar_type()));
   at::Tensor choice = options.sigmoid ? x.sigmoid() : x.softmax(1);
   if (bias.defined()) choice = choice + bias;
   const int64_t per_group = x.size(1) / num_groups;
   const at::Tensor grouped = choice.view({x.size(0), num_groups, per_group});
-  const at::Tensor group_score = std::get<0>(grouped.topk(std::min<int64_t>(2, per_group), -1)).sum(-1);
-  const at::Tensor best = std::get<1>(group_score.topk(top_groups, -1));
+  const at::Tensor group_score = std::get<0>(grouped.topk(std::min(group_score_top, per_group), -1)).sum(-1);
+  // Ties go to the lower group (a stable sort), as they go to the lower expert in the top-k.
+  const at::Tensor best = std::get<1>(group_score.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true))
+                              .narrow(1, 0, top_groups);
   const at::Tensor mask = at::zeros_like(group_score, group_score.options().dtype(at::kBool))
                               .scatter_(1, best, true);
   return mask.unsqueeze(-1).expand({x.size(0), num_groups, per_group}).reshape({x.size(0), x.size(1)}).contiguous();
@@ -61,7 +65,8 @@ at::Tensor allowed_experts(const at::Tensor& logits, const RouteOptions& options
 std::tuple<at::Tensor, at::Tensor> route(const DeviceKernels& kernels, const at::Tensor& logits, int64_t k,
                                          bool renormalize,
                                          c10::string_view scoring, const std::optional<at::Tensor>& expert_bias,
-                                         int64_t num_groups, int64_t top_groups, double scale) {
+                                         int64_t num_groups, int64_t top_groups, double scale,
+                                         int64_t group_score_top) {
   check_logits(logits, "route");
   const int64_t num_experts = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= num_experts, "moeflux.route: k must be in [1, num_experts = ", num_experts, "], got ",
@@ -82,11 +87,12 @@ std::tuple<at::Tensor, at::Tensor> route(const DeviceKernels& kernels, const at:
               num_groups, "], got ", top_groups);
   TORCH_CHECK(k <= top_groups * (num_experts / num_groups), "moeflux.route: k = ", k, " exceeds the ",
               top_groups * (num_experts / num_groups), " experts of the top_groups = ", top_groups, " groups");
+  TORCH_CHECK(group_score_top >= 1, "moeflux.route: group_score_top must be >= 1, got ", group_score_top);
   const at::Tensor x = logits.contiguous();
   at::Tensor weights = at::empty({x.size(0), k}, x.options().dtype(acc));
   at::Tensor expert_ids = at::empty({x.size(0), k}, x.options().dtype(at::kInt));
   if (x.size(0) > 0) {
-    const at::Tensor allowed = num_groups > 1 ? allowed_experts(x, options, bias, num_groups, top_groups) : at::Tensor();
+    const at::Tensor allowed = num_groups > 1 ? allowed_experts(x, options, bias, num_groups, top_groups, group_score_top) : at::Tensor();
     kernels.route_forward(x, options, bias, allowed, weights, expert_ids);
   }
   return {weights, expert_ids};

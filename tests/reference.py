@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 
-def route(logits, k, renormalize=False, scoring="softmax", expert_bias=None, num_groups=1, top_groups=1, scale=1.0):
+def route(logits, k, renormalize=False, scoring="softmax", expert_bias=None, num_groups=1, top_groups=1, scale=1.0,
+          group_score_top=2):
     """Every router option, token by token, in float64 (DeepSeek-V3's group-limited choice included).
     Ties go to the lower expert index."""
     x = logits.double()
@@ -24,7 +25,7 @@ def route(logits, k, renormalize=False, scoring="softmax", expert_bias=None, num
         choice = biased if expert_bias is not None else x[t].tolist()
         allowed = set(range(num_experts))
         if num_groups > 1:
-            group_score = [sum(sorted(biased[g * per_group:(g + 1) * per_group], reverse=True)[:2])
+            group_score = [sum(sorted(biased[g * per_group:(g + 1) * per_group], reverse=True)[:group_score_top])
                            for g in range(num_groups)]
             best = sorted(range(num_groups), key=lambda g: (-group_score[g], g))[:top_groups]
             allowed = {e for g in best for e in range(g * per_group, (g + 1) * per_group)}

@@ -28,6 +28,8 @@ OP_CASES = {
     "route: groups do not divide": (lambda: ops.route(logits, 1, num_groups=2), "num_groups must divide num_experts"),
     "route: too many top groups": (lambda: ops.route(logits, 1, num_groups=3, top_groups=4), "top_groups must be in"),
     "route: k beyond the groups": (lambda: ops.route(logits, 2, num_groups=3, top_groups=1), "k = 2 exceeds the 1"),
+    "route: group score of no expert": (lambda: ops.route(logits, 1, num_groups=3, group_score_top=0),
+                                        "group_score_top must be >= 1, got 0"),
     "route: bias shape": (lambda: ops.route(logits, 1, expert_bias=torch.zeros(4)), "expert_bias must have shape"),
     "route: scale": (lambda: ops.route(logits, 1, scale=0.0), "scale must be a positive number"),
     "route_backward: mismatched grad": (

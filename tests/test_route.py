@@ -104,6 +104,8 @@ DEEPSEEK_LIKE = [
     dict(scoring="softmax", renormalize=True, scale=0.5),
     dict(scoring="softmax", num_groups=4, top_groups=2),  # groups ranked by scores, experts by logits
     dict(scoring="sigmoid", num_groups=4, top_groups=1),
+    dict(scoring="softmax", num_groups=4, top_groups=2, group_score_top=1, scale=16.0),  # DeepSeek-V2
+    dict(scoring="sigmoid", bias=True, num_groups=2, top_groups=1, group_score_top=3),
 ]
 
 
@@ -133,3 +135,4 @@ def test_route_options_opcheck(device, gen):
     logits = random_logits(9, 16, torch.float32, device, gen).requires_grad_()
     bias = torch.randn(16, generator=gen).to(device)
     torch.library.opcheck(torch.ops.moeflux.route.default, (logits, 3, True, "sigmoid", bias, 4, 2, 2.5))
+    torch.library.opcheck(torch.ops.moeflux.route.default, (logits, 3, False, "softmax", None, 4, 2, 1.0, 1))

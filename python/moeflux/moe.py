@@ -56,9 +56,10 @@ class MoE(nn.Module):
         z_loss_weight: weight of the router z-loss in :attr:`aux_loss`.
         router_jitter: multiplicative input jitter of the router while training.
         noisy_gating: learned Gaussian noise on the router logits while training.
-        scoring, use_expert_bias, num_groups, top_groups, routed_scaling_factor,
-        router_dtype: router variants (sigmoid scores, DeepSeek-V3's bias and
-            group-limited choice, a factor on the weights, float32 logits); see
+        scoring, use_expert_bias, num_groups, top_groups, group_score_top,
+        routed_scaling_factor, router_dtype: router variants (sigmoid scores,
+            DeepSeek's bias and group-limited choice, a factor on the weights,
+            float32 logits); see
             :class:`moeflux.Router` and :func:`moeflux.ops.route`.
         shared_expert_ffn: hidden width of a dense SwiGLU expert every token
             also goes through (0: none); ``shared_expert_gate`` scales its output
@@ -119,6 +120,7 @@ class MoE(nn.Module):
         use_expert_bias: bool = False,
         num_groups: int = 1,
         top_groups: int = 1,
+        group_score_top: int = 2,
         routed_scaling_factor: float = 1.0,
         router_dtype: torch.dtype | None = None,
         shared_expert_ffn: int = 0,
@@ -162,7 +164,7 @@ class MoE(nn.Module):
                 ep_group, "moeflux.MoE", num_experts=num_experts, ep_size=self.ep_size, d_model=d_model, d_ffn=d_ffn,
                 top_k=top_k, dtype=dtype or torch.get_default_dtype(), capacity_factor=capacity_factor,
                 activation=activation, renormalize=renormalize, scoring=scoring, num_groups=num_groups,
-                top_groups=top_groups, shared_expert_ffn=shared_expert_ffn, schedule=schedule, chunks=chunks,
+                top_groups=top_groups, group_score_top=group_score_top, shared_expert_ffn=shared_expert_ffn, schedule=schedule, chunks=chunks,
                 pairwise_group_size=pairwise_group_size, shadowing=shadowing,
             )
 
@@ -172,7 +174,8 @@ class MoE(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.router = Router(
             d_model, num_experts, top_k, renormalize=renormalize, scoring=scoring, use_expert_bias=use_expert_bias,
-            num_groups=num_groups, top_groups=top_groups, routed_scaling_factor=routed_scaling_factor,
+            num_groups=num_groups, top_groups=top_groups, group_score_top=group_score_top,
+            routed_scaling_factor=routed_scaling_factor,
             router_dtype=router_dtype, router_jitter=router_jitter, noisy_gating=noisy_gating, **factory,
         )
         self.shared_expert = (

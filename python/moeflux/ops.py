@@ -54,6 +54,7 @@ def route(
     num_groups: int = 1,
     top_groups: int = 1,
     scale: float = 1.0,
+    group_score_top: int = 2,
 ) -> tuple[Tensor, Tensor]:
     """Fused scoring + top-k of router logits ``[T, E]``.
 
@@ -68,10 +69,11 @@ def route(
     DeepSeek-V3 routing: ``expert_bias [E]`` is added to the scores for the
     choice only (not to the weights), and with ``num_groups > 1`` the experts
     form ``num_groups`` groups of which only the ``top_groups`` best (by the
-    sum of their two best biased scores) may be chosen. Differentiable with
+    sum of their ``group_score_top`` best biased scores: 2 in DeepSeek-V3, 1,
+    the maximum, in DeepSeek-V2) may be chosen. Differentiable with
     respect to ``logits`` (the bias and the group limit steer the choice only).
     """
-    return _ops.route(logits, k, renormalize, scoring, expert_bias, num_groups, top_groups, scale)
+    return _ops.route(logits, k, renormalize, scoring, expert_bias, num_groups, top_groups, scale, group_score_top)
 
 
 def router_aux_loss(logits: Tensor, expert_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -350,7 +352,7 @@ def _weight_dtype(t: Tensor) -> torch.dtype:
 @torch.library.register_fake("moeflux::route")
 def _route_fake(logits: Tensor, k: int, renormalize: bool = False, scoring: str = "softmax",
                 expert_bias: Tensor | None = None, num_groups: int = 1, top_groups: int = 1,
-                scale: float = 1.0) -> tuple[Tensor, Tensor]:
+                scale: float = 1.0, group_score_top: int = 2) -> tuple[Tensor, Tensor]:
     shape = (logits.shape[0], k)
     return logits.new_empty(shape, dtype=_weight_dtype(logits)), logits.new_empty(shape, dtype=torch.int32)
 

@@ -25,7 +25,9 @@ class Router(nn.Module):
     op's ``scale``). DeepSeek-V3 routing adds ``use_expert_bias=True`` (a buffer
     ``expert_bias [E]`` added to the scores for the choice only, adjusted by the
     training loop rather than by gradients) and group-limited choice
-    (``num_groups``, ``top_groups``). ``router_dtype`` computes the logits in
+    (``num_groups``, ``top_groups``; a group's score is the sum of its
+    ``group_score_top`` best scores: 2 in DeepSeek-V3, 1 in DeepSeek-V2's
+    ``group_limited_greedy``). ``router_dtype`` computes the logits in
     that dtype (e.g. float32 for a bfloat16 model). :class:`moeflux.MoE` takes
     the same options under the same names.
 
@@ -46,6 +48,7 @@ class Router(nn.Module):
         use_expert_bias: bool = False,
         num_groups: int = 1,
         top_groups: int = 1,
+        group_score_top: int = 2,
         routed_scaling_factor: float = 1.0,
         router_dtype: torch.dtype | None = None,
         router_jitter: float = 0.0,
@@ -64,11 +67,14 @@ class Router(nn.Module):
         if top_k > top_groups * (num_experts // num_groups):
             raise ValueError(f"top_k={top_k} exceeds the {top_groups * (num_experts // num_groups)} experts of "
                              f"top_groups={top_groups} groups")
+        if not isinstance(group_score_top, int) or group_score_top < 1:
+            raise ValueError(f"group_score_top must be an int >= 1, got {group_score_top!r}")
         if not routed_scaling_factor > 0:
             raise ValueError(f"routed_scaling_factor must be > 0, got {routed_scaling_factor}")
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.router_jitter = router_jitter
         self.scoring, self.num_groups, self.top_groups = scoring, num_groups, top_groups
+        self.group_score_top = group_score_top
         self.routed_scaling_factor, self.router_dtype = routed_scaling_factor, router_dtype
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, **factory))
@@ -91,7 +97,8 @@ class Router(nn.Module):
         if self.training and self.noise_weight is not None:
             logits = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise_weight).to(logits.dtype))
         weights, expert_ids = ops.route(logits, self.top_k, self.renormalize, self.scoring, self.expert_bias,
-                                        self.num_groups, self.top_groups, self.routed_scaling_factor)
+                                        self.num_groups, self.top_groups, self.routed_scaling_factor,
+                                        self.group_score_top)
         return Routing(logits, weights, expert_ids)
 
     def extra_repr(self) -> str:
@@ -99,7 +106,7 @@ class Router(nn.Module):
         if (self.scoring != "softmax" or self.expert_bias is not None or self.num_groups > 1
                 or self.routed_scaling_factor != 1):
             extra = (f", scoring={self.scoring}, use_expert_bias={self.expert_bias is not None}, "
-                     f"groups={self.top_groups}/{self.num_groups}, routed_scaling_factor={self.routed_scaling_factor}")
+                     f"groups={self.top_groups}/{self.num_groups} (by top-{self.group_score_top}), routed_scaling_factor={self.routed_scaling_factor}")
         return (
             f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
             f"router_jitter={self.router_jitter}, noisy_gating={self.noise_weight is not None}{extra}"
