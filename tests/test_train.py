@@ -2,9 +2,12 @@
 another number of ranks, determinism, and one-line errors for bad input."""
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,24 @@ def corpus(tmp_path_factory):
     return src
 
 
+def tensors_of(saved) -> list[torch.Tensor]:
+    if torch.is_tensor(saved):
+        return [saved]
+    values = saved.values() if isinstance(saved, dict) else saved if isinstance(saved, (list, tuple)) else ()
+    return [t for v in values for t in tensors_of(v)]
+
+
+def check_checkpoint_holds_its_bytes_only(path: Path) -> int:
+    """Every tensor of the checkpoint owns exactly its bytes (no view dragging a whole expert stack along) and
+    the file is those bytes plus a little bookkeeping. Returns the tensor bytes."""
+    tensors = tensors_of(torch.load(path, weights_only=True))
+    own = sum(t.numel() * t.element_size() for t in tensors)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert sum(storages.values()) == own and len(storages) == len(tensors)
+    assert own < path.stat().st_size < own + 1024 * len(tensors)
+    return own
+
+
 def run(*args, check=True):
     result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
@@ -54,13 +75,18 @@ def test_trains_writes_run_folder_and_resumes_on_another_number_of_ranks(corpus,
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["ep_size"] == 2 and metrics["steps"][-1] == 6
     assert len(metrics["expert_load"][0]) == 2 and len(metrics["expert_load"][0][0]) == 4  # [layers][experts]
-    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert {f"blocks.0.mlp.experts.{e}.w_in" for e in range(4)} <= set(saved["model"])  # every expert, by index
+    # the model's parameters and AdamW's two moments of each, stored once, whatever the number of ranks
+    parameters = sum(t.numel() for t in saved["model"].values())
+    saved_bytes = check_checkpoint_holds_its_bytes_only(out / "checkpoint.pt")
+    assert saved_bytes == 3 * 4 * parameters + 4 * len(saved["optimizer"])  # fp32 weights, moments, step
 
     resumed = tmp_path / "resumed"
     run("--data", str(corpus), "--out", str(resumed), "--nproc", "1", "--resume", str(out / "checkpoint.pt"),
         *TINY[:1], "9", *TINY[2:])
     assert json.loads((resumed / "metrics.json").read_text())["steps"][-1] == 9
+    assert check_checkpoint_holds_its_bytes_only(resumed / "checkpoint.pt") == saved_bytes  # 1 rank, as 2
 
 
 def test_same_seed_same_run(corpus, tmp_path):
@@ -77,6 +103,9 @@ def test_bad_input_is_one_line(corpus, tmp_path):
     empty.mkdir()
     (tmp_path / "run").mkdir()
     other = tmp_path / "other.pt"
+    garbage, foreign = tmp_path / "garbage.pt", tmp_path / "foreign.pt"
+    garbage.write_bytes(os.urandom(4096))
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     run("--data", str(corpus), "--out", str(tmp_path / "run"), "--nproc", "1", *TINY)
     cases = {
         ("--data", str(tmp_path / "missing")): "no such folder",
@@ -88,6 +117,14 @@ def test_bad_input_is_one_line(corpus, tmp_path):
         ("--data", str(corpus), "--experts", "8", "--resume", str(tmp_path / "run" / "checkpoint.pt")):
             "was written for a different model: experts 4 (now 8)",
         ("--data", str(corpus), "--resume", str(other)): "no such file",
+        ("--data", str(corpus), "--resume", str(garbage)): "not a PyTorch checkpoint",
+        ("--data", str(corpus), "--resume", str(foreign)): "a PyTorch file, but not one of this script's checkpoints",
+        ("--data", str(corpus), "--resume", str(tmp_path / "run" / "checkpoint.pt")):
+            "is at step 6: --steps 6 leaves nothing to train",
+        ("--data", str(corpus), "--out", str(corpus / "decoder.py" / "run")):
+            f"--out {corpus / 'decoder.py' / 'run'}: cannot write there (Not a directory)",
+        ("--data", str(corpus), "--record-routing", str(corpus / "decoder.py" / "r.npz")):
+            "--record-routing",
         ("--data", str(corpus), "--heads", "3"): "--heads 3 must divide --d-model 16",
         ("--data", str(corpus), "--top-k", "5"): "--top-k must be in [1, --experts=4], got 5",
         ("--data", str(corpus), "--capacity-factor", "0"): "--capacity-factor must be a finite number > 0, got 0.0",
@@ -136,7 +173,7 @@ def test_shadowing_and_replacement_record_and_resume_where_experts_were(corpus, 
     chosen = trace.counts.sum(axis=(1, 3)).astype(float)  # [step, layer, expert], summed over ranks
     chosen /= chosen.sum(-1, keepdims=True)
     np.testing.assert_allclose(chosen, np.array(metrics["expert_load"]), atol=1e-6)
-    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
     placements = {name: entry["expert_at"] for name, entry in saved["placements"].items()}
     last = {r["layer"]: r["expert_at"] for r in replacements}
     assert placements == {name: last.get(name, [0, 1, 2, 3]) for name in ("blocks.0.mlp", "blocks.1.mlp")}
@@ -152,7 +189,7 @@ def test_shadowing_and_replacement_record_and_resume_where_experts_were(corpus, 
         *TINY[:1], "9", *TINY[2:], "--shadowing", "1", "--replace-every", "10")
     again = json.loads((resumed / "metrics.json").read_text())
     assert again["steps"][-1] == 9 and again["shadowing"] == 1 and again["replacements"] == replacements
-    final = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    final = torch.load(resumed / "checkpoint.pt", weights_only=True)
     assert {name: entry["expert_at"] for name, entry in final["placements"].items()} == placements
 
 
@@ -171,3 +208,60 @@ def test_bad_shadowing_and_replacement_options_are_usage_errors():
         args = parse_args(["--shadowing", value, "--replace-every", "5"])
         validate(args, 2, 10_000)
         assert args.shadowing == parsed and args.replace_every == 5
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("signum,to", [(signal.SIGINT, "launcher"), (signal.SIGINT, "terminal"),
+                                       (signal.SIGTERM, "launcher")])
+def test_a_signal_saves_a_checkpoint_stops_every_rank_and_the_run_resumes(corpus, tmp_path, signum, to):
+    """SIGINT/SIGTERM to the launcher alone, or Ctrl-C in a terminal (SIGINT to the launcher and the ranks),
+    during the first checkpoint interval: every rank stops after the same step and saves, the launcher exits with
+    128 + the signal and one line, no process is left, and --resume continues from that step."""
+    out, err = tmp_path / "run", tmp_path / "stderr.txt"
+    args = [sys.executable, str(SCRIPT), "--data", str(corpus), "--out", str(out), "--nproc", "2", *TINY[2:],
+            "--steps", "5000", "--checkpoint-every", "5000"]
+    with open(err, "w") as stderr:
+        launcher = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not re.search(r"\| +[1-9]\d*/5000", err.read_text()):  # the progress bar has moved
+            assert launcher.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.2)
+        ranks = _children(launcher.pid)
+        if to == "launcher":
+            os.kill(launcher.pid, signum)
+        else:
+            os.killpg(launcher.pid, signum)
+        code = launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    lines = [line for line in err.read_text().replace("\r", "\n").splitlines()
+             if line.strip() and not line.startswith("training:")]
+    assert code == 128 + signum and len(lines) == 1, lines
+    name = signal.Signals(signum).name
+    match = re.fullmatch(rf"stopped by {name} after step (\d+) of 5000: checkpoint saved to (.*); continue with "
+                         r"--resume \2", lines[0])
+    assert match and match[2] == str(out / "checkpoint.pt"), lines[0]
+    step = int(match[1])
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in ranks):
+        assert time.monotonic() < deadline, f"processes {ranks} outlived the launcher"
+        time.sleep(0.2)
+    if to == "launcher" and signum == signal.SIGINT:  # once is enough: the resumed run goes on from that step
+        resumed = tmp_path / "resumed"
+        run("--data", str(corpus), "--out", str(resumed), "--nproc", "2", "--resume", str(out / "checkpoint.pt"),
+            *TINY[2:], "--steps", str(step + 2))
+        assert json.loads((resumed / "metrics.json").read_text())["steps"][-1] == step + 2

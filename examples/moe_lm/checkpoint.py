@@ -47,10 +47,16 @@ def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer)
         if name in experts:
             for i, expert_name in enumerate(experts[name]):
                 by_name[expert_name] = {
-                    k: (v[i] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()}
+                    k: (_own_copy(v[i]) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in state.items()}
         else:
             by_name[name] = dict(state)
     return by_name
+
+
+def _own_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy with its own storage: torch.save writes a view's whole storage, so one expert's row of a
+    stacked [E, ...] weight would carry every expert of the stack."""
+    return tensor.detach().to("cpu", copy=True)
 
 
 def _placements(model: nn.Module) -> dict[str, dict]:
@@ -72,8 +78,8 @@ def _restore_placements(model: nn.Module, saved: dict[str, dict]) -> None:
 def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int, config: dict,
          metrics: dict) -> None:
     """Collective: every rank calls it; rank 0 writes `path` (atomically)."""
-    local = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "optimizer": {k: {s: (t.cpu() if torch.is_tensor(t) else t) for s, t in v.items()}
+    local = {"model": {k: _own_copy(v) for k, v in model.state_dict().items()},
+             "optimizer": {k: {s: (_own_copy(t) if torch.is_tensor(t) else t) for s, t in v.items()}
                            for k, v in _optimizer_state_by_name(model, optimizer).items()}}
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(local, gathered, dst=0)
@@ -91,14 +97,26 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     dist.barrier()
 
 
-def read_config(path: Path) -> dict:
+def _read(path: Path) -> dict:
+    """The checkpoint at `path`, loaded as data only (weights_only: no code in the file runs)."""
+    expected = "expected a checkpoint.pt written by examples/train_moe_lm.py"
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"--resume {path}: cannot read it ({e.__class__.__name__})") from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"--resume {path}: cannot read it ({e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001 - unpickling raises many kinds; all mean "not our file"
+        raise CheckpointError(f"--resume {path}: not a PyTorch checkpoint ({e.__class__.__name__}); {expected}"
+                              ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "moeflux-lm/1":
-        raise CheckpointError(f"--resume {path}: not a checkpoint of examples/train_moe_lm.py")
-    return checkpoint["config"]
+        raise CheckpointError(f"--resume {path}: a PyTorch file, but not one of this script's checkpoints; "
+                              f"{expected}")
+    return checkpoint
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(model config, step) of the checkpoint at `path`; raises CheckpointError with one line."""
+    checkpoint = _read(path)
+    return checkpoint["config"], int(checkpoint["step"])
 
 
 def check_config(path: Path, saved: dict, current: dict) -> None:
@@ -110,7 +128,7 @@ def check_config(path: Path, saved: dict, current: dict) -> None:
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, dict]:
     """Every rank loads its share (in the saved placement where the expert-parallel size is the same);
     returns (step, metrics)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = _read(path)
     _restore_placements(model, checkpoint.get("placements", {}))
     model.load_state_dict(checkpoint["model"])
     saved = checkpoint["optimizer"]

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import sysconfig
 import tempfile
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 import moeflux
 
 from . import checkpoint, data, plots
+from .interrupts import StopOnSignal, die_with_parent, exit_code
+from .launch import RankFailed, spawn_ranks
 from .model import ByteLM, ModelConfig
 from .routing_trace import RoutingRecorder
 
@@ -157,7 +160,25 @@ def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
     if args.resume is not None:
         if not args.resume.is_file():
             raise UsageError(f"--resume {args.resume}: no such file")
-        checkpoint.check_config(args.resume, checkpoint.read_config(args.resume), asdict(model_config(args)))
+        saved_config, saved_step = checkpoint.read_header(args.resume)
+        checkpoint.check_config(args.resume, saved_config, asdict(model_config(args)))
+        if args.steps <= saved_step:
+            raise UsageError(f"--resume {args.resume} is at step {saved_step}: --steps {args.steps} leaves nothing "
+                             f"to train (--steps is the total, so pass more than {saved_step})")
+    # Last, as it creates the folder: a run that cannot save must not train first and fail at the end.
+    check_writable_folder(args.out, "--out")
+    if args.record_routing is not None:
+        check_writable_folder(args.record_routing.parent, "--record-routing")
+
+
+def check_writable_folder(folder: Path, option: str) -> None:
+    """Creates `folder` and writes a file in it; raises UsageError saying why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {folder}: cannot write there ({e.strerror or e})") from None
 
 
 # ---- one rank
@@ -220,7 +241,8 @@ def held_out_bits_per_byte(model, test: torch.Tensor, args, device) -> float:
     return data.to_bits(float(total[0] / total[1]))
 
 
-def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -> None:
+def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor], stop: StopOnSignal) -> int:
+    """One rank's run; returns 0, or 128 + the signal when SIGINT/SIGTERM stopped it (after a checkpoint)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     train_data, test = corpus
@@ -311,6 +333,14 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
             bar.update(1)
         if step % args.checkpoint_every == 0 and step != args.steps:
             checkpoint.save(args.out / "checkpoint.pt", lm, optimizer, schedule, step, asdict(config), metrics)
+        if step != args.steps and (signum := stop.agreed(device)):
+            checkpoint.save(args.out / "checkpoint.pt", lm, optimizer, schedule, step, asdict(config), metrics)
+            if bar is not None:
+                bar.close()
+                path = args.out / "checkpoint.pt"
+                print(f"stopped by {signal.Signals(signum).name} after step {step} of {args.steps}: checkpoint saved "
+                      f"to {path}; continue with --resume {path}", file=sys.stderr)
+            return exit_code(signum)
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - started
@@ -332,6 +362,7 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor]) -
               f"{metrics['mean_tokens_per_second']:,.0f} tokens/s over {world} ranks (ep size {groups.ep_size}); "
               f"training {train_seconds:.0f} s")
         print(f"run folder: {args.out}/ (metrics.json, loss.png, expert_load.png, checkpoint.pt)")
+    return 0
 
 
 # ---- launching
@@ -342,6 +373,8 @@ def _use_gpus() -> bool:
 
 
 def _rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace, corpus) -> None:
+    stop = StopOnSignal()  # first: a Ctrl-C from now on stops the run cleanly
+    die_with_parent()
     backend = "nccl" if _use_gpus() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -350,9 +383,10 @@ def _rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(minutes=10))
     try:
-        train(args, corpus)
+        code = train(args, corpus, stop)
     finally:
         dist.destroy_process_group()
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -372,17 +406,24 @@ def main(argv: list[str] | None = None) -> None:
     if under_torchrun:
         if _use_gpus():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        stop = StopOnSignal()  # torchrun passes SIGINT/SIGTERM on to its workers
         dist.init_process_group("nccl" if _use_gpus() else "gloo", timeout=timedelta(minutes=10))
         try:
-            train(args, corpus)
+            code = train(args, corpus, stop)
         finally:
             dist.destroy_process_group()
+        if code:
+            raise SystemExit(code)
         return
     print(f"moeflux {moeflux.__version__}: {world} ranks ({'NCCL' if _use_gpus() else 'gloo, CPU'}), "
           f"{corpus[0].numel() / 1e6:.1f} MB of training text, {corpus[1].numel() / 1e6:.1f} MB held out")
     with tempfile.TemporaryDirectory() as tmp:
-        torch.multiprocessing.start_processes(
-            _rank_main, args=(world, f"file://{tmp}/store", args, corpus), nprocs=world, start_method="spawn")
+        try:
+            code = spawn_ranks(_rank_main, world, (world, f"file://{tmp}/store", args, corpus))
+        except RankFailed as e:
+            raise SystemExit(f"error: {e}") from None
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":
