@@ -60,7 +60,11 @@ class CMakeBuild(build_ext):
         built = next((build_dir / "python").glob("_C*.so"))
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(built, target)
+        # A new file renamed over the old one: processes that have the old library loaded keep their mapping
+        # (copying into it would change the pages under them).
+        staged = target.with_name(target.name + ".new")
+        shutil.copy2(built, staged)
+        os.replace(staged, target)
 
 
 setup(
