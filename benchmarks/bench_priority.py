@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
 
     def all_to_all():
         start = time.perf_counter()
-        moeflux.ops.all_to_all(a2a_in, splits, splits, groups.ep_group)
+        moeflux.ops.all_to_all(a2a_in, splits, splits, groups.ep_group, agree_first=False)
         return time.perf_counter() - start
 
     def start_allreduce(micro_mb):

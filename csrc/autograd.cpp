@@ -96,22 +96,24 @@ class UnpermuteFunction : public torch::autograd::Function<UnpermuteFunction> {
 class AllToAllFunction : public torch::autograd::Function<AllToAllFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, at::IntArrayRef output_split_sizes,
-                               at::IntArrayRef input_split_sizes, const std::string& group_name) {
+                               at::IntArrayRef input_split_sizes, const std::string& group_name, bool agree_first) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = find_op<decltype(all_to_all)>("moeflux::all_to_all");
     ctx->saved_data["output_split_sizes"] = output_split_sizes.vec();
     ctx->saved_data["input_split_sizes"] = input_split_sizes.vec();
     ctx->saved_data["group_name"] = group_name;
-    return {op.call(input, output_split_sizes, input_split_sizes, group_name)};
+    return {op.call(input, output_split_sizes, input_split_sizes, group_name, agree_first)};
   }
 
-  // The gradient travels back the same way: the all-to-all with the splits swapped.
+  // The gradient travels back the same way: the all-to-all with the splits swapped (which forward's agreement,
+  // or the caller, already checked: no agreement again).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<decltype(all_to_all)>("moeflux::all_to_all");
     const auto out_splits = ctx->saved_data["output_split_sizes"].toIntVector();
     const auto in_splits = ctx->saved_data["input_split_sizes"].toIntVector();
     const std::string group = ctx->saved_data["group_name"].toStringRef();
-    return {op.call(grads[0], in_splits, out_splits, group), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {op.call(grads[0], in_splits, out_splits, group, false), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -205,8 +207,8 @@ at::Tensor broadcast_expert_rows_autograd(const at::Tensor& local, at::IntArrayR
 }
 
 at::Tensor all_to_all_autograd(const at::Tensor& input, at::IntArrayRef output_split_sizes,
-                               at::IntArrayRef input_split_sizes, const std::string& group_name) {
-  return AllToAllFunction::apply(input, output_split_sizes, input_split_sizes, group_name)[0];
+                               at::IntArrayRef input_split_sizes, const std::string& group_name, bool agree_first) {
+  return AllToAllFunction::apply(input, output_split_sizes, input_split_sizes, group_name, agree_first)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_autograd(

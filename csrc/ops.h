@@ -51,7 +51,7 @@ at::Tensor gather_rows(const DeviceKernels& kernels, const at::Tensor& rows, con
 
 // ---- expert parallelism (csrc/distributed/)
 at::Tensor all_to_all(const at::Tensor& input, at::IntArrayRef output_split_sizes, at::IntArrayRef input_split_sizes,
-                      const std::string& group_name);
+                      const std::string& group_name, bool agree_first);
 // routing_counts: [P, E] int64 on the host, what a dropless dispatch of these expert_ids would exchange; given,
 // dispatch skips its own count exchange.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch(
@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_autograd(const at::Tensor
 at::Tensor unpermute_autograd(const at::Tensor& rows, const at::Tensor& row_map,
                               const std::optional<at::Tensor>& weights);
 at::Tensor all_to_all_autograd(const at::Tensor& input, at::IntArrayRef output_split_sizes,
-                               at::IntArrayRef input_split_sizes, const std::string& group_name);
+                               at::IntArrayRef input_split_sizes, const std::string& group_name, bool agree_first);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_autograd(
     const at::Tensor& tokens, const at::Tensor& expert_ids, int64_t num_experts, std::optional<int64_t> capacity,
     const std::string& group_name, const std::optional<at::Tensor>& routing_counts, bool agree_first);

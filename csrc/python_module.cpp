@@ -79,6 +79,7 @@ PYBIND11_MODULE(_C, m) {
             for (const auto& part : self.parts) part->waitAndThrow();
           },
           py::call_guard<py::gil_scoped_release>());
+  m.def("group_timeout_ms", &moeflux::group_timeout_ms, py::arg("group_name"));
   m.def(
       "scheduled_all_reduce",
       [](const at::Tensor& flat, const std::string& group_name, int64_t micro_op_bytes) {

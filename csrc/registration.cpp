@@ -54,7 +54,8 @@ TORCH_LIBRARY(moeflux, m) {
   m.def("unpermute_backward(Tensor grad_output, Tensor rows, Tensor row_map, Tensor? weights) "
         "-> (Tensor grad_rows, Tensor grad_weights)");
   // expert parallelism: collectives over a c10d process group named by group_name
-  m.def("all_to_all(Tensor input, int[] output_split_sizes, int[] input_split_sizes, str group_name) -> Tensor");
+  m.def("all_to_all(Tensor input, int[] output_split_sizes, int[] input_split_sizes, str group_name, "
+        "bool agree_first=True) -> Tensor");
   m.def("dispatch(Tensor tokens, Tensor expert_ids, int num_experts, int? capacity, str group_name, "
         "Tensor? routing_counts=None, bool agree_first=True) "
         "-> (Tensor expert_rows, Tensor tokens_per_local_expert, Tensor row_map, Tensor regroup_map, "

@@ -113,8 +113,13 @@ def mismatch_worker(rank, world):
     # A rank whose input has the wrong width makes every rank raise at the count exchange, none waits.
     moe = moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups.ep_group)
     x = torch.randn(4, D_MODEL if rank == 0 else D_MODEL - 1)
-    with pytest.raises(RuntimeError, match=f"ranks of the expert-parallel group disagree: .*hidden size {D_MODEL - 1}"):
-        moe(x)
+    if rank == 0:
+        with pytest.raises(RuntimeError, match=f"ranks of the expert-parallel group disagree: .*hidden size "
+                                               f"{D_MODEL - 1}"):
+            moe(x)
+    else:
+        with pytest.raises(ValueError, match=rf"expects input \[..., d_model={D_MODEL}\], got shape \(4, {D_MODEL - 1}\)"):
+            moe(x)
     moe(torch.randn(3, D_MODEL)).sum().backward()  # and the group still works
     return True
 

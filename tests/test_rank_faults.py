@@ -100,3 +100,65 @@ def test_every_rank_raises_the_same_clear_error(world):
             assert re.search(pattern, message), (name, rank, message)
             assert pattern == "no error" or "moeflux.dispatch" in message, (name, rank, message)
             assert seconds < 15, (name, rank, seconds)
+
+
+# ---- moeflux.ops.all_to_all: splits are the caller's, so ranks can pass splits that do not match each other.
+
+def _even_splits(world, rows=2):
+    return [rows] * world
+
+
+# name: (rank 0's (input rows, width, dtype, output splits, input splits) changes, the message on every rank)
+ALL_TO_ALL_CASES = {
+    "rank 0 sends one row more than rank 1 expects": (dict(send_to_1=3), "rank 0 sends 3 rows to rank 1, which expects 2"),
+    "rank 0 expects one row more from rank 1": (dict(expect_from_1=3), "rank 1 sends 2 rows to rank 0, which expects 3"),
+    "row width differs": (dict(width=5), "disagree on the rows: rank 0 sends 2-D rows of 5 elements"),
+    "dtype differs": (dict(dtype=torch.float64), "disagree on the rows: rank 0 sends 2-D rows of 4 elements of dtype Double"),
+    "one split too many on one rank": (dict(extra_split=True), "rank 0 of the process group passed invalid arguments|"
+                                                               "must have one entry per rank"),
+    "a negative split on one rank": (dict(negative=True), "passed invalid arguments|must be >= 0"),
+    "splits do not sum to the rows on one rank": (dict(rows_off=1), "passed invalid arguments|must sum to input.size"),
+    "a 0-D input on one rank": (dict(scalar=True), "passed invalid arguments|must sum to input.size"),
+}
+
+
+def all_to_all_call(rank, world, spec):
+    width, dtype = spec.get("width", 4), spec.get("dtype", torch.float32)
+    out_splits, in_splits = _even_splits(world), _even_splits(world)
+    if "send_to_1" in spec:
+        in_splits[1] = spec["send_to_1"]
+    if "expect_from_1" in spec:
+        out_splits[1] = spec["expect_from_1"]
+    if spec.get("extra_split"):
+        in_splits.append(0)
+    if spec.get("negative"):
+        in_splits[0], in_splits[1] = -1, in_splits[1] + 3
+    rows = sum(s for s in in_splits) + spec.get("rows_off", 0)
+    x = torch.tensor(1.0) if spec.get("scalar") else torch.full((max(rows, 0), width), float(rank), dtype=dtype)
+    return ops.all_to_all(x.requires_grad_(), out_splits, in_splits)
+
+
+def all_to_all_worker(rank, world):
+    outcomes = {}
+    for name, (first, _) in ALL_TO_ALL_CASES.items():
+        start = time.monotonic()
+        try:
+            all_to_all_call(rank, world, first if rank == 0 else {})
+            outcomes[name] = ("no error", time.monotonic() - start)
+        except RuntimeError as error:
+            outcomes[name] = (str(error).splitlines()[0], time.monotonic() - start)
+    out = all_to_all_call(rank, world, {})  # the group still works, and the result is right
+    out.sum().backward()
+    expected = torch.cat([torch.full((2, 4), float(src)) for src in range(world)])
+    torch.testing.assert_close(out, expected)
+    return outcomes
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_all_to_all_with_splits_that_do_not_match_raises_on_every_rank(world):
+    results = run_ranks(world, all_to_all_worker, timeout=120)
+    for name, (_, pattern) in ALL_TO_ALL_CASES.items():
+        for rank, outcomes in enumerate(results):
+            message, seconds = outcomes[name]
+            assert re.search(pattern, message) and "moeflux.all_to_all" in message, (name, rank, message)
+            assert seconds < 15, (name, rank, seconds)

@@ -6,10 +6,13 @@
 #include <numeric>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 #include "csrc/checks.h"
+#include "csrc/distributed/agreement.h"
 #include "csrc/cpu/huge_pages.h"
 #include "csrc/distributed/comm_scheduler.h"
 #include "csrc/ops.h"
@@ -31,6 +34,15 @@ void check_splits(const std::vector<int64_t>& splits, int64_t world, const char*
   }
 }
 
+void check_exchange_args(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
+                         const std::vector<int64_t>& input_split_sizes, int64_t world, const char* op) {
+  check_splits(output_split_sizes, world, op, "output_split_sizes");
+  check_splits(input_split_sizes, world, op, "input_split_sizes");
+  TORCH_CHECK(input.dim() >= 1 && sum(input_split_sizes) == input.size(0), "moeflux.", op,
+              ": input_split_sizes must sum to input.size(0) = ", input.dim() >= 1 ? input.size(0) : 0, ", got ",
+              sum(input_split_sizes));
+}
+
 }  // namespace
 
 c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_name, const char* op) {
@@ -42,15 +54,15 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_na
   }
 }
 
+int64_t group_timeout_ms(const std::string& group_name) {
+  const auto group = resolve_group(group_name, "group_timeout");
+  return group->getDefaultBackend()->getBackendOptions()->timeout.count();
+}
+
 PendingExchange start_exchange(const at::Tensor& input, const std::vector<int64_t>& output_split_sizes,
                                const std::vector<int64_t>& input_split_sizes, c10d::ProcessGroup& group,
                                const char* op, const char* phase) {
-  const int64_t world = group.getSize();
-  check_splits(output_split_sizes, world, op, "output_split_sizes");
-  check_splits(input_split_sizes, world, op, "input_split_sizes");
-  TORCH_CHECK(input.dim() >= 1 && sum(input_split_sizes) == input.size(0), "moeflux.", op,
-              ": input_split_sizes must sum to input.size(0) = ", input.dim() >= 1 ? input.size(0) : 0, ", got ",
-              sum(input_split_sizes));
+  check_exchange_args(input, output_split_sizes, input_split_sizes, group.getSize(), op);
   std::vector<int64_t> shape = input.sizes().vec();
   shape[0] = sum(output_split_sizes);
   at::Tensor output = at::empty(shape, input.options());
@@ -99,12 +111,66 @@ at::Tensor exchange_rows(const at::Tensor& input, const std::vector<int64_t>& ou
   return start_exchange(input, output_split_sizes, input_split_sizes, group, op, phase).finish();
 }
 
+namespace {
+
+// Every rank sends its check result, its rows' shape and dtype and both of its split vectors to every rank, so
+// that each rank checks every pair of ranks (what s sends to d against what d expects from s) on the same data:
+// all reach the same verdict, with the same message, in one exchange sized by the group alone.
+void agree_on_splits(const at::Tensor& input, const std::vector<int64_t>& out_splits,
+                     const std::vector<int64_t>& in_splits, c10d::ProcessGroup& group, const std::string& error) {
+  const int64_t world = group.getSize(), n = 4 + 2 * world;
+  at::Tensor mine = at::zeros({1, n}, at::TensorOptions().dtype(at::kLong));
+  int64_t* m = mine.mutable_data_ptr<int64_t>();
+  m[0] = error.empty() ? 0 : 1;
+  if (error.empty()) {
+    m[1] = input.dim();
+    m[2] = c10::multiply_integers(input.sizes().slice(1));  // elements per row
+    m[3] = static_cast<int64_t>(input.scalar_type());
+    std::copy(in_splits.begin(), in_splits.end(), m + 4);
+    std::copy(out_splits.begin(), out_splits.end(), m + 4 + world);
+  }
+  const std::vector<int64_t> ones(world, 1);
+  const at::Tensor all = exchange_rows(mine.to(exchange_device(input.device())).expand({world, n}), ones, ones, group,
+                                       "all_to_all", "agreement").cpu();
+  const int64_t* h = all.const_data_ptr<int64_t>();
+  TORCH_CHECK(error.empty(), error);
+  for (int64_t r = 0; r < world; ++r) {
+    TORCH_CHECK(h[r * n] == 0, "moeflux.all_to_all: rank ", r, " of the process group passed invalid arguments ",
+                "(its error says which), so no rank takes part in the exchange");
+  }
+  for (int64_t r = 1; r < world; ++r) {
+    TORCH_CHECK(std::equal(h + r * n + 1, h + r * n + 4, h + 1), "moeflux.all_to_all: ranks of the process group ",
+                "disagree on the rows: rank 0 sends ", h[1], "-D rows of ", h[2], " elements of dtype ",
+                static_cast<at::ScalarType>(h[3]), ", rank ", r, " sends ", h[r * n + 1], "-D rows of ",
+                h[r * n + 2], " elements of dtype ", static_cast<at::ScalarType>(h[r * n + 3]));
+  }
+  for (int64_t src = 0; src < world; ++src) {
+    for (int64_t dst = 0; dst < world; ++dst) {
+      const int64_t sent = h[src * n + 4 + dst], expected = h[dst * n + 4 + world + src];
+      TORCH_CHECK(sent == expected, "moeflux.all_to_all: rank ", src, " sends ", sent, " rows to rank ", dst,
+                  ", which expects ", expected, " (rank ", src, "'s input_split_sizes[", dst, "] must equal rank ",
+                  dst, "'s output_split_sizes[", src, "])");
+    }
+  }
+}
+
+}  // namespace
+
 at::Tensor all_to_all(const at::Tensor& input, at::IntArrayRef output_split_sizes, at::IntArrayRef input_split_sizes,
-                      const std::string& group_name) {
-  check_device_supported(input, "all_to_all", "input");
+                      const std::string& group_name, bool agree_first) {
   const auto group = resolve_group(group_name, "all_to_all");
+  const std::vector<int64_t> out_splits = output_split_sizes.vec(), in_splits = input_split_sizes.vec();
+  const auto local_checks = [&] {
+    check_device_supported(input, "all_to_all", "input");
+    check_exchange_args(input, out_splits, in_splits, group->getSize(), "all_to_all");
+  };
+  if (agree_first) {
+    agree_on_splits(input, out_splits, in_splits, *group, local_error(local_checks));
+  } else {
+    local_checks();
+  }
   count_token_all_to_all();
-  return exchange_rows(input, output_split_sizes.vec(), input_split_sizes.vec(), *group, "all_to_all");
+  return exchange_rows(input, out_splits, in_splits, *group, "all_to_all");
 }
 
 CollectiveCounts collective_counts() { return {token_all_to_alls.load(), count_exchanges.load()}; }

@@ -16,6 +16,10 @@ namespace moeflux {
 // The process group registered under `group_name`, or a clear error.
 c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_name, const char* op);
 
+// The timeout the group's collectives run under (its default backend's), in milliseconds: groups made from
+// it inherit it, where torch's new_group would give its 30-minute default.
+int64_t group_timeout_ms(const std::string& group_name);
+
 // Rows [sum(input_split_sizes), ...] of `input` go out, split_sizes[r] rows to
 // rank r; rows [sum(output_split_sizes), ...] come back. Waits for the result.
 // `op` names the op in errors; `phase` (default: op) names the collective in

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _C
-from .distributed import check_agreement
+from .distributed import check_agreement, check_same_parameters
 from .moe import MoE, expert_parameters
 
 BUILTIN_HOOKS = ("allreduce", "bf16_compress")
@@ -104,15 +104,19 @@ class DataParallel(nn.Module):
         self.world_size = dist.get_world_size(dp_group)
 
         expert_group: dict[int, dist.ProcessGroup] = {}
+        error = None  # raised below on every rank at once: a rank raising alone would leave the others waiting
         for ep in expert_parameters(module):
             if ep.layer.ep_group is None:
                 continue
             if ep.layer.edp_group is None:
                 name = next(n for n, m in module.named_modules() if m is ep.layer)
-                raise ValueError(
-                    f"moeflux.DataParallel: MoE layer '{name}' was built with a bare ep_group; pass "
-                    "ep_group=moeflux.init_expert_parallel(...) so that its experts' replicas are known")
+                error = (f"MoE layer '{name}' was built with a bare ep_group; pass "
+                         "ep_group=moeflux.init_expert_parallel(...) so that its experts' replicas are known")
             expert_group[id(ep.param)] = ep.layer.edp_group
+        # Before the first collective on them: ranks must hold the same parameters, or the broadcasts and the
+        # buckets' all-reduces would not match (sizes: an abort in gloo; counts: a hang).
+        check_same_parameters(dp_group, "moeflux.DataParallel",
+                              [(n, p) for n, p in module.named_parameters() if p.requires_grad], error)
         self.groups: list[dist.ProcessGroup] = [dp_group]
         params, names, param_group = [], [], []
         for name, p in module.named_parameters():

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch.distributed as dist
 
+from . import _C
+
 
 class ExpertParallelGroups(NamedTuple):
     ep_group: dist.ProcessGroup  # the ranks that split the experts between them
@@ -30,15 +32,24 @@ def init_expert_parallel(
 
     Collective: every rank of ``group`` (default: the world, after
     ``torch.distributed.init_process_group``, e.g. under ``torchrun``) must call
-    it with the same ``ep_size``. The new groups use the backend of the world
-    (gloo for CPU tensors, NCCL for CUDA tensors).
+    it with the same ``ep_size``; ranks that pass different ones, or a rank whose
+    ``ep_size`` is invalid, make every rank raise the same error. The new groups
+    use the backend of ``group`` (gloo for CPU tensors, NCCL for CUDA tensors)
+    and its timeout, unless ``timeout`` is given (torch's ``new_group`` would
+    give them its 30-minute default).
     """
     if not dist.is_initialized():
         raise RuntimeError("init_expert_parallel: call torch.distributed.init_process_group first")
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    parent = group if group is not None else dist.group.WORLD
+    ranks = dist.get_process_group_ranks(parent)
     world, me = len(ranks), dist.get_rank()
+    error = None
     if not isinstance(ep_size, int) or ep_size < 1 or world % ep_size != 0:
-        raise ValueError(f"ep_size must be a positive divisor of the world size {world}, got {ep_size!r}")
+        error = f"ep_size must be a positive divisor of the world size {world}, got {ep_size!r}"
+    # Before any group is made: ranks that went on with different sizes would create different groups and wait.
+    check_agreement(parent, "init_expert_parallel", local_error=error, ep_size=ep_size)
+    if timeout is None:
+        timeout = timedelta(milliseconds=_C.group_timeout_ms(parent.group_name))
     ep_group = edp_group = None
     for start in range(0, world, ep_size):  # every rank creates every group, in the same order
         members = ranks[start:start + ep_size]
@@ -55,16 +66,48 @@ def init_expert_parallel(
     return ExpertParallelGroups(ep_group, edp_group, ep_size, dist.get_rank(ep_group))
 
 
-def check_agreement(group: dist.ProcessGroup, what: str, **values: object) -> None:
-    """Raise the same clear error on every rank of ``group`` unless all ranks pass equal ``values``.
+def check_agreement(group: dist.ProcessGroup, what: str, local_error: str | None = None, **values: object) -> None:
+    """Raise the same clear error on every rank of ``group`` if any rank's ``local_error`` is set (its own
+    check failed: that rank raises its message, the others name it) or the ranks pass different ``values``.
 
     One small all-gather; meant for construction time, not for every step.
     """
     gathered: list[dict[str, object]] = [{} for _ in range(dist.get_world_size(group))]
-    dist.all_gather_object(gathered, values, group=group)
+    dist.all_gather_object(gathered, {"local_error": local_error, **values}, group=group)
+    if local_error is not None:
+        raise ValueError(f"{what}: {local_error}")
+    failed = [(r, g["local_error"]) for r, g in enumerate(gathered) if g["local_error"] is not None]
+    if failed:
+        rank, message = failed[0]
+        raise ValueError(f"{what}: rank {rank} of the process group failed its own check ({message})")
     differing = sorted(k for k in values if len({repr(g[k]) for g in gathered}) > 1)
     if differing:
         per_rank = "; ".join(
             f"rank {r}: " + ", ".join(f"{k}={g[k]!r}" for k in differing) for r, g in enumerate(gathered)
         )
         raise ValueError(f"{what}: ranks of the process group disagree on {', '.join(differing)} ({per_rank})")
+
+
+def check_same_parameters(group: dist.ProcessGroup, what: str, parameters: list[tuple[str, object]],
+                          local_error: str | None = None) -> None:
+    """Raise the same clear error on every rank of ``group`` unless all ranks hold parameters of the same names,
+    shapes and dtypes, in the same order (what DDP verifies at construction), or if a rank's ``local_error`` is
+    set. ``parameters``: ``(name, tensor)``. One all-gather of the descriptions."""
+    mine = [(name, tuple(p.shape), str(p.dtype).removeprefix("torch.")) for name, p in parameters]
+    gathered: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (local_error, mine), group=group)
+    if local_error is not None:
+        raise ValueError(f"{what}: {local_error}")
+    for rank, (error, theirs) in enumerate(gathered):
+        if error is not None:
+            raise ValueError(f"{what}: rank {rank} of the process group failed its own check ({error})")
+        if theirs == mine:
+            continue
+        me = dist.get_rank(group)
+        if len(theirs) != len(mine):
+            raise ValueError(f"{what}: ranks hold different parameters: rank {rank} has {len(theirs)} trainable "
+                             f"parameters, rank {me} has {len(mine)}")
+        i = next(i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b)
+        show = lambda d: f"'{d[0]}' {list(d[1])} {d[2]}"  # noqa: E731
+        raise ValueError(f"{what}: ranks hold different parameters: parameter {i} is {show(theirs[i])} on rank "
+                         f"{rank} and {show(mine[i])} on rank {me}")

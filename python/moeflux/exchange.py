@@ -77,9 +77,22 @@ class Exchange(ABC):
         out = self.combine(experts(batch.rows, batch.tokens_per_expert, batch.capacity), plan, weights)
         return out, batch.tokens_per_expert
 
-    def join_failed_dispatch(self, x: Tensor, top_k: int, capacity: int | None) -> None:
-        """This rank's input ``x`` failed a check: take part in what the other ranks are waiting in, so that
-        they raise too instead of waiting (nothing to do without collectives)."""
+    def join_failed_dispatch(self, hidden: int, dtype: torch.dtype, like: Tensor, top_k: int,
+                             capacity: int | None) -> None:
+        """This rank's input (``hidden`` wide, of ``dtype``) failed a check: take part in what the other ranks
+        are waiting in, with no tokens, so that they raise too instead of waiting (nothing to do without
+        collectives). ``like``: a tensor of the layer's (device, dtype). Errors of the joined collective are
+        swallowed here: the caller raises its own."""
+
+    @staticmethod
+    def _failed_probe(hidden: int, dtype: torch.dtype, like: Tensor) -> Tensor:
+        """No tokens, with the header the peers will compare: the failing rank's width and dtype where the
+        exchange can carry them and they differ from the layer's (peers then name them); otherwise (a
+        non-float dtype, or only the device was wrong) another float dtype stands in, so that they differ."""
+        hidden = hidden if hidden > 0 else like.shape[-1]  # no tokens of width 0: the op would refuse them
+        if not dtype.is_floating_point or (hidden == like.shape[-1] and dtype == like.dtype):
+            dtype = torch.float64 if like.dtype != torch.float64 else torch.float32
+        return torch.empty((0, hidden), dtype=dtype, device=like.device)
 
     def _positions(self, expert_ids: Tensor) -> Tensor:
         return self.placement.to_positions(expert_ids)
@@ -142,14 +155,18 @@ class AllToAllExchange(Exchange):
     def combine(self, expert_out: Tensor, plan: ops.DispatchPlan, weights: Tensor | None) -> Tensor:
         return ops.combine(expert_out, plan, weights)
 
-    def join_failed_dispatch(self, x: Tensor, top_k: int, capacity: int | None) -> None:
-        # Dropless dispatch starts with the count exchange, which also compares every rank's hidden size:
-        # joining it with no tokens makes it report the mismatch on every rank. (Capacity mode on a GPU has
-        # no such exchange yet; on the CPU it travels dropless.)
-        if self._wire_capacity(x, capacity) is None:
-            no_ids = torch.empty((0, top_k), dtype=torch.int32, device=x.device)
-            ops.dispatch(x.new_empty((0, x.shape[-1])), no_ids, self.placement.num_experts, None, self.group,
-                         agree_first=False)
+    def join_failed_dispatch(self, hidden: int, dtype: torch.dtype, like: Tensor, top_k: int,
+                             capacity: int | None) -> None:
+        # Dropless dispatch starts with the count exchange, which also compares every rank's hidden size and
+        # dtype: joining it with no tokens makes it report the mismatch on every rank. (Capacity mode on a GPU
+        # has no such exchange yet; on the CPU it travels dropless.)
+        probe = self._failed_probe(hidden, dtype, like)
+        if self._wire_capacity(probe, capacity) is None:
+            no_ids = torch.empty((0, top_k), dtype=torch.int32, device=probe.device)
+            try:
+                ops.dispatch(probe, no_ids, self.placement.num_experts, None, self.group, agree_first=False)
+            except RuntimeError:
+                pass
 
 
 class PipelinedExchange(AllToAllExchange):
@@ -212,11 +229,15 @@ class ShadowedExchange(AllToAllExchange):
         self.policy = policy
         self.shadowed_experts: tuple[int, ...] = ()  # global experts shadowed by the last forward
 
-    def join_failed_dispatch(self, x: Tensor, top_k: int, capacity: int | None) -> None:
-        # The other ranks are in routing_counts (dropless or not), which compares hidden sizes: join it.
-        no_ids = torch.empty((0, top_k), dtype=torch.int32, device=x.device)
-        ops.routing_counts(x.new_empty((0, x.shape[-1])), no_ids, self.placement.num_experts, self.group,
-                           agree_first=False)
+    def join_failed_dispatch(self, hidden: int, dtype: torch.dtype, like: Tensor, top_k: int,
+                             capacity: int | None) -> None:
+        # The other ranks are in routing_counts (dropless or not), which compares hidden sizes and dtypes.
+        probe = self._failed_probe(hidden, dtype, like)
+        no_ids = torch.empty((0, top_k), dtype=torch.int32, device=probe.device)
+        try:
+            ops.routing_counts(probe, no_ids, self.placement.num_experts, self.group, agree_first=False)
+        except RuntimeError:
+            pass
 
     def _shadow_positions(self, counts: Tensor, experts: GroupedExperts) -> list[int]:
         if isinstance(self.policy, FixedShadows):

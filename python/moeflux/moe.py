@@ -134,21 +134,6 @@ class MoE(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("d_ffn", d_ffn), ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        if capacity_factor is not None and not (capacity_factor > 0 and math.isfinite(capacity_factor)):
-            raise ValueError(f"capacity_factor must be a finite number > 0, or None (dropless), got "
-                             f"{capacity_factor!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
-        if aux_loss_weight < 0 or z_loss_weight < 0:
-            raise ValueError(f"aux_loss_weight and z_loss_weight must be >= 0, got {aux_loss_weight}, {z_loss_weight}")
-
         if isinstance(ep_group, ExpertParallelGroups):
             ep_group, self.edp_group = ep_group.ep_group, ep_group.edp_group
         else:
@@ -156,15 +141,21 @@ class MoE(nn.Module):
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
         self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
-        if num_experts % self.ep_size != 0:
-            raise ValueError(f"num_experts ({num_experts}) must be a multiple of the expert-parallel size "
-                             f"({self.ep_size})")
+        try:
+            _check_arguments(d_model, d_ffn, num_experts, top_k, capacity_factor, activation, drop_policy,
+                             aux_loss_weight, z_loss_weight, self.ep_size)
+            error = None
+        except ValueError as e:
+            if ep_group is None:
+                raise
+            error = str(e)  # raised by the agreement, on every rank of the group: none is left waiting in it
         if ep_group is not None:
             check_agreement(
-                ep_group, "moeflux.MoE", num_experts=num_experts, ep_size=self.ep_size, d_model=d_model, d_ffn=d_ffn,
-                top_k=top_k, dtype=dtype or torch.get_default_dtype(), capacity_factor=capacity_factor,
-                activation=activation, renormalize=renormalize, scoring=scoring, num_groups=num_groups,
-                top_groups=top_groups, group_score_top=group_score_top, shared_expert_ffn=shared_expert_ffn, schedule=schedule, chunks=chunks,
+                ep_group, "moeflux.MoE", local_error=error, num_experts=num_experts, ep_size=self.ep_size,
+                d_model=d_model, d_ffn=d_ffn, top_k=top_k, dtype=dtype or torch.get_default_dtype(),
+                capacity_factor=capacity_factor, activation=activation, renormalize=renormalize, scoring=scoring,
+                num_groups=num_groups, top_groups=top_groups, group_score_top=group_score_top,
+                shared_expert_ffn=shared_expert_ffn, schedule=schedule, chunks=chunks,
                 pairwise_group_size=pairwise_group_size, shadowing=shadowing,
             )
 
@@ -198,10 +189,24 @@ class MoE(nn.Module):
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
+    def _input_error(self, x: Tensor) -> str | None:
+        """What is wrong with the input ``x`` (None: nothing), checked before any collective."""
+        weight = self.router.weight
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            return f"MoE expects input [..., d_model={self.d_model}], got shape {tuple(x.shape)}"
+        if x.device != weight.device:
+            return f"MoE expects input on {weight.device} (its weights' device), got {x.device}"
+        if not x.is_floating_point() or (x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+            return f"MoE expects input of dtype {weight.dtype} (its weights' dtype), got {x.dtype}"
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.d_model:
-            self.exchange.join_failed_dispatch(x, self.top_k, self.capacity(0))
-            raise ValueError(f"MoE expects input [..., d_model={self.d_model}], got shape {tuple(x.shape)}")
+        if (error := self._input_error(x)) is not None:
+            # The other ranks of the group are about to wait for this one in the exchange: join it so that
+            # they raise too (naming what this rank sent), then raise the precise error here.
+            hidden = x.shape[-1] if x.dim() > 0 else 0
+            self.exchange.join_failed_dispatch(hidden, x.dtype, self.router.weight, self.top_k, self.capacity(0))
+            raise ValueError(error)
         tokens = x.reshape(-1, self.d_model)
         routing = self.router(tokens)
         load_balancing, z_loss = ops.router_aux_loss(routing.logits, routing.expert_ids)
@@ -235,6 +240,26 @@ class MoE(nn.Module):
             f"d_model={self.d_model}, d_ffn={self.d_ffn}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}, ep_size={self.ep_size}"
         )
+
+
+def _check_arguments(d_model, d_ffn, num_experts, top_k, capacity_factor, activation, drop_policy,
+                     aux_loss_weight, z_loss_weight, ep_size) -> None:
+    """MoE's own argument checks (the router, exchange and shadowing options are checked where they are used)."""
+    for name, value in (("d_model", d_model), ("d_ffn", d_ffn), ("num_experts", num_experts)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+    if capacity_factor is not None and not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+        raise ValueError(f"capacity_factor must be a finite number > 0, or None (dropless), got {capacity_factor!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if drop_policy not in DROP_POLICIES:
+        raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+    if aux_loss_weight < 0 or z_loss_weight < 0:
+        raise ValueError(f"aux_loss_weight and z_loss_weight must be >= 0, got {aux_loss_weight}, {z_loss_weight}")
+    if num_experts % ep_size != 0:
+        raise ValueError(f"num_experts ({num_experts}) must be a multiple of the expert-parallel size ({ep_size})")
 
 
 class ExpertParameter(NamedTuple):

@@ -181,6 +181,8 @@ def all_to_all(
     output_split_sizes: list[int],
     input_split_sizes: list[int],
     group: dist.ProcessGroup | str | None = None,
+    *,
+    agree_first: bool = True,
 ) -> Tensor:
     """All-to-all of the rows of ``input`` over ``group`` (default: the world).
 
@@ -188,8 +190,14 @@ def all_to_all(
     rows arrive from rank ``r``. Goes through the group's c10d backend (gloo
     for CPU tensors, NCCL for CUDA tensors). Differentiable: the backward is
     the all-to-all with the splits swapped.
+
+    ``agree_first``: before the exchange, one small fixed-size exchange checks
+    every rank's arguments (splits that match pairwise, the same row shape and
+    dtype, valid local arguments), so that a mistake on any rank raises the same
+    error on every rank instead of a hang or an abort inside the backend. Pass
+    False to skip it where the splits are known to match (one collective less).
     """
-    return _ops.all_to_all(input, output_split_sizes, input_split_sizes, _group_name(group))
+    return _ops.all_to_all(input, output_split_sizes, input_split_sizes, _group_name(group), agree_first)
 
 
 class DispatchPlan(NamedTuple):
@@ -404,7 +412,8 @@ def _group_size(group_name: str) -> int:
 
 
 @torch.library.register_fake("moeflux::all_to_all")
-def _all_to_all_fake(input: Tensor, output_split_sizes: list[int], input_split_sizes: list[int], group_name: str):
+def _all_to_all_fake(input: Tensor, output_split_sizes: list[int], input_split_sizes: list[int], group_name: str,
+                     agree_first: bool = True):
     return input.new_empty((sum(output_split_sizes), *input.shape[1:]))
 
 
