@@ -26,7 +26,7 @@ at::Tensor apply_capacity(const at::Tensor& expert_ids, const at::Tensor& weight
   check_same_device(weights, expert_ids, op, "weights", "expert_ids");
   TORCH_CHECK(weights.sizes() == expert_ids.sizes(), "moeflux.apply_capacity: weights must have the shape of ",
               "expert_ids ", expert_ids.sizes(), ", got ", weights.sizes());
-  TORCH_CHECK(num_experts >= 1, "moeflux.apply_capacity: num_experts must be >= 1, got ", num_experts);
+  check_num_experts(num_experts, "apply_capacity");
   TORCH_CHECK(capacity >= 0, "moeflux.apply_capacity: capacity must be >= 0, got ", capacity);
   if (expert_ids.numel() == 0) return expert_ids.clone();
   check_ids_in_range(expert_ids, num_experts, op);

@@ -33,6 +33,15 @@ inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const
               expected, ", got ", t.size(dim), " (shape ", t.sizes(), ")");
 }
 
+// Far above any model (PEER's million experts), low enough that buffers of num_experts entries can be
+// allocated: a mistaken num_experts gets this message rather than the allocator's.
+constexpr int64_t kMaxExperts = int64_t{1} << 24;
+
+inline void check_num_experts(int64_t num_experts, const char* op) {
+  TORCH_CHECK(num_experts >= 1 && num_experts <= kMaxExperts, "moeflux.", op, ": num_experts must be in [1, ",
+              kMaxExperts, "], got ", num_experts);
+}
+
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
                               const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), "moeflux.", op, ": ", name, " must be on the same device as ", ref_name,

@@ -43,7 +43,7 @@ void check_permute_args(const at::Tensor& tokens, const at::Tensor& expert_ids, 
                         std::optional<int64_t> capacity, const char* op) {
   check_rows(tokens, op, "tokens", "[num_tokens, hidden]");
   check_index(expert_ids, tokens, tokens.size(0), op, "expert_ids", "tokens");
-  TORCH_CHECK(num_experts >= 1, "moeflux.", op, ": num_experts must be >= 1, got ", num_experts);
+  check_num_experts(num_experts, op);
   TORCH_CHECK(!capacity.has_value() || *capacity >= 0, "moeflux.", op, ": capacity must be >= 0 or None, got ",
               capacity.value_or(0));
 }

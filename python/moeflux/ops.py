@@ -380,10 +380,21 @@ def _apply_capacity_fake(
     return torch.empty_like(expert_ids, memory_format=torch.contiguous_format)
 
 
+def _check_same_device(op: str, *named: tuple[str, Tensor | None]) -> None:
+    """The fake kernels run where the real ones' checks do not (meta tensors, tracing): tensors that the real
+    kernel requires on one device must be on one device there too."""
+    present = [(name, t) for name, t in named if t is not None]
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        torch._check(t.device == first.device, lambda: f"moeflux.{op}: {name} must be on the same device as "
+                                                      f"{first_name} ({first.device}), got {t.device}")
+
+
 @torch.library.register_fake("moeflux::permute")
 def _permute_fake(
     tokens: Tensor, expert_ids: Tensor, num_experts: int, capacity: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
+    _check_same_device("permute", ("tokens", tokens), ("expert_ids", expert_ids))
     num_rows = expert_ids.numel() if capacity is None else num_experts * capacity
     return (
         tokens.new_empty((num_rows, tokens.shape[1])),
@@ -394,6 +405,7 @@ def _permute_fake(
 
 @torch.library.register_fake("moeflux::unpermute")
 def _unpermute_fake(rows: Tensor, row_map: Tensor, weights: Tensor | None = None) -> Tensor:
+    _check_same_device("unpermute", ("rows", rows), ("row_map", row_map), ("weights", weights))
     return rows.new_empty((row_map.shape[0], rows.shape[1]))
 
 
@@ -420,6 +432,7 @@ def _all_to_all_fake(input: Tensor, output_split_sizes: list[int], input_split_s
 @torch.library.register_fake("moeflux::dispatch")
 def _dispatch_fake(tokens: Tensor, expert_ids: Tensor, num_experts: int, capacity: int | None, group_name: str,
                    routing_counts: Tensor | None = None, agree_first: bool = True):
+    _check_same_device("dispatch", ("tokens", tokens), ("expert_ids", expert_ids))
     world = _group_size(group_name)
     local = num_experts // world
     if capacity is None:  # how many rows arrive is data-dependent
@@ -444,6 +457,7 @@ def _dispatch_backward_fake(grad_expert_rows, row_map, regroup_map, send_splits,
 
 @torch.library.register_fake("moeflux::combine")
 def _combine_fake(expert_out, row_map, regroup_map, send_splits, recv_splits, weights, group_name):
+    _check_same_device("combine", ("expert_out", expert_out), ("row_map", row_map), ("weights", weights))
     returned = torch.library.get_ctx().new_dynamic_size()
     return (
         expert_out.new_empty((row_map.shape[0], expert_out.shape[1])),
