@@ -48,7 +48,8 @@ def rank_main(rank: int, world: int, store: str, args: argparse.Namespace, text:
     torch.manual_seed(0)  # the same random model on every rank
     model = transformers.AutoModelForCausalLM.from_config(CONFIGS[args.family]())
     groups = moeflux.init_expert_parallel(world)
-    report = moeflux.hf.convert_model(model, ep_group=groups)
+    report = moeflux.hf.convert_model(model, ep_group=groups,
+                                      aux_loss_weight=model.config.router_aux_loss_coef)
     if rank == 0:
         moe = model.get_submodule(report[0][0])
         print(f"converted {len(report)} {report[0][1]} blocks ({', '.join(name for name, _ in report)}); "

@@ -1,5 +1,6 @@
 """moeflux.hf: small random transformers models of every supported family give
-the same logits and gradients with their MoE blocks converted to moeflux."""
+the same logits and gradients with their MoE blocks converted to moeflux, and
+come back bit for bit (values, dtypes, requires_grad) when reverted."""
 
 import copy
 
@@ -12,16 +13,18 @@ import moeflux  # noqa: E402
 from moeflux import hf  # noqa: E402
 
 COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+MLA = dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
 
 
-def mixtral():
+def mixtral(**options):
+    options = dict(num_local_experts=4, num_experts_per_tok=2) | options
     return transformers.MixtralForCausalLM(transformers.MixtralConfig(
-        **COMMON, intermediate_size=24, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
+        **COMMON, intermediate_size=24, num_key_value_heads=2, **options))
 
 
-def qwen2_moe(norm_topk_prob=False):
+def qwen2_moe(norm_topk_prob=False, shared=40):
     return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
-        **COMMON, intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+        **COMMON, intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=shared,
         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob,
         decoder_sparse_step=1))
 
@@ -32,17 +35,20 @@ def qwen3_moe():
         num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=1))
 
 
+def qwen3_next(shared=24):
+    return transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(
+        **COMMON, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=shared,
+        num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=3, norm_topk_prob=True,
+        layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
+        linear_key_head_dim=8, linear_value_head_dim=8))
+
+
 def olmoe():
     return transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
         **COMMON, intermediate_size=24, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2))
 
 
-def deepseek_v3():
-    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
-        **COMMON, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=4, n_routed_experts=8,
-        num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
-        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-        routed_scaling_factor=2.5, norm_topk_prob=True))
+def with_correction_bias(model):
     with torch.no_grad():  # a non-zero correction bias, as a trained model has
         for layer in model.model.layers:
             if hasattr(layer.mlp, "gate"):
@@ -50,14 +56,57 @@ def deepseek_v3():
     return model
 
 
-FAMILIES = {"Mixtral": mixtral, "Qwen2-MoE": qwen2_moe, "Qwen2-MoE (norm_topk_prob)": lambda: qwen2_moe(True),
-            "Qwen3-MoE": qwen3_moe, "OLMoE": olmoe, "DeepSeek-V3": deepseek_v3}
+def deepseek_v3(shared=1):
+    return with_correction_bias(transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        **COMMON, **MLA, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=4, n_routed_experts=8,
+        num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=shared, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True)))
+
+
+def deepseek_v2(topk_method="greedy", shared=2, **options):
+    groups = dict(n_group=4, topk_group=2) if topk_method == "group_limited_greedy" else {}
+    return transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(
+        **COMMON, **MLA, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=4, n_routed_experts=8,
+        num_experts_per_tok=3, topk_method=topk_method, n_shared_experts=shared, first_k_dense_replace=1,
+        routed_scaling_factor=1.5, **groups, **options))
+
+
+def glm4_moe(shared=1):
+    return with_correction_bias(transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(
+        **COMMON, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=2, head_dim=8,
+        n_routed_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1, n_shared_experts=shared,
+        first_k_dense_replace=1, routed_scaling_factor=1.5, norm_topk_prob=True)))
+
+
+# name (the family moeflux reports, then the variant) -> a small random model
+FAMILIES = {
+    "Mixtral": mixtral,
+    "Qwen2-MoE": qwen2_moe,
+    "Qwen2-MoE (norm_topk_prob)": lambda: qwen2_moe(True),
+    "Qwen2-MoE (no shared expert)": lambda: qwen2_moe(shared=0),
+    "Qwen3-MoE": qwen3_moe,
+    "Qwen3-Next": qwen3_next,
+    "Qwen3-Next (no shared expert)": lambda: qwen3_next(shared=0),
+    "OLMoE": olmoe,
+    "DeepSeek-V2": deepseek_v2,
+    "DeepSeek-V2 (group_limited_greedy)": lambda: deepseek_v2("group_limited_greedy"),
+    "DeepSeek-V2 (no shared experts)": lambda: deepseek_v2(shared=0),
+    "DeepSeek-V3": deepseek_v3,
+    "DeepSeek-V3 (no shared experts)": lambda: deepseek_v3(shared=0),
+    "GLM-4-MoE": glm4_moe,
+    "GLM-4-MoE (no shared experts)": lambda: glm4_moe(shared=0),
+}
+BIASED = ["DeepSeek-V3", "GLM-4-MoE"]  # families with an e_score_correction_bias
 
 # moeflux parameter name -> (transformers name, transform)
 RENAMES = [("mlp.router.weight", "mlp.gate.weight", None),
            ("mlp.experts.w_in", "mlp.experts.gate_up_proj", lambda t: t.transpose(1, 2)),
            ("mlp.experts.w_out", "mlp.experts.down_proj", lambda t: t.transpose(1, 2)),
            ("mlp.shared_expert.gate.weight", "mlp.shared_expert_gate.weight", None)]
+
+
+def family_of(name):
+    return name.split(" ")[0]
 
 
 def hf_name(name, hf_names):
@@ -76,31 +125,55 @@ def run(model, ids, targets):
     return logits.detach().float()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def tensors(model):
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def assert_same_tensors(got, expected):
+    """The same parameters and buffers: names, dtypes, values bit for bit, requires_grad."""
+    got, expected = tensors(got), tensors(expected)
+    assert set(got) == set(expected)
+    for name, t in expected.items():
+        assert got[name].dtype == t.dtype, f"{name}: {got[name].dtype} != {t.dtype}"
+        assert torch.equal(got[name], t), name
+        assert got[name].requires_grad == t.requires_grad, name
+        assert isinstance(got[name], torch.nn.Parameter) == isinstance(t, torch.nn.Parameter), name
+
+
+TOLERANCES = {  # logits, gradients (HF routers compute their weights in float32, even for float64 models)
+    torch.float64: (dict(atol=1e-6, rtol=1e-6), dict(atol=1e-6, rtol=1e-5)),
+    torch.float32: (dict(atol=2e-5, rtol=2e-5), dict(atol=2e-5, rtol=1e-3)),
+    torch.bfloat16: (dict(atol=3e-2, rtol=3e-2), dict(atol=2e-2, rtol=5e-2)),
+}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_converted_model_gives_the_same_logits_and_gradients(family, dtype):
     torch.manual_seed(0)
     reference = FAMILIES[family]().to(dtype)
+    reference.set_experts_implementation("eager")  # transformers' loop over experts (its grouped_mm has no float64)
     converted = copy.deepcopy(reference)
     report = hf.convert_model(converted)
-    assert report and all(f == family.split(" ")[0] for _, f in report)
+    assert report and all(f == family_of(family) for _, f in report)
     assert all(isinstance(converted.get_submodule(name), moeflux.MoE) for name, _ in report)
+    assert not any(type(m).__name__ in hf.FAMILIES for m in converted.modules())
 
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (3, 12), generator=gen)
     targets = torch.randint(0, 64, (3, 12), generator=gen)
     expected, got = run(reference, ids, targets), run(converted, ids, targets)
-    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    tol, grad_tol = TOLERANCES[dtype]
     torch.testing.assert_close(got, expected, **tol)
 
     theirs = dict(reference.named_parameters())
-    grad_tol = dict(atol=2e-5, rtol=1e-3) if dtype == torch.float32 else dict(atol=2e-2, rtol=5e-2)
     for name, p in converted.named_parameters():
         other, transform = hf_name(name, theirs)
         ref_grad = theirs[other].grad
         ref_grad = torch.zeros_like(theirs[other]) if ref_grad is None else ref_grad
         ref_grad = transform(ref_grad) if transform else ref_grad
         grad = torch.zeros_like(p) if p.grad is None else p.grad
+        assert p.dtype == theirs[other].dtype, name
         torch.testing.assert_close(grad.float(), ref_grad.float(), **grad_tol, msg=lambda m: f"{name}: {m}")
 
 
@@ -115,30 +188,173 @@ def test_revert_writes_the_weights_back(family):
             p.add_(0.01)
     trained = copy.deepcopy(model)
     report = hf.revert_model(model)
-    assert report and not any(isinstance(m, moeflux.MoE) for m in model.modules())
-    assert set(dict(model.named_parameters())) == set(dict(original.named_parameters()))
+    assert report and all(f == family_of(family) for _, f in report)
+    assert not any(isinstance(m, moeflux.MoE) for m in model.modules())
+    assert set(tensors(model)) == set(tensors(original))
     ids = torch.randint(0, 64, (2, 9))
     torch.testing.assert_close(model(ids).logits, trained(ids).logits, atol=2e-5, rtol=2e-5)
+    assert hf.convert_model(model) == report  # and converts again
 
 
-def test_unsupported_blocks_and_options_raise():
-    config = transformers.MixtralConfig(**COMMON, intermediate_size=24, num_key_value_heads=2, num_local_experts=4,
-                                        num_experts_per_tok=2, router_jitter_noise=0.1)
-    with pytest.raises(hf.UnsupportedBlockError, match="MixtralSparseMoeBlock: router_jitter_noise=0.1"):
-        hf.convert_model(transformers.MixtralForCausalLM(config))
-    config = transformers.MixtralConfig(**COMMON, intermediate_size=24, num_key_value_heads=2, num_local_experts=4,
-                                        num_experts_per_tok=2, hidden_act="gelu")
+def freeze_some(model):
+    """Freezes the router, the down projections and the shared experts' gate projections of every MoE block."""
+    for name, p in model.named_parameters():
+        if name.endswith(("mlp.gate.weight", "experts.down_proj", "gate_proj.weight")) and ".mlp." in name:
+            p.requires_grad_(False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_keeps_every_tensor_dtype_and_requires_grad(family):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().to(torch.bfloat16)
+    if family_of(family) in BIASED:  # as from_pretrained keeps it (_keep_in_fp32_modules_strict)
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias = torch.randn(8, dtype=torch.float32) * 0.1
+    freeze_some(model)
+    original = copy.deepcopy(model)
+    hf.convert_model(model)
+    for moe in (m for m in model.modules() if isinstance(m, moeflux.MoE)):
+        assert not moe.router.weight.requires_grad and not moe.experts.w_out.requires_grad
+        assert moe.experts.w_in.requires_grad and moe.experts.w_in.dtype == torch.bfloat16
+        if moe.shared_expert is not None:
+            shared = moe.shared_expert
+            assert not shared.gate_proj.weight.requires_grad and shared.up_proj.weight.requires_grad
+    ids = torch.randint(0, 64, (2, 9))
+    model(ids).logits.sum().backward()  # frozen tensors get no gradient
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    hf.revert_model(model)
+    assert_same_tensors(model, original)
+
+
+@pytest.mark.parametrize("family", BIASED)
+def test_float32_correction_bias_in_a_bfloat16_model_is_kept_exactly(family):
+    torch.manual_seed(0)
+    reference = FAMILIES[family]().to(torch.bfloat16)
+    biases = {}
+    for i, layer in enumerate(reference.model.layers[1:], 1):  # values bfloat16 cannot hold
+        biases[i] = layer.mlp.gate.e_score_correction_bias = torch.randn(8, dtype=torch.float32) * 0.1 + 1e-4
+        assert not torch.equal(biases[i], biases[i].bfloat16().float())
+    model = copy.deepcopy(reference)
+    hf.convert_model(model)
+    for i, bias in biases.items():
+        ours = model.model.layers[i].mlp.router.expert_bias
+        assert ours.dtype == torch.float32 and torch.equal(ours, bias)
+    ids = torch.randint(0, 64, (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.float(), reference(ids).logits.float(), atol=3e-2, rtol=3e-2)
+    hf.revert_model(model)
+    for i, bias in biases.items():
+        theirs = model.model.layers[i].mlp.gate.e_score_correction_bias
+        assert theirs.dtype == torch.float32 and torch.equal(theirs, bias)
+
+
+@pytest.mark.parametrize("family", BIASED)
+def test_bfloat16_checkpoint_comes_back_as_it_was_loaded(family, tmp_path):
+    torch.manual_seed(0)
+    FAMILIES[family]().save_pretrained(tmp_path / "original")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "original", dtype=torch.bfloat16)
+    assert loaded.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32  # kept by transformers
+    model = copy.deepcopy(loaded)
+    hf.convert_model(model)
+    hf.revert_model(model)
+    model.save_pretrained(tmp_path / "reverted")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "reverted", dtype=torch.bfloat16)
+    assert_same_tensors(model, loaded)
+    assert_same_tensors(reloaded, loaded)
+
+
+def test_requires_grad_set_after_conversion_is_written_back():
+    torch.manual_seed(0)
+    model = qwen2_moe()
+    hf.convert_model(model)
+    moe = model.model.layers[0].mlp
+    moe.experts.w_in.requires_grad_(False)
+    moe.shared_expert.gate.weight.requires_grad_(False)
+    hf.revert_model(model)
+    block = model.model.layers[0].mlp
+    assert not block.experts.gate_up_proj.requires_grad and not block.shared_expert_gate.weight.requires_grad
+    assert block.experts.down_proj.requires_grad and model.model.layers[1].mlp.experts.gate_up_proj.requires_grad
+
+
+def test_zero_width_shared_expert_is_kept_for_the_way_back():
+    torch.manual_seed(0)
+    model = qwen2_moe(shared=0)
+    original = copy.deepcopy(model)
+    hf.convert_model(model)
+    assert all(m.shared_expert is None for m in model.modules() if isinstance(m, moeflux.MoE))
+    assert "hf_shared_expert_gate_weight" not in model.state_dict()  # not part of moeflux's checkpoints
+    model.bfloat16()  # the kept tensors follow the model
+    hf.revert_model(model)
+    original.bfloat16()
+    assert_same_tensors(model, original)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+
+
+def test_router_logits_output_is_refused_with_what_to_do_instead():
+    for model in (mixtral(output_router_logits=True), qwen2_moe()):
+        model.config.output_router_logits = True
+        with pytest.raises(hf.UnsupportedBlockError, match=r"model\.layers\.0\.mlp, model\.layers\.1\.mlp "
+                                                           r"\(\w+\): config\.output_router_logits=True") as e:
+            hf.convert_model(model)
+        assert "moeflux.aux_loss(model)" in str(e.value) and "aux_loss_weight" in str(e.value)
+        assert not any(isinstance(m, moeflux.MoE) for m in model.modules())
+    model = mixtral()
+    hf.convert_model(model, aux_loss_weight=0.02)  # what the message says to do
+    layers = [m for m in model.modules() if isinstance(m, moeflux.MoE)]
+    routings = []
+    for layer in layers:
+        layer.router.register_forward_hook(lambda module, args, routing: routings.append(routing))
+    model(torch.randint(0, 64, (2, 9)))
+    expected = sum(0.02 * moeflux.ops.router_aux_loss(r.logits, r.expert_ids)[0] for r in routings)
+    assert len(routings) == 2 and expected > 0
+    torch.testing.assert_close(moeflux.aux_loss(model), expected)
+
+
+def test_unsupported_options_raise():
+    with pytest.raises(hf.UnsupportedBlockError, match=r"model\.layers\.0\.mlp, model\.layers\.1\.mlp "
+                                                       r"\(MixtralSparseMoeBlock\): router_jitter_noise=0.1"):
+        hf.convert_model(mixtral(router_jitter_noise=0.1))
     with pytest.raises(hf.UnsupportedBlockError, match="hidden_act='gelu' is not supported"):
-        hf.convert_model(transformers.MixtralForCausalLM(config))
+        hf.convert_model(mixtral(hidden_act="gelu"))
+    with pytest.raises(hf.UnsupportedBlockError, match=r"model\.layers\.1\.mlp \(DeepseekV2Moe\): mlp_bias=True"):
+        hf.convert_model(deepseek_v2(mlp_bias=True))
+    model = deepseek_v2()
+    for layer in model.model.layers[1:]:
+        layer.mlp.gate.topk_method = "noaux_tc"
+    with pytest.raises(hf.UnsupportedBlockError, match=r"\(DeepseekV2Moe\): topk_method='noaux_tc'"):
+        hf.convert_model(model)
+    model = deepseek_v3()
+    model.model.layers[1].mlp.gate.topk_group = 1  # 3 experts per token, 2 allowed
+    with pytest.raises(hf.UnsupportedBlockError, match=r"\(DeepseekV3MoE\): num_experts_per_tok=3 exceeds the 2"):
+        hf.convert_model(model)
+    model = qwen2_moe()
+    model.model.layers[1].mlp.shared_expert_gate = torch.nn.Linear(32, 1)  # a bias moeflux has no place for
+    with pytest.raises(hf.UnsupportedBlockError, match=r"layers\.1\.mlp \(Qwen2MoeSparseMoeBlock\): "
+                                                       r"shared_expert_gate\.bias: no moeflux\.MoE counterpart"):
+        hf.convert_model(model)
+    assert not any(isinstance(m, moeflux.MoE) for m in model.modules())  # layer 0 was fine: left alone too
 
     class SomeOtherSparseMoeBlock(torch.nn.Module):
         pass
 
-    model = torch.nn.Sequential(SomeOtherSparseMoeBlock())
     with pytest.raises(hf.UnsupportedBlockError, match=r"0 \(SomeOtherSparseMoeBlock\): not a supported MoE block"):
-        hf.convert_model(model)
+        hf.convert_model(torch.nn.Sequential(SomeOtherSparseMoeBlock()))
     with pytest.raises(hf.UnsupportedBlockError, match="not converted from a transformers block"):
         hf.to_hf_block(moeflux.MoE(8, 8, 2))
+
+
+def test_single_blocks_convert_and_the_model_itself_is_not_replaced_in_place():
+    torch.manual_seed(0)
+    block = mixtral().model.layers[0].mlp
+    moe = hf.from_hf_block(block)  # the config is found on the block's experts
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(moe(x), block(x), atol=2e-5, rtol=2e-5)
+    with pytest.raises(hf.UnsupportedBlockError, match="is itself a MixtralSparseMoeBlock block"):
+        hf.convert_model(block)
+    assert hf.convert_model(moe) == []
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])

@@ -62,6 +62,8 @@ class GroupedExperts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.w_in.is_meta:  # no values to draw (moeflux.hf builds on meta, then takes the checkpoint's)
+            return
         with torch.no_grad():
             for i in range(self.num_experts):
                 gen = torch.Generator().manual_seed(self.seed + self.global_experts[i])

@@ -7,21 +7,52 @@ into :class:`moeflux.MoE` layers with the same weights (and back).
     ...train...
     moeflux.hf.revert_model(model)                            # back to transformers blocks, then save_pretrained
 
-Supported blocks: Mixtral, Qwen2-MoE (shared expert with its sigmoid gate,
-``norm_topk_prob``), Qwen3-MoE, OLMoE and DeepSeek-V3 (sigmoid scores,
-``e_score_correction_bias``, group-limited top-k, ``routed_scaling_factor``,
-shared experts). Anything else, or an option moeflux cannot express, raises
-:class:`UnsupportedBlockError` naming the block and the option: nothing is
-converted silently wrong. ``transformers`` is only needed to revert (and to
-build the models); converting reads the modules' weights and configs.
+Supported blocks (transformers >= 5 layouts):
 
-After conversion, use :func:`moeflux.aux_loss` for the load-balancing loss:
-the transformers model's own router-logit outputs are not produced by the
-converted blocks.
+* Mixtral (``MixtralSparseMoeBlock``; top-k weights renormalized), Qwen3-MoE
+  (``Qwen3MoeSparseMoeBlock``), OLMoE (``OlmoeSparseMoeBlock``): softmax
+  top-k, ``norm_topk_prob``;
+* Qwen2-MoE (``Qwen2MoeSparseMoeBlock``) and Qwen3-Next
+  (``Qwen3NextSparseMoeBlock``): the same plus a shared expert scaled by its
+  sigmoid gate;
+* DeepSeek-V2 (``DeepseekV2Moe``): softmax scores, ``topk_method`` "greedy"
+  or "group_limited_greedy" (groups ranked by their best score),
+  ``routed_scaling_factor``, shared experts. Like transformers, no
+  renormalization of the top-k weights (its router ignores ``norm_topk_prob``);
+* DeepSeek-V3 (``DeepseekV3MoE``) and GLM-4-MoE (``Glm4MoeMoE``): sigmoid
+  scores, ``e_score_correction_bias``, group-limited top-k (groups ranked by
+  their two best scores), ``norm_topk_prob``, ``routed_scaling_factor``,
+  shared experts.
+
+A shared expert of width 0 (``n_shared_experts=0``,
+``shared_expert_intermediate_size=0``) adds nothing: the layer gets none, and
+its empty weights (and Qwen's gate, which then scales zero) are kept as they
+are for the way back. Every parameter and buffer keeps its dtype, exact values
+and ``requires_grad`` both ways (an fp32 ``e_score_correction_bias`` in a
+bf16 model stays fp32).
+
+:func:`convert_model` finds MoE blocks by what they hold (an ``experts``
+submodule or a child of an ``...Experts`` class) as well as by class name, and
+checks all of them before replacing anything: any other block (GPT-OSS,
+Llama 4, DBRX, HunYuan-MoE, Jamba, ...), an option moeflux cannot express
+(Mixtral's ``router_jitter_noise``, a non-SwiGLU activation, expert or shared
+expert biases, DeepSeek-V2's other ``topk_method``, experts sharded by
+transformers' own tensor/expert parallelism) or ``config.output_router_logits``
+raises :class:`UnsupportedBlockError` naming each block (path and class) and
+the reason: nothing is converted silently wrong. ``transformers`` is only
+needed to revert (and to build the models); converting reads the modules'
+weights and configs.
+
+The converted blocks do not produce transformers' router logits (nor the
+aux loss transformers computes from them): keep ``output_router_logits`` off
+(in the config and in the forward call), pass ``aux_loss_weight`` (e.g. the
+config's ``router_aux_loss_coef``) to :func:`convert_model` and add
+:func:`moeflux.aux_loss` of the model to the training loss.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,102 +68,302 @@ class UnsupportedBlockError(ValueError):
     """A transformers MoE block, or one of its options, that moeflux cannot reproduce exactly."""
 
 
+# ---- families: how each supported block routes, and where its shared expert is
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
-    router_options: Callable[[nn.Module, Any], dict]
+    router_options: Callable[[nn.Module, Any], dict]  # MoE router options; raises UnsupportedBlockError
     shared: str | None = None  # attribute of the shared expert MLP
-    shared_gate: str | None = None  # attribute of its sigmoid gate (Qwen2-MoE)
-
-
-def _softmax_topk(renormalize: Callable[[Any], bool]) -> Callable[[nn.Module, Any], dict]:
-    return lambda block, config: dict(renormalize=renormalize(config))
+    shared_gate: str | None = None  # attribute of its sigmoid gate (Qwen2-MoE, Qwen3-Next)
 
 
 def _mixtral_router(block: nn.Module, config: Any) -> dict:
     if getattr(config, "router_jitter_noise", 0.0):
         raise UnsupportedBlockError(
-            f"{type(block).__name__}: router_jitter_noise={config.router_jitter_noise} jitters the experts' input "
-            "as well as the router's; moeflux jitters only the router (set it to 0 to convert)")
+            f"router_jitter_noise={config.router_jitter_noise} jitters the experts' input as well as the "
+            "router's; moeflux jitters only the router (set it to 0 to convert)")
     return dict(renormalize=True)
+
+
+def _qwen_router(block: nn.Module, config: Any) -> dict:
+    return dict(renormalize=bool(block.gate.norm_topk_prob))
+
+
+def _scaling(gate: nn.Module) -> float:
+    factor = float(gate.routed_scaling_factor)
+    if not factor > 0:
+        raise UnsupportedBlockError(f"routed_scaling_factor={factor} (moeflux needs a factor > 0)")
+    return factor
+
+
+def _group_limit(gate: nn.Module, group_score_top: int) -> dict:
+    """Group-limited choice: only the experts of the ``topk_group`` best of ``n_group`` groups."""
+    num_experts, groups, top_groups = int(gate.num_experts), gate.num_group, gate.topk_group
+    if groups is None or top_groups is None or groups < 1 or num_experts % groups or not 1 <= top_groups <= groups:
+        raise UnsupportedBlockError(f"n_group={groups}, topk_group={top_groups}: n_group must divide the "
+                                    f"{num_experts} experts and topk_group be in [1, n_group]")
+    allowed = top_groups * (num_experts // groups)
+    if int(gate.top_k) > allowed:  # transformers would then pick masked-out experts
+        raise UnsupportedBlockError(f"num_experts_per_tok={gate.top_k} exceeds the {allowed} experts of "
+                                    f"topk_group={top_groups} groups")
+    return dict(num_groups=int(groups), top_groups=int(top_groups), group_score_top=group_score_top)
+
+
+def _deepseek_v2_router(block: nn.Module, config: Any) -> dict:
+    gate = block.gate
+    if getattr(config, "mlp_bias", False):
+        raise UnsupportedBlockError("mlp_bias=True: its shared experts have biases, moeflux's shared expert has none")
+    if gate.topk_method == "greedy":
+        groups = {}
+    elif gate.topk_method == "group_limited_greedy":
+        groups = _group_limit(gate, group_score_top=1)  # a group's score is its best expert's
+    else:
+        raise UnsupportedBlockError(f"topk_method={gate.topk_method!r} is not supported (transformers' "
+                                    "DeepseekV2Moe implements 'greedy' and 'group_limited_greedy')")
+    # Softmax over float32 logits, the chosen scores times the factor; transformers' router never renormalizes.
+    return dict(renormalize=False, routed_scaling_factor=_scaling(gate), router_dtype=torch.float32, **groups)
 
 
 def _deepseek_v3_router(block: nn.Module, config: Any) -> dict:
     gate = block.gate
     return dict(renormalize=bool(gate.norm_topk_prob), scoring="sigmoid", use_expert_bias=True,
-                num_groups=int(gate.num_group), top_groups=int(gate.topk_group),
-                routed_scaling_factor=float(gate.routed_scaling_factor), router_dtype=torch.float32)
+                routed_scaling_factor=_scaling(gate), router_dtype=torch.float32,
+                **_group_limit(gate, group_score_top=2))  # a group's score is the sum of its two best
 
 
 FAMILIES: dict[str, Family] = {
     "MixtralSparseMoeBlock": Family("Mixtral", _mixtral_router),
-    "Qwen2MoeSparseMoeBlock": Family("Qwen2-MoE", _softmax_topk(lambda c: bool(c.norm_topk_prob)),
-                                     shared="shared_expert", shared_gate="shared_expert_gate"),
-    "Qwen3MoeSparseMoeBlock": Family("Qwen3-MoE", _softmax_topk(lambda c: bool(c.norm_topk_prob))),
-    "OlmoeSparseMoeBlock": Family("OLMoE", _softmax_topk(lambda c: bool(c.norm_topk_prob))),
+    "Qwen2MoeSparseMoeBlock": Family("Qwen2-MoE", _qwen_router, shared="shared_expert",
+                                     shared_gate="shared_expert_gate"),
+    "Qwen3MoeSparseMoeBlock": Family("Qwen3-MoE", _qwen_router),
+    "Qwen3NextSparseMoeBlock": Family("Qwen3-Next", _qwen_router, shared="shared_expert",
+                                      shared_gate="shared_expert_gate"),
+    "OlmoeSparseMoeBlock": Family("OLMoE", _qwen_router),
+    "DeepseekV2Moe": Family("DeepSeek-V2", _deepseek_v2_router, shared="shared_experts"),
     "DeepseekV3MoE": Family("DeepSeek-V3", _deepseek_v3_router, shared="shared_experts"),
+    "Glm4MoeMoE": Family("GLM-4-MoE", _deepseek_v3_router, shared="shared_experts"),
 }
 
+# Why some well-known blocks are not supported (others get the generic message).
+_UNSUPPORTED = {
+    "GptOssMLP": "GPT-OSS is not supported: its experts have biases and GPT-OSS's clamped SwiGLU "
+                 "((up + 1) * gate * sigmoid(alpha * gate), clamped at swiglu_limit, gate and up interleaved), "
+                 "and its router a bias; moeflux's expert kernels have neither",
+    "Llama4TextMoe": "Llama 4 is not supported: it scales the experts' input by sigmoid of the top-k logits, "
+                     "where moeflux weights the experts' output",
+    "DbrxFFN": "DBRX is not supported: its experts (w1, v1, w2) and its p-norm normalization of the weights "
+               "(moe_normalize_expert_weights) have no moeflux counterpart",
+}
 
-def _config_of(model_or_block: nn.Module) -> Any:
-    config = getattr(model_or_block, "config", None)
-    if config is None:
-        for attr in ("experts", "gate"):
-            config = getattr(getattr(model_or_block, attr, None), "config", None) or config
-    return config
+# A block by its class name (SparseMoeBlock, Glm4MoeMoE, DeepseekV2Moe, ...) or by what it holds.
+_BLOCK_NAME = re.compile(r"Mo[Ee]Block$|Mo[Ee]$|MOE$")
+_EXPERTS_NAME = re.compile(r"Experts$|ExpertGLU$")
 
 
-def _check_activation(block: nn.Module, config: Any) -> None:
+def _is_moe_block(module: nn.Module) -> bool:
+    kind = type(module).__name__
+    if kind in FAMILIES or kind in _UNSUPPORTED or _BLOCK_NAME.search(kind):
+        return True
+    return any(name == "experts" or _EXPERTS_NAME.search(type(child).__name__)
+               for name, child in module.named_children())
+
+
+# ---- the plan: what a block becomes, checked before anything is built
+
+
+@dataclass(frozen=True)
+class _Link:
+    """A transformers tensor and its moeflux.MoE counterpart."""
+
+    hf: str  # name in the transformers block
+    ours: str  # name in moeflux.MoE
+    experts: bool = False  # stacked per expert and stored transposed: sliced to this rank's experts, gathered back
+
+
+@dataclass(frozen=True)
+class _Plan:
+    family: Family
+    moe_kwargs: dict
+    links: tuple[_Link, ...]
+    inert: tuple[str, ...]  # tensors without effect on the output (a shared expert of width 0), kept for reverting
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """What to_hf_block needs to rebuild the transformers block (``MoE.hf_origin``)."""
+
+    cls: type
+    config: Any
+    family: str
+    links: tuple[_Link, ...]
+    inert: dict[str, bool]  # name -> requires_grad; the values are non-persistent buffers of the MoE (_inert_buffer)
+
+
+_EXPERT_LINKS = (_Link("experts.gate_up_proj", "experts.w_in", experts=True),  # [E, 2F, H] / [E, H, 2F]
+                 _Link("experts.down_proj", "experts.w_out", experts=True))  # [E, H, F] / [E, F, H]
+_SHARED_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _check_experts(block: nn.Module, config: Any) -> None:
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise UnsupportedBlockError(f"{type(block).__name__}: hidden_act={act!r} is not supported "
-                                    "(moeflux experts are SwiGLU: silu(gate) * up)")
+        raise UnsupportedBlockError(f"hidden_act={act!r} is not supported (moeflux experts are SwiGLU: "
+                                    "silu(gate) * up)")
     experts = block.experts
     for name in ("gate_up_proj", "down_proj"):
         if not isinstance(getattr(experts, name, None), torch.Tensor):
-            raise UnsupportedBlockError(f"{type(block).__name__}: its experts have no stacked '{name}' weight "
-                                        "(an older transformers layout?)")
+            raise UnsupportedBlockError(f"its experts have no stacked '{name}' weight (an older transformers layout?)")
     if getattr(experts, "has_bias", False) or getattr(experts, "gate_up_proj_bias", None) is not None:
-        raise UnsupportedBlockError(f"{type(block).__name__}: expert biases are not supported")
+        raise UnsupportedBlockError("expert biases are not supported")
+    if (getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True)
+            or not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False)):
+        raise UnsupportedBlockError("its experts' layout is not the [gate; up] stacked one moeflux reads")
+    if getattr(experts, "_is_expert_parallel", False) or any(_is_dtensor(p) for p in block.parameters()):
+        raise UnsupportedBlockError("its weights are sharded by transformers' tensor/expert parallelism (tp_plan): "
+                                    "load the model unsharded and split the experts with ep_group instead")
+    num_experts, two_ffn, d_model = experts.gate_up_proj.shape
+    if two_ffn % 2 or tuple(experts.down_proj.shape) != (num_experts, d_model, two_ffn // 2):
+        raise UnsupportedBlockError(f"unexpected expert shapes gate_up_proj {tuple(experts.gate_up_proj.shape)}, "
+                                    f"down_proj {tuple(experts.down_proj.shape)}")
 
 
-def from_hf_block(block: nn.Module, config: Any = None,
-                  ep_group: ExpertParallelGroups | dist.ProcessGroup | None = None) -> MoE:
-    """A moeflux.MoE computing what the transformers ``block`` computes, with its weights (copied)."""
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"  # by name: torch.distributed.tensor is not in every build
+
+
+def _tensor_names(module: nn.Module) -> list[str]:
+    return [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+
+
+def _shared_expert(block: nn.Module, family: Family) -> tuple[int, list[_Link], list[str]]:
+    """The shared expert's width, its links, and its inert tensors (all of them when its width is 0: it then
+    adds exactly zero, and Qwen's sigmoid gate scales that zero)."""
+    if family.shared is None:
+        return 0, [], []
+    pairs = [(f"{family.shared}.{p}.weight", f"shared_expert.{p}.weight") for p in _SHARED_PROJECTIONS]
+    if family.shared_gate is not None:
+        pairs.append((f"{family.shared_gate}.weight", "shared_expert.gate.weight"))
+    width = getattr(block, family.shared).gate_proj.out_features
+    if width == 0:
+        return 0, [], [theirs for theirs, _ in pairs]
+    return width, [_Link(theirs, ours) for theirs, ours in pairs], []
+
+
+def _plan(block: nn.Module, config: Any) -> _Plan:
+    """Checks that ``block`` converts exactly; raises UnsupportedBlockError(reason) otherwise."""
     kind = type(block).__name__
     family = FAMILIES.get(kind)
     if family is None:
-        raise UnsupportedBlockError(f"{kind}: not a supported MoE block (supported: {', '.join(FAMILIES)})")
-    config = config if config is not None else _config_of(block)
+        raise UnsupportedBlockError(_UNSUPPORTED.get(kind, f"not a supported MoE block (supported: "
+                                                           f"{', '.join(FAMILIES)})"))
     if config is None:
-        raise UnsupportedBlockError(f"{kind}: pass the model's config to convert it")
-    _check_activation(block, config)
-    gate_up, down = block.experts.gate_up_proj, block.experts.down_proj  # [E, 2F, H], [E, H, F]
-    num_experts, d_ffn, d_model = gate_up.shape[0], gate_up.shape[1] // 2, gate_up.shape[2]
-    top_k = int(getattr(block.gate, "top_k", getattr(config, "num_experts_per_tok", 0)))
+        raise UnsupportedBlockError("pass the model's config to convert it")
+    if getattr(config, "output_router_logits", False):
+        raise UnsupportedBlockError(
+            "config.output_router_logits=True: converted blocks do not return transformers' router logits (nor "
+            "its aux loss); set config.output_router_logits = False, pass aux_loss_weight (e.g. "
+            "config.router_aux_loss_coef) to convert_model and add moeflux.aux_loss(model) to the loss")
+    _check_experts(block, config)
     options = family.router_options(block, config)
-    shared_ffn, shared_gated = 0, False
-    if family.shared is not None:
-        shared = getattr(block, family.shared)
-        shared_ffn, shared_gated = shared.gate_proj.out_features, family.shared_gate is not None
-    moe = MoE(d_model, d_ffn, num_experts, top_k, aux_loss_weight=0.0, shared_expert_ffn=shared_ffn,
-              shared_expert_gate=shared_gated, ep_group=ep_group, device=gate_up.device, dtype=gate_up.dtype,
-              **options)
-    with torch.no_grad():
-        moe.router.weight.copy_(block.gate.weight)
-        if moe.router.expert_bias is not None:
-            moe.router.expert_bias.copy_(block.gate.e_score_correction_bias)
-        held = list(moe.placement.experts_of())  # the global experts this rank holds, in slot order
-        moe.experts.w_in.copy_(gate_up[held].transpose(1, 2))
-        moe.experts.w_out.copy_(down[held].transpose(1, 2))
-        if moe.shared_expert is not None:
-            shared = getattr(block, family.shared)
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                getattr(moe.shared_expert, name).weight.copy_(getattr(shared, name).weight)
-            if shared_gated:
-                moe.shared_expert.gate.weight.copy_(getattr(block, family.shared_gate).weight)
-    moe.hf_origin = (type(block), config, family.name)
+    links = [_Link("gate.weight", "router.weight"), *_EXPERT_LINKS]
+    if options.get("use_expert_bias"):
+        links.append(_Link("gate.e_score_correction_bias", "router.expert_bias"))
+    shared_ffn, shared_links, inert = _shared_expert(block, family)
+    links += shared_links
+    unknown = sorted(set(_tensor_names(block)) - {link.hf for link in links} - set(inert))
+    if unknown:
+        raise UnsupportedBlockError(f"{', '.join(unknown)}: no moeflux.MoE counterpart (biases are not supported)")
+    num_experts, two_ffn, d_model = block.experts.gate_up_proj.shape
+    moe_kwargs = dict(d_model=int(d_model), d_ffn=int(two_ffn) // 2, num_experts=int(num_experts),
+                      top_k=int(block.gate.top_k), shared_expert_ffn=int(shared_ffn),
+                      shared_expert_gate=bool(shared_ffn) and family.shared_gate is not None, **options)
+    return _Plan(family, moe_kwargs, tuple(links), tuple(inert))
+
+
+# ---- moving tensors between the two modules
+
+
+def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, _, leaf = name.rpartition(".")
+    return (root.get_submodule(owner) if owner else root), leaf
+
+
+def _get(root: nn.Module, name: str) -> torch.Tensor:
+    owner, leaf = _owner(root, name)
+    return getattr(owner, leaf)
+
+
+def _assign(root: nn.Module, name: str, value: torch.Tensor, requires_grad: bool) -> None:
+    """Makes parameter or buffer ``name`` of ``root`` the tensor ``value`` (its dtype, device and values)."""
+    owner, leaf = _owner(root, name)
+    if isinstance(getattr(owner, leaf), nn.Parameter):
+        setattr(owner, leaf, nn.Parameter(value, requires_grad=requires_grad))
+    else:
+        setattr(owner, leaf, value)
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``t[rows]``, as a view when the rows are consecutive (no copy of the whole stack before the one we keep)."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return t[rows[0]: rows[0] + len(rows)]
+    return t[rows]
+
+
+def _inert_buffer(name: str) -> str:
+    return "hf_" + name.replace(".", "_")
+
+
+def _check_materialized(module: nn.Module, what: str) -> None:
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:  # a tensor no link filled: the module has changed under us
+        raise RuntimeError(f"moeflux.hf: {what}: no value for {', '.join(left)}")
+
+
+def _config_of(block: nn.Module, default: Any = None) -> Any:
+    """The config the block was built from (transformers' experts keep it), else ``default``."""
+    for owner in (block, getattr(block, "experts", None), getattr(block, "gate", None)):
+        config = getattr(owner, "config", None)
+        if config is not None:
+            return config
+    return default
+
+
+def _build(block: nn.Module, plan: _Plan, config: Any, ep_group: ExpertParallelGroups | dist.ProcessGroup | None,
+           aux_loss_weight: float) -> MoE:
+    # Built on the meta device: every tensor is then taken from the block, in the block's dtype.
+    moe = MoE(**plan.moe_kwargs, aux_loss_weight=aux_loss_weight, ep_group=ep_group, device="meta",
+              dtype=block.experts.gate_up_proj.dtype)
+    held = list(moe.placement.experts_of())  # the global experts this rank holds, in slot order
+    for link in plan.links:
+        theirs = _get(block, link.hf)
+        value = _rows(theirs.detach(), held).transpose(1, 2) if link.experts else theirs
+        _assign(moe, link.ours, _copy(value), theirs.requires_grad)
+    for name in plan.inert:
+        moe.register_buffer(_inert_buffer(name), _copy(_get(block, name)), persistent=False)
+    _check_materialized(moe, type(block).__name__)
+    moe.train(block.training)
+    moe.hf_origin = _Origin(type(block), config, plan.family.name, plan.links,
+                            {name: _get(block, name).requires_grad for name in plan.inert})
     return moe
+
+
+def from_hf_block(block: nn.Module, config: Any = None,
+                  ep_group: ExpertParallelGroups | dist.ProcessGroup | None = None, *,
+                  aux_loss_weight: float = 0.0) -> MoE:
+    """A moeflux.MoE computing what the transformers ``block`` computes, with its weights (copied, in their
+    dtypes, with their ``requires_grad``). ``config``: the model's, when the block does not keep one."""
+    config = config if config is not None else _config_of(block)
+    try:
+        plan = _plan(block, config)
+    except UnsupportedBlockError as e:
+        raise UnsupportedBlockError(f"{type(block).__name__}: {e}") from None
+    return _build(block, plan, config, ep_group, aux_loss_weight)
 
 
 def _gather_experts(moe: MoE, weight: torch.Tensor) -> torch.Tensor:
@@ -151,73 +382,102 @@ def _gather_experts(moe: MoE, weight: torch.Tensor) -> torch.Tensor:
 
 
 def to_hf_block(moe: MoE) -> nn.Module:
-    """The transformers block that ``moe`` came from, with moeflux's current weights.
-    Under expert parallelism this gathers the experts: every rank of the group must call it."""
+    """The transformers block that ``moe`` came from, with moeflux's current weights (their dtypes and
+    ``requires_grad``). Under expert parallelism this gathers the experts: every rank of the group must call it."""
     origin = getattr(moe, "hf_origin", None)
     if origin is None:
         raise UnsupportedBlockError("this moeflux.MoE was not converted from a transformers block")
-    cls, config, family_name = origin
-    block = cls(config).to(device=moe.router.weight.device, dtype=moe.router.weight.dtype)
-    family = FAMILIES[cls.__name__]
-    w_in, w_out = _gather_experts(moe, moe.experts.w_in), _gather_experts(moe, moe.experts.w_out)
-    with torch.no_grad():
-        block.gate.weight.copy_(moe.router.weight)
-        if moe.router.expert_bias is not None:
-            block.gate.e_score_correction_bias.copy_(moe.router.expert_bias)
-        block.experts.gate_up_proj.copy_(w_in.transpose(1, 2))
-        block.experts.down_proj.copy_(w_out.transpose(1, 2))
-        if family.shared is not None:
-            shared = getattr(block, family.shared)
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                getattr(shared, name).weight.copy_(getattr(moe.shared_expert, name).weight)
-            if family.shared_gate is not None:
-                getattr(block, family.shared_gate).weight.copy_(moe.shared_expert.gate.weight)
+    with torch.device("meta"):  # every tensor is then taken from moe
+        block = origin.cls(origin.config)
+    for link in origin.links:
+        ours = _get(moe, link.ours)
+        value = _gather_experts(moe, ours).transpose(1, 2) if link.experts else ours
+        _assign(block, link.hf, _copy(value), ours.requires_grad)
+    for name, requires_grad in origin.inert.items():
+        _assign(block, name, _copy(getattr(moe, _inert_buffer(name))), requires_grad)
+    _check_materialized(block, origin.cls.__name__)
     block.train(moe.training)
     return block
 
 
-def _replace(model: nn.Module, predicate: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]
-             ) -> list[tuple[str, nn.Module]]:
-    """Replaces every submodule that satisfies `predicate` by make(submodule); returns (name, new module)."""
-    report = []
-    for name, module in list(model.named_modules()):
-        if not name or not predicate(module):
+# ---- whole models
+
+
+def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost MoE blocks of ``model`` (not inside another block, nor inside a moeflux.MoE)."""
+    if isinstance(model, MoE):
+        return []
+    if _is_moe_block(model):
+        return [("", model)]
+    found, inside = [], ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
             continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        new = make(module)
-        setattr(parent, attr, new)
-        report.append((name, new))
-    return report
+        if isinstance(module, MoE) or _is_moe_block(module):
+            inside += (name + ".",)
+            if not isinstance(module, MoE):
+                found.append((name, module))
+    return found
 
 
-def convert_model(model: nn.Module, ep_group: ExpertParallelGroups | dist.ProcessGroup | None = None
-                  ) -> list[tuple[str, str]]:
-    """Replace every supported sparse MoE block of ``model`` in place; returns ``[(module name, family)]``.
+def _paths(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
-    Blocks whose class name looks like an MoE block but is not supported raise
-    :class:`UnsupportedBlockError` before anything is replaced. Blocks already converted
-    (:class:`moeflux.MoE`) are left as they are: converting a model twice returns ``[]`` the second time.
+
+def _check_split(plans: dict[str, _Plan], ep_group: ExpertParallelGroups | dist.ProcessGroup | None) -> None:
+    """MoE would refuse these too, but only once earlier blocks were replaced: check them all first."""
+    group = ep_group.ep_group if isinstance(ep_group, ExpertParallelGroups) else ep_group
+    ep_size = dist.get_world_size(group) if group is not None else 1
+    uneven = [name for name, plan in plans.items() if plan.moe_kwargs["num_experts"] % ep_size]
+    if uneven:
+        raise ValueError(f"{_paths(uneven)}: the number of experts is not a multiple of the expert-parallel "
+                         f"size ({ep_size})")
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def convert_model(model: nn.Module, ep_group: ExpertParallelGroups | dist.ProcessGroup | None = None, *,
+                  aux_loss_weight: float = 0.0) -> list[tuple[str, str]]:
+    """Replace every sparse MoE block of ``model`` in place; returns ``[(module name, family)]``.
+
+    Every MoE block is checked first: if any is unsupported (or has an option moeflux cannot reproduce)
+    :class:`UnsupportedBlockError` names each such block and why, and nothing is replaced. Blocks already
+    converted (:class:`moeflux.MoE`) are left as they are: converting a model twice returns ``[]`` the second
+    time. ``aux_loss_weight`` is the converted layers' load-balancing loss weight (see :func:`moeflux.aux_loss`).
     """
     config = getattr(model, "config", None)
-    converted = {n for n, m in model.named_modules() if isinstance(m, MoE)}  # already moeflux: left as they are
-    candidates = [(n, m) for n, m in model.named_modules()
-                  if not isinstance(m, MoE) and not any(n.startswith(c + ".") for c in converted)
-                  and (type(m).__name__ in FAMILIES or ("Moe" in type(m).__name__ and "Block" in type(m).__name__)
-                       or type(m).__name__.endswith("MoE"))]
-    for name, module in candidates:  # validate everything first: all or nothing
-        if type(module).__name__ not in FAMILIES:
-            raise UnsupportedBlockError(f"{name} ({type(module).__name__}): not a supported MoE block "
-                                        f"(supported: {', '.join(FAMILIES)})")
-        _check_activation(module, config if config is not None else _config_of(module))
-        FAMILIES[type(module).__name__].router_options(module, config)
-    replaced = _replace(model, lambda m: type(m).__name__ in FAMILIES,
-                        lambda m: from_hf_block(m, config, ep_group))
-    return [(name, new.hf_origin[2]) for name, new in replaced]
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    blocks = _find_blocks(model)
+    plans, problems = {}, {}
+    for name, block in blocks:  # all or nothing: check every block first
+        try:
+            plans[name] = _plan(block, _config_of(block, config))
+        except UnsupportedBlockError as e:
+            problems.setdefault((type(block).__name__, str(e)), []).append(name or "<the model itself>")
+    if problems:
+        raise UnsupportedBlockError("\n".join(f"{_paths(names)} ({kind}): {why}"
+                                              for (kind, why), names in problems.items()))
+    _check_split(plans, ep_group)
+    if any(not name for name, _ in blocks):
+        raise UnsupportedBlockError(f"the model is itself a {type(model).__name__} block: convert it with "
+                                    "moeflux.hf.from_hf_block")
+    report = []
+    for name, block in blocks:
+        moe = _build(block, plans[name], _config_of(block, config), ep_group, aux_loss_weight)
+        _set_submodule(model, name, moe)
+        report.append((name, moe.hf_origin.family))
+    return report
 
 
 def revert_model(model: nn.Module) -> list[tuple[str, str]]:
     """Put transformers blocks back in place of converted moeflux layers (collective under expert parallelism)."""
-    replaced = _replace(model, lambda m: isinstance(m, MoE) and getattr(m, "hf_origin", None) is not None,
-                        to_hf_block)
-    return [(name, FAMILIES[type(block).__name__].name) for name, block in replaced]
+    report = []
+    for name, module in list(model.named_modules()):
+        if name and isinstance(module, MoE) and getattr(module, "hf_origin", None) is not None:
+            _set_submodule(model, name, to_hf_block(module))
+            report.append((name, module.hf_origin.family))
+    return report
