@@ -98,6 +98,17 @@ def test_same_seed_same_run(corpus, tmp_path):
     assert first.stdout.splitlines()[-2].split(";")[0] == second.stdout.splitlines()[-2].split(";")[0]
 
 
+def test_compiled_run_trains_as_the_eager_one(corpus, tmp_path):
+    """--compile (torch.compile, the whole forward as one graph): the same losses and held-out figure as eager,
+    up to the order of floating-point sums in the fused kernels."""
+    run("--data", str(corpus), "--out", str(tmp_path / "eager"), "--nproc", "2", *TINY)
+    run("--data", str(corpus), "--out", str(tmp_path / "compiled"), "--nproc", "2", *TINY, "--compile")
+    eager = json.loads((tmp_path / "eager" / "metrics.json").read_text())
+    compiled = json.loads((tmp_path / "compiled" / "metrics.json").read_text())
+    np.testing.assert_allclose(compiled["train_bits_per_byte"], eager["train_bits_per_byte"], rtol=1e-4)
+    np.testing.assert_allclose(compiled["eval"][-1]["bits_per_byte"], eager["eval"][-1]["bits_per_byte"], rtol=1e-4)
+
+
 def test_bad_input_is_one_line(corpus, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

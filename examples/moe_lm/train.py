@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "in the layout of the traces moeflux.sim reads")
     g.add_argument("--record-every", type=int, default=1, help="steps between recorded steps (default 1)")
     g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the model with torch.compile (the whole forward as one graph with --schedule bulk "
+                        "and no --shadowing; the pipelined and shadowed exchanges run eagerly inside it)")
     return p.parse_args(argv)
 
 
@@ -253,6 +256,9 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor], s
                 "shadowing": args.shadowing}  # normalised by validate
     model = moeflux.DataParallel(ByteLM(config, groups, exchange).to(device))
     lm: ByteLM = model.module
+    if args.compile:  # in place: parameter names, hooks and checkpoints are the eager model's
+        lm.compile(fullgraph=args.schedule == "bulk" and args.shadowing == "off" and not args.record_routing
+                   and not args.replace_every)
     for moe in lm.moe_layers():
         moe.aux_loss_weight = args.aux_loss_weight
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)

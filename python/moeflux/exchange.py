@@ -194,6 +194,9 @@ class PipelinedExchange(AllToAllExchange):
     def stages(self) -> int:
         return self.chunks if self.schedule == "chunked" else self.placement.ep_size // self.group_size
 
+    # torch.compile runs it eagerly (a graph break): its C++ autograd node keeps the stages' state in an opaque
+    # object that a traced graph cannot hold. The bulk exchange traces whole (fullgraph=True works there).
+    @torch.compiler.disable
     def run(self, tokens: Tensor, expert_ids: Tensor, weights: Tensor | None, capacity: int | None,
             experts: GroupedExperts) -> tuple[Tensor, Tensor]:
         return ops.pipelined_moe(tokens, self._positions(expert_ids), weights, experts.w_in, experts.w_out,
@@ -245,6 +248,8 @@ class ShadowedExchange(AllToAllExchange):
         shape = ExpertShape.of_ffn(experts.d_model, experts.d_ffn, experts.activation, experts.w_in.element_size())
         return list(self.policy.choose(counts.numpy(), shape))
 
+    # torch.compile runs it eagerly (a graph break): the shadows are chosen on the host from this step's counts.
+    @torch.compiler.disable
     def run(self, tokens: Tensor, expert_ids: Tensor, weights: Tensor | None, capacity: int | None,
             experts: GroupedExperts) -> tuple[Tensor, Tensor]:
         positions = self._positions(expert_ids)
