@@ -11,7 +11,6 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 import moeflux
-from moeflux import ops
 from multiprocess import run_ranks
 
 D_MODEL, D_FFN, EXPERTS = 16, 24, 4
