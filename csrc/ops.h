@@ -99,18 +99,21 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_ou
                                                        const at::Tensor& weight,
                                                        const at::Tensor& tokens_per_expert,
                                                        std::array<bool, 2> output_mask);
+// b_in [E, F_in], b_out [E, H]: optional per-expert biases added after each GEMM (GPT-OSS).
 at::Tensor expert_ffn(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
                       const at::Tensor& tokens_per_expert, c10::string_view activation,
-                      std::optional<int64_t> capacity);
+                      std::optional<int64_t> capacity, const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_forward(const at::Tensor& rows, const at::Tensor& w_in,
                                                                   const at::Tensor& w_out,
                                                                   const at::Tensor& tokens_per_expert,
                                                                   c10::string_view activation,
-                                                                  std::optional<int64_t> capacity);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward(
+                                                                  std::optional<int64_t> capacity,
+                                                                  const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out);
+// -> grad rows, grad w_in, grad w_out, grad b_in, grad b_out (the last two empty [0] unless `biased`).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward(
     const at::Tensor& grad_output, const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
     const at::Tensor& tokens_per_expert, const at::Tensor& pre_activation, const at::Tensor& activated,
-    c10::string_view activation, std::optional<int64_t> capacity);
+    c10::string_view activation, std::optional<int64_t> capacity, bool biased);
 
 // ---- Autograd-key kernels (autograd.cpp, pipeline/): C++ autograd functions around the ops above.
 std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& tokens, const at::Tensor& expert_ids,
@@ -123,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& toke
 at::Tensor grouped_mm_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& tokens_per_expert);
 at::Tensor expert_ffn_autograd(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
                                const at::Tensor& tokens_per_expert, c10::string_view activation,
-                               std::optional<int64_t> capacity);
+                               std::optional<int64_t> capacity, const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out);
 std::tuple<at::Tensor, at::Tensor> route_autograd(const at::Tensor& logits, int64_t k, bool renormalize,
                                                   c10::string_view scoring,
                                                   const std::optional<at::Tensor>& expert_bias, int64_t num_groups,

@@ -81,12 +81,13 @@ TORCH_LIBRARY(moeflux, m) {
   m.def("grouped_mm_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor tokens_per_expert, "
         "bool[2] output_mask) -> (Tensor grad_input, Tensor grad_weight)");
   m.def("expert_ffn(Tensor rows, Tensor w_in, Tensor w_out, Tensor tokens_per_expert, str activation, "
-        "int? capacity=None) -> Tensor");
+        "int? capacity=None, Tensor? b_in=None, Tensor? b_out=None) -> Tensor");
   m.def("expert_ffn_forward(Tensor rows, Tensor w_in, Tensor w_out, Tensor tokens_per_expert, str activation, "
-        "int? capacity) -> (Tensor output, Tensor pre_activation, Tensor activated)");
+        "int? capacity, Tensor? b_in=None, Tensor? b_out=None) "
+        "-> (Tensor output, Tensor pre_activation, Tensor activated)");
   m.def("expert_ffn_backward(Tensor grad_output, Tensor rows, Tensor w_in, Tensor w_out, Tensor tokens_per_expert, "
-        "Tensor pre_activation, Tensor activated, str activation, int? capacity) "
-        "-> (Tensor grad_rows, Tensor grad_w_in, Tensor grad_w_out)");
+        "Tensor pre_activation, Tensor activated, str activation, int? capacity, bool biased=False) "
+        "-> (Tensor grad_rows, Tensor grad_w_in, Tensor grad_w_out, Tensor grad_b_in, Tensor grad_b_out)");
 }
 
 TORCH_LIBRARY_IMPL(moeflux, CPU, m) { moeflux::register_device_ops<moeflux::cpu::kernels>(m); }

@@ -123,7 +123,7 @@ def functional_worker(rank, world):
         "schedule must be 'chunked' or 'pairwise'": dict(schedule="bulk"),
         "chunks must be >= 1": dict(chunks=0),
         "group_size must divide the expert-parallel group size": dict(schedule="pairwise", group_size=3),
-        "activation must be 'swiglu' or 'gelu'": dict(activation="relu"),
+        "activation must be 'swiglu', 'gelu' or 'clamped_swiglu": dict(activation="relu"),
         "num_experts must be a positive multiple": dict(num_experts=2 * world + 1),
         "expert weights must have the dtype of tokens": dict(w_in=w_in.double()),
         "weights must have the shape of expert_ids": dict(weights=torch.ones(4, 2)),

@@ -16,8 +16,9 @@ namespace moeflux {
 namespace {
 
 void check_expert_ffn_args(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
-                           const at::Tensor& tokens_per_expert, bool swiglu, std::optional<int64_t> capacity,
-                           const char* op) {
+                           const at::Tensor& tokens_per_expert, const Activation& act,
+                           std::optional<int64_t> capacity, const char* op) {
+  const bool swiglu = act.gated();
   check_dim(rows, 2, op, "rows", "[num_rows, hidden]");
   check_float(rows, op, "rows");
   check_dim(w_in, 3, op, "w_in", "[num_experts, hidden, ffn_in]");
@@ -31,7 +32,7 @@ void check_expert_ffn_args(const at::Tensor& rows, const at::Tensor& w_in, const
   check_size(w_in, 1, hidden, op, "w_in", "rows.size(1)");
   check_size(w_out, 0, experts, op, "w_out", "w_in.size(0)");
   check_size(w_out, 2, hidden, op, "w_out", "rows.size(1)");
-  check_size(w_in, 2, swiglu ? 2 * ffn : ffn, op, "w_in", swiglu ? "2 * w_out.size(1) (swiglu)" : "w_out.size(1)");
+  check_size(w_in, 2, swiglu ? 2 * ffn : ffn, op, "w_in", swiglu ? "2 * w_out.size(1) (gated)" : "w_out.size(1)");
   check_dim(tokens_per_expert, 1, op, "tokens_per_expert", "[num_experts]");
   check_dtype(tokens_per_expert, at::kInt, op, "tokens_per_expert");
   TORCH_CHECK(tokens_per_expert.device() == rows.device() || tokens_per_expert.is_cpu(), "moeflux.", op,
@@ -42,6 +43,37 @@ void check_expert_ffn_args(const at::Tensor& rows, const at::Tensor& w_in, const
     TORCH_CHECK(*capacity >= 0 && rows.size(0) == experts * *capacity, "moeflux.", op, ": with capacity ", *capacity,
                 " rows must hold num_experts * capacity = ", experts * *capacity, " rows, got ", rows.size(0));
   }
+}
+
+void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& w, const at::Tensor& rows, const char* op,
+                const char* name) {
+  if (!bias.has_value() || !bias->defined()) return;
+  TORCH_CHECK(bias->dim() == 2 && bias->size(0) == w.size(0) && bias->size(1) == w.size(2), "moeflux.", op, ": ",
+              name, " must have shape [num_experts, out] = [", w.size(0), ", ", w.size(2), "], got ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == rows.scalar_type(), "moeflux.", op, ": ", name, " must have the dtype of rows (",
+              rows.scalar_type(), "), got ", bias->scalar_type());
+  check_same_device(*bias, rows, op, name, "rows");
+}
+
+// The expert of each row (num_experts for rows past the last segment), from the counts on the rows' device:
+// no host read.
+at::Tensor row_experts(const at::Tensor& tokens_per_expert, const at::Tensor& rows, std::optional<int64_t> capacity) {
+  const at::Tensor index = at::arange(rows.size(0), rows.options().dtype(at::kLong));
+  if (capacity) return *capacity > 0 ? index.div(*capacity, "floor") : index;
+  const at::Tensor ends = tokens_per_expert.to(rows.device(), at::kLong).cumsum(0);
+  return at::searchsorted(ends, index, /*out_int32=*/false, /*right=*/true);
+}
+
+// x[r] += bias[expert of r] (rows past the segments: nothing).
+void add_expert_bias(at::Tensor& x, const at::Tensor& bias, const at::Tensor& experts) {
+  const at::Tensor padded = at::cat({bias, at::zeros({1, bias.size(1)}, bias.options())});
+  x.add_(padded.index_select(0, experts));
+}
+
+// The bias gradient: each expert's rows of `grad` summed.
+at::Tensor expert_bias_grad(const at::Tensor& grad, const at::Tensor& experts, int64_t num_experts) {
+  return at::zeros({num_experts + 1, grad.size(1)}, grad.options()).index_add_(0, experts, grad).narrow(0, 0,
+                                                                                                        num_experts);
 }
 
 Segments ffn_segments(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
@@ -56,31 +88,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_forward(const at::Tens
                                                                   const at::Tensor& w_out,
                                                                   const at::Tensor& tokens_per_expert,
                                                                   c10::string_view activation,
-                                                                  std::optional<int64_t> capacity) {
+                                                                  std::optional<int64_t> capacity,
+                                                                  const std::optional<at::Tensor>& b_in,
+                                                                  const std::optional<at::Tensor>& b_out) {
   const char* op = "expert_ffn";
-  const bool swiglu = is_swiglu(activation, op);
-  check_expert_ffn_args(rows, w_in, w_out, tokens_per_expert, swiglu, capacity, op);
+  const Activation act = parse_activation(activation, op);
+  check_expert_ffn_args(rows, w_in, w_out, tokens_per_expert, act, capacity, op);
+  check_bias(b_in, w_in, rows, op, "b_in");
+  check_bias(b_out, w_out, rows, op, "b_out");
   const Segments seg = ffn_segments(rows, w_in, w_out, tokens_per_expert, capacity, op);
+  const bool biased = (b_in && b_in->defined()) || (b_out && b_out->defined());
+  const at::Tensor experts = biased ? row_experts(tokens_per_expert, rows, capacity) : at::Tensor();
   at::Tensor h = segment_mm(rows, w_in, seg);
-  at::Tensor a = activation_forward(h, swiglu);
-  return {segment_mm(a, w_out, seg), h, a};
+  if (b_in && b_in->defined()) add_expert_bias(h, *b_in, experts);
+  at::Tensor a = activation_forward(h, act);
+  at::Tensor y = segment_mm(a, w_out, seg);
+  if (b_out && b_out->defined()) add_expert_bias(y, *b_out, experts);
+  return {y, h, a};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward(
     const at::Tensor& grad_output, const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
     const at::Tensor& tokens_per_expert, const at::Tensor& pre_activation, const at::Tensor& activated,
-    c10::string_view activation, std::optional<int64_t> capacity) {
+    c10::string_view activation, std::optional<int64_t> capacity, bool biased) {
   const char* op = "expert_ffn_backward";
-  const bool swiglu = is_swiglu(activation, op);
-  check_expert_ffn_args(rows, w_in, w_out, tokens_per_expert, swiglu, capacity, op);
+  const Activation act = parse_activation(activation, op);
+  check_expert_ffn_args(rows, w_in, w_out, tokens_per_expert, act, capacity, op);
   TORCH_CHECK(grad_output.sizes() == rows.sizes(), "moeflux.expert_ffn_backward: grad_output must have the shape ",
               "of rows ", rows.sizes(), ", got ", grad_output.sizes());
   const Segments seg = ffn_segments(rows, w_in, w_out, tokens_per_expert, capacity, op);
   const at::Tensor grad = grad_output.contiguous();  // an expanded gradient (of a sum) has stride 0
   const at::Tensor grad_w_out = segment_weight_grad(activated, grad, seg);
-  const at::Tensor grad_h = activation_backward(segment_mm(grad, w_out.transpose(1, 2), seg), pre_activation, swiglu);
+  const at::Tensor grad_h = activation_backward(segment_mm(grad, w_out.transpose(1, 2), seg), pre_activation, act);
   const at::Tensor grad_w_in = segment_weight_grad(rows, grad_h, seg);
-  return {segment_mm(grad_h, w_in.transpose(1, 2), seg), grad_w_in, grad_w_out};
+  at::Tensor grad_b_in = at::empty({0}, rows.options()), grad_b_out = at::empty({0}, rows.options());
+  if (biased) {
+    const at::Tensor experts = row_experts(tokens_per_expert, rows, capacity);
+    grad_b_in = expert_bias_grad(grad_h, experts, w_in.size(0));
+    grad_b_out = expert_bias_grad(grad, experts, w_in.size(0));
+  }
+  return {segment_mm(grad_h, w_in.transpose(1, 2), seg), grad_w_in, grad_w_out, grad_b_in, grad_b_out};
 }
 
 }  // namespace moeflux

@@ -56,16 +56,19 @@ class ExpertFfnFunction : public torch::autograd::Function<ExpertFfnFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& rows, const at::Tensor& w_in,
                                const at::Tensor& w_out, const at::Tensor& tokens_per_expert,
-                               c10::string_view activation, std::optional<int64_t> capacity) {
+                               c10::string_view activation, std::optional<int64_t> capacity,
+                               const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = find_op<ExpertFfnForwardOp>("moeflux::expert_ffn_forward");
     const bool use_aten = capacity.has_value() || (rows.dim() == 2 && w_in.dim() == 3 && w_out.dim() == 3 &&
                                                    aten_grouped_mm_usable(rows, w_in, w_out));
     const at::Tensor counts = counts_for_gemms(tokens_per_expert, use_aten);
-    auto [out, pre_activation, activated] = op.call(rows, w_in, w_out, counts, activation, capacity);
+    auto [out, pre_activation, activated] = op.call(rows, w_in, w_out, counts, activation, capacity, b_in, b_out);
     ctx->save_for_backward({rows, w_in, w_out, counts, pre_activation, activated});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["capacity"] = capacity;
+    ctx->saved_data["has_b_in"] = b_in.has_value() && b_in->defined();
+    ctx->saved_data["has_b_out"] = b_out.has_value() && b_out->defined();
     return {out};
   }
 
@@ -73,10 +76,12 @@ class ExpertFfnFunction : public torch::autograd::Function<ExpertFfnFunction> {
     static const auto op = find_op<ExpertFfnBackwardOp>("moeflux::expert_ffn_backward");
     const auto s = ctx->get_saved_variables();
     const at::Tensor grad = zeros_if_undefined(grads[0], s[0]);
-    auto [grad_rows, grad_w_in, grad_w_out] = op.call(grad, s[0], s[1], s[2], s[3], s[4], s[5],
-                                                      ctx->saved_data["activation"].toStringRef(),
-                                                      ctx->saved_data["capacity"].toOptional<int64_t>());
-    return {grad_rows, grad_w_in, grad_w_out, at::Tensor(), at::Tensor(), at::Tensor()};
+    const bool has_b_in = ctx->saved_data["has_b_in"].toBool(), has_b_out = ctx->saved_data["has_b_out"].toBool();
+    auto [grad_rows, grad_w_in, grad_w_out, grad_b_in, grad_b_out] =
+        op.call(grad, s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["activation"].toStringRef(),
+                ctx->saved_data["capacity"].toOptional<int64_t>(), has_b_in || has_b_out);
+    return {grad_rows, grad_w_in, grad_w_out, at::Tensor(), at::Tensor(), at::Tensor(),
+            has_b_in ? grad_b_in : at::Tensor(), has_b_out ? grad_b_out : at::Tensor()};
   }
 };
 
@@ -88,16 +93,18 @@ at::Tensor grouped_mm_autograd(const at::Tensor& input, const at::Tensor& weight
 
 at::Tensor expert_ffn_autograd(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
                                const at::Tensor& tokens_per_expert, c10::string_view activation,
-                               std::optional<int64_t> capacity) {
-  return ExpertFfnFunction::apply(rows, w_in, w_out, tokens_per_expert, activation, capacity)[0];
+                               std::optional<int64_t> capacity, const std::optional<at::Tensor>& b_in,
+                               const std::optional<at::Tensor>& b_out) {
+  return ExpertFfnFunction::apply(rows, w_in, w_out, tokens_per_expert, activation, capacity, b_in, b_out)[0];
 }
 
 // Below autograd (inference, or inside another function's backward): the forward op's output alone.
 at::Tensor expert_ffn(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
                       const at::Tensor& tokens_per_expert, c10::string_view activation,
-                      std::optional<int64_t> capacity) {
+                      std::optional<int64_t> capacity, const std::optional<at::Tensor>& b_in,
+                      const std::optional<at::Tensor>& b_out) {
   static const auto op = find_op<ExpertFfnForwardOp>("moeflux::expert_ffn_forward");
-  return std::get<0>(op.call(rows, w_in, w_out, tokens_per_expert, activation, capacity));
+  return std::get<0>(op.call(rows, w_in, w_out, tokens_per_expert, activation, capacity, b_in, b_out));
 }
 
 }  // namespace moeflux

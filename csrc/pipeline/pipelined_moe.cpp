@@ -128,7 +128,7 @@ std::vector<Stage> plan_stages(const Schedule& schedule, int64_t rank, const at:
 
 struct ExpertWeights {
   at::Tensor w_in, w_out;  // [E_local, H, F_in], [E_local, F, H]
-  bool swiglu;
+  Activation act;
 };
 
 // Rows grouped by local expert (expert_rows[j] each) -> (output rows, pre-activations for backward).
@@ -142,7 +142,7 @@ std::pair<at::Tensor, at::Tensor> experts_forward(const at::Tensor& x, const std
     if (n == 0) continue;
     at::Tensor h_j = h.narrow(0, offset, n), y_j = y.narrow(0, offset, n);
     at::mm_out(h_j, x.narrow(0, offset, n), w.w_in[j]);
-    at::mm_out(y_j, activation_forward(h_j, w.swiglu), w.w_out[j]);
+    at::mm_out(y_j, activation_forward(h_j, w.act), w.w_out[j]);
     offset += n;
   }
   return {y, h};
@@ -158,8 +158,8 @@ at::Tensor experts_backward(const at::Tensor& dy, const at::Tensor& x, const at:
     const int64_t n = expert_rows[j];
     if (n == 0) continue;
     const at::Tensor dy_j = dy.narrow(0, offset, n), h_j = h.narrow(0, offset, n), x_j = x.narrow(0, offset, n);
-    grad_w_out[j].addmm_(activation_forward(h_j, w.swiglu).t(), dy_j);
-    const at::Tensor dh = activation_backward(dy_j.mm(w.w_out[j].t()), h_j, w.swiglu);
+    grad_w_out[j].addmm_(activation_forward(h_j, w.act).t(), dy_j);
+    const at::Tensor dh = activation_backward(dy_j.mm(w.w_out[j].t()), h_j, w.act);
     grad_w_in[j].addmm_(x_j.t(), dh);
     at::Tensor dx_j = dx.narrow(0, offset, n);
     at::mm_out(dx_j, dh, w.w_in[j].t());
@@ -234,8 +234,8 @@ void check_args(const at::Tensor& tokens, const at::Tensor& expert_ids, const st
   check_size(w.w_out, 0, local, kOp, "w_out", "num_experts / group size");
   check_size(w.w_in, 1, tokens.size(1), kOp, "w_in", "tokens.size(1)");
   check_size(w.w_out, 2, tokens.size(1), kOp, "w_out", "tokens.size(1)");
-  check_size(w.w_in, 2, (w.swiglu ? 2 : 1) * w.w_out.size(1), kOp, "w_in",
-             w.swiglu ? "2 * w_out.size(1) (swiglu: gate and up)" : "w_out.size(1)");
+  check_size(w.w_in, 2, (w.act.gated() ? 2 : 1) * w.w_out.size(1), kOp, "w_in",
+             w.act.gated() ? "2 * w_out.size(1) (gated: gate and up)" : "w_out.size(1)");
   if (weights.has_value() && weights->defined()) {
     TORCH_CHECK(weights->sizes() == expert_ids.sizes(), "moeflux.pipelined_moe: weights must have the shape of ",
                 "expert_ids ", expert_ids.sizes(), ", got ", weights->sizes());
@@ -309,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(const at
 }
 
 ExpertWeights expert_weights(const at::Tensor& w_in, const at::Tensor& w_out, c10::string_view activation) {
-  return {w_in.contiguous(), w_out.contiguous(), is_swiglu(activation, kOp)};
+  return {w_in.contiguous(), w_out.contiguous(), parse_activation(activation, kOp)};
 }
 
 

@@ -149,22 +149,26 @@ def grouped_mm(input: Tensor, weight: Tensor, tokens_per_expert: Tensor) -> Tens
 
 
 def expert_ffn(rows: Tensor, w_in: Tensor, w_out: Tensor, tokens_per_expert: Tensor, activation: str = "swiglu",
-               capacity: int | None = None) -> Tensor:
+               capacity: int | None = None, b_in: Tensor | None = None, b_out: Tensor | None = None) -> Tensor:
     """The experts' two-layer FFN over rows grouped by expert, as one op with its own backward.
 
     ``y[segment e] = act(x[segment e] @ w_in[e]) @ w_out[e]`` with ``rows [N, H]``,
     ``w_in [E, H, F_in]``, ``w_out [E, F, H]``, and ``act`` SwiGLU (``F_in = 2F``:
-    gate columns first, then up; ``silu(gate) * up``) or GELU (``F_in = F``).
+    gate columns first, then up; ``silu(gate) * up``), GELU (``F_in = F``) or
+    ``"clamped_swiglu:<limit>:<alpha>"`` (GPT-OSS: ``g = min(gate, limit)``,
+    ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``). Optional
+    per-expert biases ``b_in [E, F_in]`` and ``b_out [E, H]`` are added after
+    each GEMM (rows past the segments get none).
     Segments as in :func:`grouped_mm`; with a ``capacity`` expert ``e`` owns rows
     ``[e * capacity, (e + 1) * capacity)`` (``N = E * capacity``), of which the
     first ``tokens_per_expert[e]`` hold tokens and the rest is zero padding (as
     :func:`permute` and :func:`dispatch` leave it): with the counts on the CPU
     only the token rows are multiplied, otherwise batched matmuls run over
-    the padded rows (no host synchronisation). Differentiable with respect to ``rows``, ``w_in`` and
-    ``w_out``; backward writes every gradient once, the activation's gradient
+    the padded rows (no host synchronisation). Differentiable with respect to ``rows``, the weights and
+    the biases; backward writes every gradient once, the activation's gradient
     straight into its ``[N, F_in]`` buffer.
     """
-    return _ops.expert_ffn(rows, w_in, w_out, tokens_per_expert, activation, capacity)
+    return _ops.expert_ffn(rows, w_in, w_out, tokens_per_expert, activation, capacity, b_in, b_out)
 
 
 # ---- expert parallelism
@@ -511,14 +515,16 @@ def _grouped_mm_backward_fake(grad_output, input, weight, tokens_per_expert, out
 
 
 @torch.library.register_fake("moeflux::expert_ffn_forward")
-def _expert_ffn_forward_fake(rows, w_in, w_out, tokens_per_expert, activation, capacity):
+def _expert_ffn_forward_fake(rows, w_in, w_out, tokens_per_expert, activation, capacity, b_in=None, b_out=None):
     n = rows.shape[0]
     return rows.new_empty((n, rows.shape[1])), rows.new_empty((n, w_in.shape[2])), rows.new_empty((n, w_out.shape[1]))
 
 
 @torch.library.register_fake("moeflux::expert_ffn_backward")
 def _expert_ffn_backward_fake(grad_output, rows, w_in, w_out, tokens_per_expert, pre_activation, activated,
-                              activation, capacity):
+                              activation, capacity, biased=False):
     contiguous = torch.contiguous_format
+    grad_b_in = rows.new_empty((w_in.shape[0], w_in.shape[2]) if biased else (0,))
+    grad_b_out = rows.new_empty((w_in.shape[0], w_out.shape[2]) if biased else (0,))
     return (torch.empty_like(rows, memory_format=contiguous), torch.empty_like(w_in, memory_format=contiguous),
-            torch.empty_like(w_out, memory_format=contiguous))
+            torch.empty_like(w_out, memory_format=contiguous), grad_b_in, grad_b_out)
