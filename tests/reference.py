@@ -105,21 +105,27 @@ def unpermute(rows: Tensor, row_map: Tensor, weights: Tensor | None = None) -> T
     return out
 
 
-def expert_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
-    h = x @ w_in
+def expert_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, activation: str, b_in: Tensor | None = None,
+               b_out: Tensor | None = None) -> Tensor:
+    h = x @ w_in + (0 if b_in is None else b_in)
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         h = torch.nn.functional.silu(gate) * up
+    elif activation.startswith("clamped_swiglu:"):  # GPT-OSS's, as transformers' GptOssExperts writes it
+        _, limit, alpha = activation.split(":")
+        gate, up = h.chunk(2, dim=-1)
+        gate = gate.clamp(max=float(limit))
+        h = (up.clamp(-float(limit), float(limit)) + 1) * gate * torch.sigmoid(gate * float(alpha))
     else:
         h = torch.nn.functional.gelu(h)
-    return h @ w_out
+    return h @ w_out + (0 if b_out is None else b_out)
 
 
 def moe(module, x: Tensor) -> Tensor:
     """The MoE layer token by token: route, then sum each chosen expert's FFN output.
     Differentiable (plain torch ops), in the dtype of the module's parameters."""
     tokens = x.reshape(-1, module.d_model)
-    logits = tokens @ module.router.weight.t()
+    logits = tokens @ module.router.weight.t() + (0 if module.router.bias is None else module.router.bias)
     probs = torch.softmax(logits.double(), dim=-1).to(logits.dtype)
     weights, ids = torch.topk(probs, module.top_k, dim=-1)
     if module.router.renormalize:
@@ -136,8 +142,10 @@ def moe(module, x: Tensor) -> Tensor:
         for j in range(module.top_k):
             if keep[t, j]:
                 e = int(ids[t, j])
-                y = y + weights[t, j] * expert_ffn(tokens[t:t + 1], module.experts.w_in[e], module.experts.w_out[e],
-                                                   module.experts.activation)[0]
+                experts = module.experts
+                biases = (None, None) if experts.b_in is None else (experts.b_in[e], experts.b_out[e])
+                y = y + weights[t, j] * expert_ffn(tokens[t:t + 1], experts.w_in[e], experts.w_out[e],
+                                                   experts.activation, *biases)[0]
         out.append(y)
     return torch.stack(out).view(x.shape) if out else tokens.new_zeros(x.shape)
 

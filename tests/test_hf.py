@@ -78,6 +78,17 @@ def glm4_moe(shared=1):
         first_k_dense_replace=1, routed_scaling_factor=1.5, norm_topk_prob=True)))
 
 
+def gpt_oss(limit=7.0):
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        **COMMON, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, intermediate_size=16,
+        swiglu_limit=limit))
+    with torch.no_grad():  # biases as a trained model has them, large enough to reach the clamps
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".experts." in name:
+                p.normal_(0, 0.5)
+    return model
+
+
 # name (the family moeflux reports, then the variant) -> a small random model
 FAMILIES = {
     "Mixtral": mixtral,
@@ -95,6 +106,8 @@ FAMILIES = {
     "DeepSeek-V3 (no shared experts)": lambda: deepseek_v3(shared=0),
     "GLM-4-MoE": glm4_moe,
     "GLM-4-MoE (no shared experts)": lambda: glm4_moe(shared=0),
+    "GPT-OSS": gpt_oss,
+    "GPT-OSS (tight clamp)": lambda: gpt_oss(limit=0.5),
 }
 BIASED = ["DeepSeek-V3", "GLM-4-MoE"]  # families with an e_score_correction_bias
 
@@ -105,12 +118,23 @@ RENAMES = [("mlp.router.weight", "mlp.gate.weight", None),
            ("mlp.shared_expert.gate.weight", "mlp.shared_expert_gate.weight", None)]
 
 
+def deinterleave(t):  # GPT-OSS's gate/up columns alternate; moeflux keeps [gate | up]
+    return torch.cat((t[..., ::2], t[..., 1::2]), dim=-1)
+
+
+GPT_OSS_RENAMES = [("mlp.experts.w_in", "mlp.experts.gate_up_proj", deinterleave),
+                   ("mlp.experts.b_in", "mlp.experts.gate_up_proj_bias", deinterleave),
+                   ("mlp.experts.w_out", "mlp.experts.down_proj", lambda t: t),  # a transform: an expert's
+                   ("mlp.experts.b_out", "mlp.experts.down_proj_bias", lambda t: t)]  # tensor, of the same layout
+
+
 def family_of(name):
     return name.split(" ")[0]
 
 
 def hf_name(name, hf_names):
-    for ours, theirs, transform in RENAMES:
+    gpt_oss_layout = any(n.endswith("mlp.experts.gate_up_proj_bias") for n in hf_names)
+    for ours, theirs, transform in GPT_OSS_RENAMES if gpt_oss_layout else RENAMES:
         if name.endswith(ours):
             return name[: -len(ours)] + theirs, transform
     if ".mlp.shared_expert." in name and name.replace(".mlp.shared_expert.", ".mlp.shared_experts.") in hf_names:
@@ -199,7 +223,7 @@ def test_revert_writes_the_weights_back(family):
 def freeze_some(model):
     """Freezes the router, the down projections and the shared experts' gate projections of every MoE block."""
     for name, p in model.named_parameters():
-        if name.endswith(("mlp.gate.weight", "experts.down_proj", "gate_proj.weight")) and ".mlp." in name:
+        if name.endswith(("mlp.gate.weight", "mlp.router.weight", "experts.down_proj", "gate_proj.weight")) and ".mlp." in name:
             p.requires_grad_(False)
 
 

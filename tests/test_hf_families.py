@@ -24,11 +24,6 @@ COMMON = test_hf.COMMON
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
 
-def gpt_oss():
-    return transformers.GptOssForCausalLM(transformers.GptOssConfig(
-        **COMMON, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, intermediate_size=16))
-
-
 def llama4():
     return transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
         **COMMON, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1, intermediate_size=16,
@@ -81,8 +76,6 @@ def layers(prefix, attr, n=2):
 
 NOT_SUPPORTED = "not a supported MoE block"
 UNSUPPORTED = {  # name -> (model, the message naming every block and why)
-    "GPT-OSS": (gpt_oss, rf"{layers('model.layers', 'mlp')} \(GptOssMLP\): GPT-OSS is not supported: its experts "
-                         r"have biases and GPT-OSS's clamped SwiGLU"),
     "Llama 4": (llama4, rf"{layers('model.layers', 'feed_forward')} \(Llama4TextMoe\): Llama 4 is not supported: it "
                         r"scales the experts' input"),
     "DBRX": (dbrx, rf"{layers('transformer.blocks', 'ffn')} \(DbrxFFN\): DBRX is not supported"),
@@ -119,9 +112,9 @@ def test_unsupported_families_are_refused_naming_every_block(family):
 def test_a_supported_block_next_to_an_unsupported_one_is_not_converted_either():
     torch.manual_seed(0)
     model = test_hf.qwen3_moe()
-    model.model.layers[1].mlp = gpt_oss().model.layers[1].mlp
+    model.model.layers[1].mlp = llama4().model.layers[1].feed_forward
     before = module_types(model)
-    with pytest.raises(hf.UnsupportedBlockError, match=r"^model\.layers\.1\.mlp \(GptOssMLP\): GPT-OSS") as e:
+    with pytest.raises(hf.UnsupportedBlockError, match=r"^model\.layers\.1\.mlp \(Llama4TextMoe\): Llama 4") as e:
         hf.convert_model(model)
     assert "layers.0" not in str(e.value) and module_types(model) == before
 

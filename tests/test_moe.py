@@ -23,6 +23,9 @@ CONFIGS = [
     dict(capacity_factor=1.0),
     dict(capacity_factor=0.5, drop_policy="probability"),
     dict(capacity_factor=2.0, top_k=1, activation="gelu"),
+    # GPT-OSS: router bias, expert biases, the clamped SwiGLU (a limit the values reach)
+    dict(activation="clamped_swiglu", swiglu_limit=0.3, expert_bias=True, router_bias=True, renormalize=True),
+    dict(expert_bias=True, capacity_factor=1.0),
 ]
 
 
@@ -44,6 +47,22 @@ def test_moe_matches_naive_per_expert_loop(config, device):
     for name, g, g_ref in zip(names, grads, grads_ref):
         g = torch.zeros_like(g_ref) if g is None else g
         torch.testing.assert_close(g, g_ref, atol=1e-9, rtol=1e-9, msg=lambda m: f"gradient of {name}: {m}")
+
+
+def test_expert_biases_are_saved_per_expert_and_refused_where_unsupported():
+    moe = make_moe("cpu", expert_bias=True, router_bias=True, activation="clamped_swiglu")
+    assert {k for k in moe.state_dict() if k.startswith("experts.2.")} == {
+        "experts.2.w_in", "experts.2.w_out", "experts.2.b_in", "experts.2.b_out"}
+    assert "router.bias" in moe.state_dict()
+    other = make_moe("cpu", seed=1, expert_bias=True, router_bias=True, activation="clamped_swiglu")
+    other.load_state_dict(moe.state_dict())
+    x = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(other(x), moe(x), rtol=0, atol=0)
+    for options, message in ((dict(schedule="chunked"), "expert_bias=True works with schedule='bulk'"),
+                             (dict(shadowing=1), "shadowing='off' only"),
+                             (dict(activation="clamped_swiglu", swiglu_limit=0.0), "swiglu_limit must be")):
+        with pytest.raises(ValueError, match=message):
+            moeflux.MoE(12, 10, 4, expert_bias="activation" not in options, **options)
 
 
 def test_moe_every_token_to_one_expert_with_capacity(device):

@@ -28,7 +28,7 @@ class ExpertShape:
 
     @classmethod
     def of_ffn(cls, d_model: int, d_ffn: int, activation: str, element_size: int) -> ExpertShape:
-        in_features = 2 * d_ffn if activation == "swiglu" else d_ffn
+        in_features = d_ffn if activation == "gelu" else 2 * d_ffn
         params = d_model * in_features + d_ffn * d_model
         return cls(d_model * element_size, params * element_size, 3 * 2.0 * params)  # fwd 2·params, bwd twice that
 

@@ -12,16 +12,30 @@ from torch import Tensor, nn
 from . import ops
 from .placement import ExpertPlacement
 
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "clamped_swiglu")
+
+
+def activation_spec(activation: str, swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702) -> str:
+    """The expert ops' name of an activation: ``"clamped_swiglu"`` (GPT-OSS) carries its limit and alpha."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation != "clamped_swiglu":
+        return activation
+    if not (swiglu_limit > 0 and math.isfinite(swiglu_limit) and math.isfinite(swiglu_alpha)):
+        raise ValueError(f"swiglu_limit must be a finite number > 0 and swiglu_alpha finite, got {swiglu_limit}, "
+                         f"{swiglu_alpha}")
+    return f"clamped_swiglu:{float(swiglu_limit)!r}:{float(swiglu_alpha)!r}"
 
 
 class GroupedExperts(nn.Module):
     """``num_experts`` two-layer FFNs with weights stacked per expert.
 
     ``w_in [E, d_model, F_in]`` and ``w_out [E, d_ffn, d_model]`` with
-    ``F_in = 2 * d_ffn`` for SwiGLU (gate and up projections side by side) and
-    ``d_ffn`` for GELU. Initialised like ``nn.Linear``:
-    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+    ``F_in = 2 * d_ffn`` for SwiGLU and GPT-OSS's clamped SwiGLU (gate and up
+    projections side by side) and ``d_ffn`` for GELU; with ``bias=True`` also
+    ``b_in [E, F_in]`` and ``b_out [E, d_model]``, added after each GEMM.
+    ``activation`` is the expert ops' name (:func:`activation_spec`).
+    Initialised like ``nn.Linear``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
 
     Under expert parallelism a rank holds ``num_experts`` of the layer's
     experts: ``placement`` (a :class:`moeflux.ExpertPlacement`) says which;
@@ -41,14 +55,17 @@ class GroupedExperts(nn.Module):
         d_ffn: int,
         activation: str = "swiglu",
         *,
+        bias: bool = False,
         placement: ExpertPlacement | None = None,
         seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        name = activation.split(":")[0]
+        if name not in ACTIVATIONS or (name == "clamped_swiglu") != (activation.count(":") == 2):
+            raise ValueError(f"activation must be 'swiglu', 'gelu' or activation_spec('clamped_swiglu', limit, alpha), "
+                             f"got {activation!r}")
         self.num_experts, self.d_model, self.d_ffn, self.activation = num_experts, d_model, d_ffn, activation
         self.placement = placement if placement is not None else ExpertPlacement(num_experts)
         if self.placement.local_experts != num_experts:
@@ -56,9 +73,11 @@ class GroupedExperts(nn.Module):
                              f"num_experts is {num_experts}")
         self.seed = int(torch.randint(2**62, ()).item()) if seed is None else seed
         factory = {"device": device, "dtype": dtype}
-        in_features = 2 * d_ffn if activation == "swiglu" else d_ffn
+        in_features = d_ffn if activation == "gelu" else 2 * d_ffn
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, in_features, **factory))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_ffn, d_model, **factory))
+        self.b_in = nn.Parameter(torch.empty(num_experts, in_features, **factory)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, d_model, **factory)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -67,24 +86,29 @@ class GroupedExperts(nn.Module):
         with torch.no_grad():
             for i in range(self.num_experts):
                 gen = torch.Generator().manual_seed(self.seed + self.global_experts[i])
-                for weight, fan_in in ((self.w_in, self.d_model), (self.w_out, self.d_ffn)):
+                for weight, fan_in in ((self.w_in, self.d_model), (self.w_out, self.d_ffn), (self.b_in, self.d_model),
+                                       (self.b_out, self.d_ffn)):
+                    if weight is None:
+                        continue
                     bound = 1 / math.sqrt(fan_in)
                     values = torch.empty(weight.shape[1:], dtype=torch.float64).uniform_(-bound, bound, generator=gen)
                     weight[i].copy_(values)
 
     # ---- state dict: one entry per expert, named by its global index
 
-    _WEIGHTS = ("w_in", "w_out")
+    @property
+    def _weights(self) -> tuple[str, ...]:
+        return ("w_in", "w_out") if self.b_in is None else ("w_in", "w_out", "b_in", "b_out")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for name in self._WEIGHTS:
+        for name in self._weights:
             weight = getattr(self, name)
             for i in range(self.num_experts):
                 destination[f"{prefix}{self.global_experts[i]}.{name}"] = weight[i] if keep_vars else weight[i].detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        for name in self._WEIGHTS:
+        for name in self._weights:
             weight = getattr(self, name)
             for i in range(self.num_experts):
                 key = f"{prefix}{self.global_experts[i]}.{name}"
@@ -98,7 +122,7 @@ class GroupedExperts(nn.Module):
                     with torch.no_grad():
                         weight[i].copy_(state_dict[key])
         # Entries of experts held by other ranks are expected in a full checkpoint; anything else is not.
-        pattern = re.compile(rf"{re.escape(prefix)}\d+\.({'|'.join(self._WEIGHTS)})")
+        pattern = re.compile(rf"{re.escape(prefix)}\d+\.({'|'.join(self._weights)})")
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and not pattern.fullmatch(k))
 
     @property
@@ -113,7 +137,8 @@ class GroupedExperts(nn.Module):
         those of experts ``< e``. With a capacity every expert owns ``capacity``
         rows (zero padding past its count), so a batched matmul does the work.
         """
-        return self.ffn(rows, tokens_per_expert, self.w_in, self.w_out, capacity)
+        return ops.expert_ffn(rows, self.w_in, self.w_out, tokens_per_expert, self.activation, capacity, self.b_in,
+                              self.b_out)
 
     def ffn(self, rows: Tensor, tokens_per_expert: Tensor, w_in: Tensor, w_out: Tensor,
             capacity: int | None = None) -> Tensor:
@@ -122,7 +147,8 @@ class GroupedExperts(nn.Module):
         return ops.expert_ffn(rows, w_in, w_out, tokens_per_expert, self.activation, capacity)
 
     def extra_repr(self) -> str:
-        return f"experts {list(self.global_experts)}, d_model={self.d_model}, d_ffn={self.d_ffn}, activation={self.activation}"
+        return (f"experts {list(self.global_experts)}, d_model={self.d_model}, d_ffn={self.d_ffn}, "
+                f"activation={self.activation}, bias={self.b_in is not None}")
 
 
 class SharedExpert(nn.Module):

@@ -22,7 +22,13 @@ Supported blocks (transformers >= 5 layouts):
 * DeepSeek-V3 (``DeepseekV3MoE``) and GLM-4-MoE (``Glm4MoeMoE``): sigmoid
   scores, ``e_score_correction_bias``, group-limited top-k (groups ranked by
   their two best scores), ``norm_topk_prob``, ``routed_scaling_factor``,
-  shared experts.
+  shared experts;
+* GPT-OSS (``GptOssMLP``): a router with a bias, softmax over the top-k
+  logits; experts with biases and GPT-OSS's clamped SwiGLU (``swiglu_limit``,
+  ``swiglu_alpha``; its interleaved gate/up columns are reordered to
+  moeflux's ``[gate | up]`` and back). The converted layer
+  (:class:`TupleOutputMoE`) returns ``(hidden states, None)`` as the block's
+  decoder layer unpacks it.
 
 A shared expert of width 0 (``n_shared_experts=0``,
 ``shared_expert_intermediate_size=0``) adds nothing: the layer gets none, and
@@ -33,10 +39,10 @@ bf16 model stays fp32).
 
 :func:`convert_model` finds MoE blocks by what they hold (an ``experts``
 submodule or a child of an ``...Experts`` class) as well as by class name, and
-checks all of them before replacing anything: any other block (GPT-OSS,
-Llama 4, DBRX, HunYuan-MoE, Jamba, ...), an option moeflux cannot express
+checks all of them before replacing anything: any other block (Llama 4,
+DBRX, HunYuan-MoE, Jamba, ...), an option moeflux cannot express
 (Mixtral's ``router_jitter_noise``, a non-SwiGLU activation, expert or shared
-expert biases, DeepSeek-V2's other ``topk_method``, experts sharded by
+expert biases outside GPT-OSS, DeepSeek-V2's other ``topk_method``, experts sharded by
 transformers' own tensor/expert parallelism) or ``config.output_router_logits``
 raises :class:`UnsupportedBlockError` naming each block (path and class) and
 the reason: nothing is converted silently wrong. ``transformers`` is only
@@ -77,6 +83,15 @@ class Family:
     router_options: Callable[[nn.Module, Any], dict]  # MoE router options; raises UnsupportedBlockError
     shared: str | None = None  # attribute of the shared expert MLP
     shared_gate: str | None = None  # attribute of its sigmoid gate (Qwen2-MoE, Qwen3-Next)
+    planner: Callable[[nn.Module, Any, "Family"], "_Plan"] | None = None  # a layout of its own (GPT-OSS)
+
+
+class TupleOutputMoE(MoE):
+    """A converted GPT-OSS MLP: its decoder layer unpacks ``(hidden states, router scores)`` and keeps the first;
+    the second is None (the scores are only read through ``output_router_logits``, which conversion refuses)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return super().forward(x), None
 
 
 def _mixtral_router(block: nn.Module, config: Any) -> dict:
@@ -144,13 +159,11 @@ FAMILIES: dict[str, Family] = {
     "DeepseekV2Moe": Family("DeepSeek-V2", _deepseek_v2_router, shared="shared_experts"),
     "DeepseekV3MoE": Family("DeepSeek-V3", _deepseek_v3_router, shared="shared_experts"),
     "Glm4MoeMoE": Family("GLM-4-MoE", _deepseek_v3_router, shared="shared_experts"),
+    "GptOssMLP": Family("GPT-OSS", lambda block, config: {}, planner=lambda *args: _gpt_oss_plan(*args)),
 }
 
 # Why some well-known blocks are not supported (others get the generic message).
 _UNSUPPORTED = {
-    "GptOssMLP": "GPT-OSS is not supported: its experts have biases and GPT-OSS's clamped SwiGLU "
-                 "((up + 1) * gate * sigmoid(alpha * gate), clamped at swiglu_limit, gate and up interleaved), "
-                 "and its router a bias; moeflux's expert kernels have neither",
     "Llama4TextMoe": "Llama 4 is not supported: it scales the experts' input by sigmoid of the top-k logits, "
                      "where moeflux weights the experts' output",
     "DbrxFFN": "DBRX is not supported: its experts (w1, v1, w2) and its p-norm normalization of the weights "
@@ -179,13 +192,32 @@ class _Link:
 
     hf: str  # name in the transformers block
     ours: str  # name in moeflux.MoE
-    experts: bool = False  # stacked per expert and stored transposed: sliced to this rank's experts, gathered back
+    experts: bool = False  # stacked per expert: sliced to this rank's experts, gathered back
+    layout: str = "transposed"  # of an expert tensor in transformers: "transposed", "same" or "interleaved"
+
+
+def _to_ours(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "transposed":
+        return t.transpose(1, 2)
+    if layout == "interleaved":  # GPT-OSS: gate and up columns alternate; moeflux keeps [gate | up]
+        return torch.cat((t[..., ::2], t[..., 1::2]), dim=-1)
+    return t
+
+
+def _to_theirs(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "transposed":
+        return t.transpose(1, 2)
+    if layout == "interleaved":
+        gate, up = t.chunk(2, dim=-1)
+        return torch.stack((gate, up), dim=-1).flatten(-2)
+    return t
 
 
 @dataclass(frozen=True)
 class _Plan:
     family: Family
     moe_kwargs: dict
+    module: type  # MoE, or TupleOutputMoE where the block returns a tuple
     links: tuple[_Link, ...]
     inert: tuple[str, ...]  # tensors without effect on the output (a shared expert of width 0), kept for reverting
 
@@ -251,6 +283,32 @@ def _shared_expert(block: nn.Module, family: Family) -> tuple[int, list[_Link], 
     return width, [_Link(theirs, ours) for theirs, ours in pairs], []
 
 
+def _gpt_oss_plan(block: nn.Module, config: Any, family: Family) -> _Plan:
+    """GPT-OSS: a router with a bias whose top-k logits go through a softmax (moeflux's renormalized softmax),
+    experts with biases and the clamped SwiGLU, gate and up columns interleaved, stored [E, in, out]."""
+    experts, router = block.experts, block.router
+    if _is_dtensor(experts.gate_up_proj) or getattr(experts, "_is_expert_parallel", False):
+        raise UnsupportedBlockError("its weights are sharded by transformers' tensor/expert parallelism (tp_plan): "
+                                    "load the model unsharded and split the experts with ep_group instead")
+    num_experts, d_model, two_ffn = experts.gate_up_proj.shape
+    if two_ffn % 2 or tuple(experts.down_proj.shape) != (num_experts, two_ffn // 2, d_model):
+        raise UnsupportedBlockError(f"unexpected expert shapes gate_up_proj {tuple(experts.gate_up_proj.shape)}, "
+                                    f"down_proj {tuple(experts.down_proj.shape)}")
+    links = [_Link("router.weight", "router.weight"), _Link("router.bias", "router.bias"),
+             _Link("experts.gate_up_proj", "experts.w_in", experts=True, layout="interleaved"),
+             _Link("experts.gate_up_proj_bias", "experts.b_in", experts=True, layout="interleaved"),
+             _Link("experts.down_proj", "experts.w_out", experts=True, layout="same"),
+             _Link("experts.down_proj_bias", "experts.b_out", experts=True, layout="same")]
+    unknown = sorted(set(_tensor_names(block)) - {link.hf for link in links})
+    if unknown:
+        raise UnsupportedBlockError(f"{', '.join(unknown)}: no moeflux.MoE counterpart")
+    moe_kwargs = dict(d_model=int(d_model), d_ffn=int(two_ffn) // 2, num_experts=int(num_experts),
+                      top_k=int(router.top_k), renormalize=True, router_bias=True, expert_bias=True,
+                      activation="clamped_swiglu", swiglu_limit=float(experts.limit),
+                      swiglu_alpha=float(experts.alpha))
+    return _Plan(family, moe_kwargs, TupleOutputMoE, tuple(links), ())
+
+
 def _plan(block: nn.Module, config: Any) -> _Plan:
     """Checks that ``block`` converts exactly; raises UnsupportedBlockError(reason) otherwise."""
     kind = type(block).__name__
@@ -265,6 +323,8 @@ def _plan(block: nn.Module, config: Any) -> _Plan:
             "config.output_router_logits=True: converted blocks do not return transformers' router logits (nor "
             "its aux loss); set config.output_router_logits = False, pass aux_loss_weight (e.g. "
             "config.router_aux_loss_coef) to convert_model and add moeflux.aux_loss(model) to the loss")
+    if family.planner is not None:
+        return family.planner(block, config, family)
     _check_experts(block, config)
     options = family.router_options(block, config)
     links = [_Link("gate.weight", "router.weight"), *_EXPERT_LINKS]
@@ -279,7 +339,7 @@ def _plan(block: nn.Module, config: Any) -> _Plan:
     moe_kwargs = dict(d_model=int(d_model), d_ffn=int(two_ffn) // 2, num_experts=int(num_experts),
                       top_k=int(block.gate.top_k), shared_expert_ffn=int(shared_ffn),
                       shared_expert_gate=bool(shared_ffn) and family.shared_gate is not None, **options)
-    return _Plan(family, moe_kwargs, tuple(links), tuple(inert))
+    return _Plan(family, moe_kwargs, MoE, tuple(links), tuple(inert))
 
 
 # ---- moving tensors between the two modules
@@ -337,12 +397,12 @@ def _config_of(block: nn.Module, default: Any = None) -> Any:
 def _build(block: nn.Module, plan: _Plan, config: Any, ep_group: ExpertParallelGroups | dist.ProcessGroup | None,
            aux_loss_weight: float) -> MoE:
     # Built on the meta device: every tensor is then taken from the block, in the block's dtype.
-    moe = MoE(**plan.moe_kwargs, aux_loss_weight=aux_loss_weight, ep_group=ep_group, device="meta",
-              dtype=block.experts.gate_up_proj.dtype)
+    moe = plan.module(**plan.moe_kwargs, aux_loss_weight=aux_loss_weight, ep_group=ep_group, device="meta",
+                      dtype=block.experts.gate_up_proj.dtype)
     held = list(moe.placement.experts_of())  # the global experts this rank holds, in slot order
     for link in plan.links:
         theirs = _get(block, link.hf)
-        value = _rows(theirs.detach(), held).transpose(1, 2) if link.experts else theirs
+        value = _to_ours(_rows(theirs.detach(), held), link.layout) if link.experts else theirs
         _assign(moe, link.ours, _copy(value), theirs.requires_grad)
     for name in plan.inert:
         moe.register_buffer(_inert_buffer(name), _copy(_get(block, name)), persistent=False)
@@ -391,7 +451,7 @@ def to_hf_block(moe: MoE) -> nn.Module:
         block = origin.cls(origin.config)
     for link in origin.links:
         ours = _get(moe, link.ours)
-        value = _gather_experts(moe, ours).transpose(1, 2) if link.experts else ours
+        value = _to_theirs(_gather_experts(moe, ours), link.layout) if link.experts else ours
         _assign(block, link.hf, _copy(value), ours.requires_grad)
     for name, requires_grad in origin.inert.items():
         _assign(block, name, _copy(getattr(moe, _inert_buffer(name))), requires_grad)

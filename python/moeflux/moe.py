@@ -15,7 +15,7 @@ from .instrumentation import layer_scope
 from .distributed import ExpertParallelGroups, check_agreement
 from .balance import FixedShadows, ShadowCostModel
 from .exchange import Exchange, ShadowPolicy, make_exchange
-from .experts import ACTIVATIONS, GroupedExperts, SharedExpert
+from .experts import ACTIVATIONS, GroupedExperts, SharedExpert, activation_spec
 from .placement import ExpertPlacement
 from .router import Router
 
@@ -47,7 +47,11 @@ class MoE(nn.Module):
             takes at most ``ceil(capacity_factor * tokens * top_k / E)`` tokens
             and the rest are dropped (their slot contributes zero; keep a
             residual connection around the layer).
-        activation: ``"swiglu"`` or ``"gelu"``.
+        activation: ``"swiglu"``, ``"gelu"`` or ``"clamped_swiglu"`` (GPT-OSS:
+            ``g = min(gate, swiglu_limit)``, ``(clamp(up, ±swiglu_limit) + 1) * g * sigmoid(swiglu_alpha * g)``).
+        expert_bias: per-expert biases after each expert GEMM (GPT-OSS); bulk
+            exchange only (not with a pipelined schedule or shadowing).
+        router_bias: a bias on the router's logits (GPT-OSS).
         renormalize: divide the top-k weights by their sum (top-k-then-softmax).
         drop_policy: with a capacity, which assignments an expert keeps:
             ``"position"`` (first choices first, then token order; GShard) or
@@ -110,6 +114,10 @@ class MoE(nn.Module):
         capacity_factor: float | None = None,
         *,
         activation: str = "swiglu",
+        swiglu_limit: float = 7.0,
+        swiglu_alpha: float = 1.702,
+        expert_bias: bool = False,
+        router_bias: bool = False,
         renormalize: bool = False,
         drop_policy: str = "position",
         aux_loss_weight: float = 1e-2,
@@ -144,6 +152,10 @@ class MoE(nn.Module):
         try:
             _check_arguments(d_model, d_ffn, num_experts, top_k, capacity_factor, activation, drop_policy,
                              aux_loss_weight, z_loss_weight, self.ep_size)
+            activation_name = activation_spec(activation, swiglu_limit, swiglu_alpha)
+            if expert_bias and (schedule != "bulk" or shadowing not in ("off", None)):
+                raise ValueError(f"expert_bias=True works with schedule='bulk' and shadowing='off' only, got "
+                                 f"schedule={schedule!r}, shadowing={shadowing!r}")
             error = None
         except ValueError as e:
             if ep_group is None:
@@ -153,7 +165,8 @@ class MoE(nn.Module):
             check_agreement(
                 ep_group, "moeflux.MoE", local_error=error, num_experts=num_experts, ep_size=self.ep_size,
                 d_model=d_model, d_ffn=d_ffn, top_k=top_k, dtype=dtype or torch.get_default_dtype(),
-                capacity_factor=capacity_factor, activation=activation, renormalize=renormalize, scoring=scoring,
+                capacity_factor=capacity_factor, activation=activation if error else activation_name,
+                expert_bias=expert_bias, router_bias=router_bias, renormalize=renormalize, scoring=scoring,
                 num_groups=num_groups, top_groups=top_groups, group_score_top=group_score_top,
                 shared_expert_ffn=shared_expert_ffn, schedule=schedule, chunks=chunks,
                 pairwise_group_size=pairwise_group_size, shadowing=shadowing,
@@ -167,14 +180,16 @@ class MoE(nn.Module):
             d_model, num_experts, top_k, renormalize=renormalize, scoring=scoring, use_expert_bias=use_expert_bias,
             num_groups=num_groups, top_groups=top_groups, group_score_top=group_score_top,
             routed_scaling_factor=routed_scaling_factor,
-            router_dtype=router_dtype, router_jitter=router_jitter, noisy_gating=noisy_gating, **factory,
+            router_dtype=router_dtype, router_jitter=router_jitter, noisy_gating=noisy_gating, bias=router_bias,
+            **factory,
         )
         self.shared_expert = (
             SharedExpert(d_model, shared_expert_ffn, shared_expert_gate, **factory) if shared_expert_ffn else None
         )
         self.placement = ExpertPlacement(num_experts, self.ep_size, self.ep_rank)
         self.experts = GroupedExperts(
-            self.placement.local_experts, d_model, d_ffn, activation, placement=self.placement, **factory
+            self.placement.local_experts, d_model, d_ffn, activation_name, bias=expert_bias, placement=self.placement,
+            **factory
         )
         self.exchange = make_exchange(self.placement, ep_group, schedule, chunks, pairwise_group_size,
                                       _shadow_policy(shadowing, device))

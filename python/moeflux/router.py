@@ -29,7 +29,8 @@ class Router(nn.Module):
     ``group_score_top`` best scores: 2 in DeepSeek-V3, 1 in DeepSeek-V2's
     ``group_limited_greedy``). ``router_dtype`` computes the logits in
     that dtype (e.g. float32 for a bfloat16 model). :class:`moeflux.MoE` takes
-    the same options under the same names.
+    the same options under the same names (``bias``: ``router_bias``, a bias on
+    the logits, GPT-OSS).
 
     Training-time exploration (both off by default):
       * ``router_jitter``: multiply the input by ``U(1 - jitter, 1 + jitter)`` (Switch Transformer);
@@ -53,6 +54,7 @@ class Router(nn.Module):
         router_dtype: torch.dtype | None = None,
         router_jitter: float = 0.0,
         noisy_gating: bool = False,
+        bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -78,12 +80,16 @@ class Router(nn.Module):
         self.routed_scaling_factor, self.router_dtype = routed_scaling_factor, router_dtype
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, **factory))
+        self.bias = nn.Parameter(torch.empty(num_experts, **factory)) if bias else None
         self.noise_weight = nn.Parameter(torch.empty(num_experts, d_model, **factory)) if noisy_gating else None
         self.register_buffer("expert_bias", torch.zeros(num_experts, device=device) if use_expert_bias else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default
+        if self.bias is not None:
+            bound = 1 / self.weight.shape[1] ** 0.5
+            nn.init.uniform_(self.bias, -bound, bound)
         if self.noise_weight is not None:
             nn.init.zeros_(self.noise_weight)
 
@@ -91,9 +97,10 @@ class Router(nn.Module):
         if self.training and self.router_jitter > 0:
             x = x * torch.empty_like(x).uniform_(1 - self.router_jitter, 1 + self.router_jitter)
         if self.router_dtype is not None:
-            logits = F.linear(x.to(self.router_dtype), self.weight.to(self.router_dtype))
+            bias = self.bias.to(self.router_dtype) if self.bias is not None else None
+            logits = F.linear(x.to(self.router_dtype), self.weight.to(self.router_dtype), bias)
         else:
-            logits = F.linear(x, self.weight)
+            logits = F.linear(x, self.weight, self.bias)
         if self.training and self.noise_weight is not None:
             logits = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise_weight).to(logits.dtype))
         weights, expert_ids = ops.route(logits, self.top_k, self.renormalize, self.scoring, self.expert_bias,
