@@ -40,19 +40,24 @@ fi
 
 # Everything the build reads, the torch it builds against and the MOEFLUX_* switches: unchanged means no build.
 stamp=$("$PYTHON" - <<'EOF'
-import hashlib, importlib.metadata, os, pathlib
+import hashlib, importlib.metadata, os, pathlib, shutil, sysconfig
 h = hashlib.sha256()
 for top in ("csrc", "cuda", "cmake", "tests/cpp", "CMakeLists.txt", "setup.py", "pyproject.toml"):
     top = pathlib.Path(top)
     for path in sorted([top] if top.is_file() else top.rglob("*")):
         if path.is_file():
             h.update(str(path).encode() + b"\0" + path.read_bytes())
-h.update(importlib.metadata.version("torch").encode() + repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("MOEFLUX_"))).encode())
+# and what decides how it builds: the torch, this Python's extension suffix, the compilers found, the switches
+env = sorted((k, v) for k, v in os.environ.items()
+             if k.startswith("MOEFLUX_") or k in ("CC", "CXX", "CUDA_HOME", "CUDACXX", "TORCH_CUDA_ARCH_LIST"))
+h.update(repr((importlib.metadata.version("torch"), sysconfig.get_config_var("EXT_SUFFIX"), shutil.which("nvcc"),
+               shutil.which("c++"), env)).encode())
 print(h.hexdigest())
 EOF
 )
 if [ "$(cat "$BUILD_DIR/.setup-stamp" 2>/dev/null)" = "$stamp" ] && "$PYTHON" -c "import importlib.util as u, sys; \
-sys.exit(not u.find_spec('moeflux') or not list(__import__('pathlib').Path('python/moeflux').glob('_C*.so')))"; then
+sys.exit(not u.find_spec('moeflux') or not __import__('pathlib').Path('python/moeflux/_C' + \
+__import__('sysconfig').get_config_var('EXT_SUFFIX')).exists())"; then
   say "moeflux is built and no source changed: build skipped"
 else
   cuda_note=""

@@ -156,6 +156,10 @@ CONSTRUCTION = {
         (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups,
                                                  capacity_factor=float("inf") if rank == world - 1 else 1.0),
          r"capacity_factor must be a finite number > 0", r"failed its own check \(capacity_factor must be"),
+    "MoE: a capacity factor of the wrong type on one rank (TypeError)":
+        (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups,
+                                                 capacity_factor="1.5" if rank == world - 1 else 1.5),
+         r"moeflux.MoE: '>' not supported", r"failed its own check \('>' not supported"),
     "DataParallel: a parameter's shape differs":
         (lambda rank, world, groups: moeflux.DataParallel(_model(rank, world, groups, wider_on_last=True)),
          r"moeflux.DataParallel: ranks hold different parameters: parameter 0 is '0.weight' \[\d, 8\] float32", None),
@@ -184,7 +188,7 @@ def construction_faults(rank: int, world: int) -> dict:
         try:
             action(rank, world, groups)
             outcomes[name] = ("no error", time.monotonic() - start)
-        except (ValueError, RuntimeError) as error:
+        except (ValueError, RuntimeError, TypeError) as error:
             outcomes[name] = (str(error).splitlines()[0], time.monotonic() - start)
     # init_expert_parallel's groups run under the world's timeout (GROUP_TIMEOUT, not torch's 30 minutes), or
     # the one given.

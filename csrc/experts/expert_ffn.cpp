@@ -70,10 +70,15 @@ void add_expert_bias(at::Tensor& x, const at::Tensor& bias, const at::Tensor& ex
   x.add_(padded.index_select(0, experts));
 }
 
-// The bias gradient: each expert's rows of `grad` summed.
+// The bias gradient: each expert's rows of `grad` summed, in float32 for half types (a bf16 running sum stops
+// growing once its rounding step exceeds the addends).
 at::Tensor expert_bias_grad(const at::Tensor& grad, const at::Tensor& experts, int64_t num_experts) {
-  return at::zeros({num_experts + 1, grad.size(1)}, grad.options()).index_add_(0, experts, grad).narrow(0, 0,
-                                                                                                        num_experts);
+  const bool half = grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16;
+  const at::Tensor g = half ? grad.to(at::kFloat) : grad;
+  return at::zeros({num_experts + 1, grad.size(1)}, g.options())
+      .index_add_(0, experts, g)
+      .narrow(0, 0, num_experts)
+      .to(grad.scalar_type());
 }
 
 Segments ffn_segments(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,

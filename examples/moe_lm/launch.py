@@ -28,13 +28,14 @@ def _stop(processes, sig: int) -> None:
                 pass
 
 
-def spawn_ranks(target: Callable, world: int, args: tuple, grace_seconds: float = 120.0) -> int:
+def spawn_ranks(target: Callable, world: int, args: tuple, grace_seconds: float = 600.0) -> int:
     """Runs target(rank, *args) in `world` spawned processes; returns 0, or the signal exit code (130, 143)
     when the run was interrupted and the ranks stopped as asked (target exits with that code); raises
     RankFailed when a rank failed.
 
     The first SIGINT/SIGTERM is passed on to every rank (they finish the step, save and exit with 128 + the
-    signal); a second one, or ranks still running `grace_seconds` later, kills them."""
+    signal); a second one, or ranks still running `grace_seconds` later (long enough for a first step that
+    compiles, and a large save), kills them."""
     context = torch.multiprocessing.get_context("spawn")
     processes = [context.Process(target=target, args=(rank, *args), name=f"rank {rank}") for rank in range(world)]
     received: list[int] = []

@@ -337,10 +337,12 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor], s
             window_start, window_steps = time.perf_counter(), 0
         if bar is not None:
             bar.update(1)
-        if step % args.checkpoint_every == 0 and step != args.steps:
+        saved = step % args.checkpoint_every == 0 and step != args.steps
+        if saved:
             checkpoint.save(args.out / "checkpoint.pt", lm, optimizer, schedule, step, asdict(config), metrics)
         if step != args.steps and (signum := stop.agreed(device)):
-            checkpoint.save(args.out / "checkpoint.pt", lm, optimizer, schedule, step, asdict(config), metrics)
+            if not saved:
+                checkpoint.save(args.out / "checkpoint.pt", lm, optimizer, schedule, step, asdict(config), metrics)
             if bar is not None:
                 bar.close()
                 path = args.out / "checkpoint.pt"

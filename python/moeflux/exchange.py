@@ -86,12 +86,13 @@ class Exchange(ABC):
 
     @staticmethod
     def _failed_probe(hidden: int, dtype: torch.dtype, like: Tensor) -> Tensor:
-        """No tokens, with the header the peers will compare: the failing rank's width and dtype where the
-        exchange can carry them and they differ from the layer's (peers then name them); otherwise (a
-        non-float dtype, or only the device was wrong) another float dtype stands in, so that they differ."""
-        hidden = hidden if hidden > 0 else like.shape[-1]  # no tokens of width 0: the op would refuse them
-        if not dtype.is_floating_point or (hidden == like.shape[-1] and dtype == like.dtype):
-            dtype = torch.float64 if like.dtype != torch.float64 else torch.float32
+        """No tokens, with a header the peers' cannot equal: the failing rank's own width where it differs from
+        the layer's, else the layer's width + 1 (peers that passed the checks send exactly d_model, in whatever
+        dtype autocast gave them); its own dtype where the exchange can carry it (a float one)."""
+        if hidden in (0, like.shape[-1]):
+            hidden = like.shape[-1] + 1
+        if not dtype.is_floating_point:
+            dtype = like.dtype
         return torch.empty((0, hidden), dtype=dtype, device=like.device)
 
     def _positions(self, expert_ids: Tensor) -> Tensor:

@@ -157,7 +157,7 @@ class MoE(nn.Module):
                 raise ValueError(f"expert_bias=True works with schedule='bulk' and shadowing='off' only, got "
                                  f"schedule={schedule!r}, shadowing={shadowing!r}")
             error = None
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             if ep_group is None:
                 raise
             error = str(e)  # raised by the agreement, on every rank of the group: none is left waiting in it
