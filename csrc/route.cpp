@@ -38,11 +38,11 @@ RouteOptions route_options(bool renormalize, c10::string_view scoring, double sc
   return RouteOptions{renormalize, scoring == "sigmoid", scale};
 }
 
-// DeepSeek's group-limited choice: experts are split into num_groups groups;
-// a group's score is the sum of its group_score_top best scores (+ bias; all of
-// them where a group has fewer): two
-// in DeepSeek-V3, one (the maximum) in DeepSeek-V2; only the experts of the
-// top_groups best groups may be chosen. Returns allowed [T, E] (bool).
+// DeepSeek's group-limited choice: experts are split into num_groups groups; a
+// group's score is the sum of its group_score_top best scores (+ bias; all of
+// them where a group has fewer): two in DeepSeek-V3, one (the maximum) in
+// DeepSeek-V2. Only the experts of the top_groups best groups may be chosen.
+// Returns allowed [T, E] (bool).
 // Written with ATen ops: it is O(T * E) and only used when num_groups > 1.
 at::Tensor allowed_experts(const at::Tensor& logits, const RouteOptions& options, const at::Tensor& bias,
                            int64_t num_groups, int64_t top_groups, int64_t group_score_top) {
@@ -92,7 +92,8 @@ std::tuple<at::Tensor, at::Tensor> route(const DeviceKernels& kernels, const at:
   at::Tensor weights = at::empty({x.size(0), k}, x.options().dtype(acc));
   at::Tensor expert_ids = at::empty({x.size(0), k}, x.options().dtype(at::kInt));
   if (x.size(0) > 0) {
-    const at::Tensor allowed = num_groups > 1 ? allowed_experts(x, options, bias, num_groups, top_groups, group_score_top) : at::Tensor();
+    const at::Tensor allowed =
+        num_groups > 1 ? allowed_experts(x, options, bias, num_groups, top_groups, group_score_top) : at::Tensor();
     kernels.route_forward(x, options, bias, allowed, weights, expert_ids);
   }
   return {weights, expert_ids};

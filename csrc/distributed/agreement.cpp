@@ -28,8 +28,8 @@ std::string describe(const std::vector<const char*>& names, const int64_t* value
 
 c10::Device exchange_device(const c10::Device& device) { return device.is_cuda() ? device : c10::Device(c10::kCPU); }
 
-void agree(c10d::ProcessGroup& group, const std::vector<int64_t>& fields, const char* op,
-           const std::vector<const char*>& names, const c10::Device& device, const std::string& error) {
+at::Tensor exchange_checked(c10d::ProcessGroup& group, const std::vector<int64_t>& fields, const char* op,
+                            const c10::Device& device, const std::string& error) {
   const int64_t world = group.getSize(), n = static_cast<int64_t>(fields.size()) + 1;
   at::Tensor mine = at::empty({1, n}, at::TensorOptions().dtype(at::kLong));
   int64_t* m = mine.mutable_data_ptr<int64_t>();
@@ -43,9 +43,17 @@ void agree(c10d::ProcessGroup& group, const std::vector<int64_t>& fields, const 
     TORCH_CHECK(h[r * n] == 0, "moeflux.", op, ": rank ", r, " of the process group passed invalid arguments ",
                 "(its error says which), so no rank takes part in the collective");
   }
-  for (int64_t r = 0; r < world; ++r) {
-    TORCH_CHECK(std::equal(h + r * n + 1, h + (r + 1) * n, fields.begin()), "moeflux.", op,
-                ": ranks of the process group disagree: rank ", r, " passed ", describe(names, h + r * n + 1),
+  return all.narrow(1, 1, n - 1).contiguous();
+}
+
+void agree(c10d::ProcessGroup& group, const std::vector<int64_t>& fields, const char* op,
+           const std::vector<const char*>& names, const c10::Device& device, const std::string& error) {
+  const at::Tensor all = exchange_checked(group, fields, op, device, error);
+  const int64_t n = static_cast<int64_t>(fields.size());
+  const int64_t* h = all.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < group.getSize(); ++r) {
+    TORCH_CHECK(std::equal(h + r * n, h + (r + 1) * n, fields.begin()), "moeflux.", op,
+                ": ranks of the process group disagree: rank ", r, " passed ", describe(names, h + r * n),
                 "; rank ", group.getRank(), " passed ", describe(names, fields.data()));
   }
 }

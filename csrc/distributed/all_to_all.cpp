@@ -6,9 +6,8 @@
 #include <numeric>
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/util/accumulate.h>
 #include <ATen/record_function.h>
+#include <c10/util/accumulate.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 #include "csrc/checks.h"
@@ -118,35 +117,26 @@ namespace {
 // all reach the same verdict, with the same message, in one exchange sized by the group alone.
 void agree_on_splits(const at::Tensor& input, const std::vector<int64_t>& out_splits,
                      const std::vector<int64_t>& in_splits, c10d::ProcessGroup& group, const std::string& error) {
-  const int64_t world = group.getSize(), n = 4 + 2 * world;
-  at::Tensor mine = at::zeros({1, n}, at::TensorOptions().dtype(at::kLong));
-  int64_t* m = mine.mutable_data_ptr<int64_t>();
-  m[0] = error.empty() ? 0 : 1;
+  const int64_t world = group.getSize(), n = 3 + 2 * world;
+  std::vector<int64_t> mine(n, 0);  // zeros from a rank whose checks failed: exchange_checked raises first
   if (error.empty()) {
-    m[1] = input.dim();
-    m[2] = c10::multiply_integers(input.sizes().slice(1));  // elements per row
-    m[3] = static_cast<int64_t>(input.scalar_type());
-    std::copy(in_splits.begin(), in_splits.end(), m + 4);
-    std::copy(out_splits.begin(), out_splits.end(), m + 4 + world);
+    mine[0] = input.dim();
+    mine[1] = c10::multiply_integers(input.sizes().slice(1));  // elements per row
+    mine[2] = static_cast<int64_t>(input.scalar_type());
+    std::copy(in_splits.begin(), in_splits.end(), mine.begin() + 3);
+    std::copy(out_splits.begin(), out_splits.end(), mine.begin() + 3 + world);
   }
-  const std::vector<int64_t> ones(world, 1);
-  const at::Tensor all = exchange_rows(mine.to(exchange_device(input.device())).expand({world, n}), ones, ones, group,
-                                       "all_to_all", "agreement").cpu();
+  const at::Tensor all = exchange_checked(group, mine, "all_to_all", exchange_device(input.device()), error);
   const int64_t* h = all.const_data_ptr<int64_t>();
-  TORCH_CHECK(error.empty(), error);
-  for (int64_t r = 0; r < world; ++r) {
-    TORCH_CHECK(h[r * n] == 0, "moeflux.all_to_all: rank ", r, " of the process group passed invalid arguments ",
-                "(its error says which), so no rank takes part in the exchange");
-  }
   for (int64_t r = 1; r < world; ++r) {
-    TORCH_CHECK(std::equal(h + r * n + 1, h + r * n + 4, h + 1), "moeflux.all_to_all: ranks of the process group ",
-                "disagree on the rows: rank 0 sends ", h[1], "-D rows of ", h[2], " elements of dtype ",
-                static_cast<at::ScalarType>(h[3]), ", rank ", r, " sends ", h[r * n + 1], "-D rows of ",
-                h[r * n + 2], " elements of dtype ", static_cast<at::ScalarType>(h[r * n + 3]));
+    TORCH_CHECK(std::equal(h + r * n, h + r * n + 3, h), "moeflux.all_to_all: ranks of the process group ",
+                "disagree on the rows: rank 0 sends ", h[0], "-D rows of ", h[1], " elements of dtype ",
+                static_cast<at::ScalarType>(h[2]), ", rank ", r, " sends ", h[r * n], "-D rows of ",
+                h[r * n + 1], " elements of dtype ", static_cast<at::ScalarType>(h[r * n + 2]));
   }
   for (int64_t src = 0; src < world; ++src) {
     for (int64_t dst = 0; dst < world; ++dst) {
-      const int64_t sent = h[src * n + 4 + dst], expected = h[dst * n + 4 + world + src];
+      const int64_t sent = h[src * n + 3 + dst], expected = h[dst * n + 3 + world + src];
       TORCH_CHECK(sent == expected, "moeflux.all_to_all: rank ", src, " sends ", sent, " rows to rank ", dst,
                   ", which expects ", expected, " (rank ", src, "'s input_split_sizes[", dst, "] must equal rank ",
                   dst, "'s output_split_sizes[", src, "])");

@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t world = group->getSize();
   auto check_experts = [&] {
     check_num_experts(num_experts, op);
-    TORCH_CHECK(num_experts >= 1 && num_experts % world == 0, "moeflux.dispatch: num_experts must be a positive ",
+    TORCH_CHECK(num_experts % world == 0, "moeflux.dispatch: num_experts must be a positive ",
                 "multiple of the expert-parallel group size ", world, ", got ", num_experts);
   };
   if (agree_first) {

@@ -84,7 +84,7 @@ at::Tensor routing_counts(const at::Tensor& tokens, const at::Tensor& expert_ids
     check_same_device(expert_ids, tokens, op, "expert_ids", "tokens");
     check_device_supported(tokens, op, "tokens");
     check_num_experts(num_experts, op);
-    TORCH_CHECK(num_experts >= 1 && num_experts % world == 0, "moeflux.", op, ": num_experts must be a positive ",
+    TORCH_CHECK(num_experts % world == 0, "moeflux.", op, ": num_experts must be a positive ",
                 "multiple of the group size ", world, ", got ", num_experts);
     fields = {tokens.size(1), static_cast<int64_t>(tokens.scalar_type())};
   });
