@@ -103,6 +103,10 @@ MODULE_CASES = {
     "groups do not divide": (dict(num_groups=3), "num_groups must divide num_experts (4)"),
     "top_k beyond the groups": (dict(num_groups=4, top_groups=1), "top_k=2 exceeds the 1 experts of top_groups=1"),
     "non-positive scale": (dict(routed_scaling_factor=0.0), "routed_scaling_factor must be > 0"),
+    "group score of no expert": (dict(num_groups=2, group_score_top=0), "group_score_top must be an int >= 1"),
+    "clamp limit 0": (dict(activation="clamped_swiglu", swiglu_limit=0.0), "swiglu_limit must be a finite number > 0"),
+    "infinite clamp alpha": (dict(activation="clamped_swiglu", swiglu_alpha=float("inf")), "swiglu_alpha finite"),
+    "an ops activation name": (dict(activation="clamped_swiglu:7:1.7"), "activation must be one of"),
 }
 
 
@@ -118,6 +122,30 @@ def test_module_rejects_wrong_width():
     moe = moeflux.MoE(8, 16, 4)
     with pytest.raises(ValueError, match=r"expects input \[..., d_model=8\], got shape \(2, 3, 7\)"):
         moe(torch.randn(2, 3, 7))
+
+
+@pytest.mark.parametrize("x, message", [
+    (torch.tensor(1.0), "expects input [..., d_model=8], got shape ()"),
+    (torch.randn(3, 8, dtype=torch.float64), "expects input of dtype torch.float32 (its weights' dtype), got "
+                                             "torch.float64"),
+    (torch.ones(3, 8, dtype=torch.int64), "expects input of dtype torch.float32 (its weights' dtype), got torch.int64"),
+    (torch.empty(3, 8, device="meta"), "expects input on cpu (its weights' device), got meta"),
+], ids=["scalar", "float64", "int64", "meta"])
+def test_module_rejects_input_of_another_dtype_or_device(x, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        moeflux.MoE(8, 16, 4)(x)
+
+
+@pytest.mark.parametrize("activation, message", [
+    ("clamped_swiglu:a:b", "limit and alpha must be numbers"),
+    ("swiglu:1:2", "activation must be one of"),
+    ("clamped_swiglu:7", "activation must be one of"),
+    ("clamped_swiglu:-1:1.7", "swiglu_limit must be a finite number > 0"),
+])
+def test_grouped_experts_checks_the_activation_name(activation, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        moeflux.GroupedExperts(2, 8, 4, activation)
+    assert moeflux.GroupedExperts(2, 8, 4, "clamped_swiglu").activation == "clamped_swiglu:7.0:1.702"
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")

@@ -72,14 +72,7 @@ def check_agreement(group: dist.ProcessGroup, what: str, local_error: str | None
 
     One small all-gather; meant for construction time, not for every step.
     """
-    gathered: list[dict[str, object]] = [{} for _ in range(dist.get_world_size(group))]
-    dist.all_gather_object(gathered, {"local_error": local_error, **values}, group=group)
-    if local_error is not None:
-        raise ValueError(f"{what}: {local_error}")
-    failed = [(r, g["local_error"]) for r, g in enumerate(gathered) if g["local_error"] is not None]
-    if failed:
-        rank, message = failed[0]
-        raise ValueError(f"{what}: rank {rank} of the process group failed its own check ({message})")
+    gathered = _gather_checked(group, what, local_error, values)
     differing = sorted(k for k in values if len({repr(g[k]) for g in gathered}) > 1)
     if differing:
         per_rank = "; ".join(
@@ -94,13 +87,7 @@ def check_same_parameters(group: dist.ProcessGroup, what: str, parameters: list[
     shapes and dtypes, in the same order (what DDP verifies at construction), or if a rank's ``local_error`` is
     set. ``parameters``: ``(name, tensor)``. One all-gather of the descriptions."""
     mine = [(name, tuple(p.shape), str(p.dtype).removeprefix("torch.")) for name, p in parameters]
-    gathered: list[object] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (local_error, mine), group=group)
-    if local_error is not None:
-        raise ValueError(f"{what}: {local_error}")
-    for rank, (error, theirs) in enumerate(gathered):
-        if error is not None:
-            raise ValueError(f"{what}: rank {rank} of the process group failed its own check ({error})")
+    for rank, theirs in enumerate(_gather_checked(group, what, local_error, mine)):
         if theirs == mine:
             continue
         me = dist.get_rank(group)
@@ -111,3 +98,16 @@ def check_same_parameters(group: dist.ProcessGroup, what: str, parameters: list[
         show = lambda d: f"'{d[0]}' {list(d[1])} {d[2]}"  # noqa: E731
         raise ValueError(f"{what}: ranks hold different parameters: parameter {i} is {show(theirs[i])} on rank "
                          f"{rank} and {show(mine[i])} on rank {me}")
+
+
+def _gather_checked(group: dist.ProcessGroup, what: str, local_error: str | None, payload: object) -> list:
+    """Every rank's ``payload`` (one all-gather), after raising on every rank if any rank's own check failed:
+    that rank with its ``local_error``, the others naming it."""
+    gathered: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (local_error, payload), group=group)
+    if local_error is not None:
+        raise ValueError(f"{what}: {local_error}")
+    for rank, (error, _) in enumerate(gathered):
+        if error is not None:
+            raise ValueError(f"{what}: rank {rank} of the process group failed its own check ({error})")
+    return [theirs for _, theirs in gathered]

@@ -77,26 +77,26 @@ class Exchange(ABC):
         out = self.combine(experts(batch.rows, batch.tokens_per_expert, batch.capacity), plan, weights)
         return out, batch.tokens_per_expert
 
-    def join_failed_dispatch(self, hidden: int, dtype: torch.dtype, like: Tensor, top_k: int,
-                             capacity: int | None) -> None:
-        """This rank's input (``hidden`` wide, of ``dtype``) failed a check: take part in what the other ranks
-        are waiting in, with no tokens, so that they raise too instead of waiting (nothing to do without
-        collectives). ``like``: a tensor of the layer's (device, dtype). Errors of the joined collective are
-        swallowed here: the caller raises its own."""
-
-    @staticmethod
-    def _failed_probe(hidden: int, dtype: torch.dtype, like: Tensor) -> Tensor:
-        """No tokens, with a header the peers' cannot equal: the failing rank's own width where it differs from
-        the layer's, else the layer's width + 1 (peers that passed the checks send exactly d_model, in whatever
-        dtype autocast gave them); its own dtype where the exchange can carry it (a float one)."""
-        if hidden in (0, like.shape[-1]):
-            hidden = like.shape[-1] + 1
-        if not dtype.is_floating_point:
-            dtype = like.dtype
-        return torch.empty((0, hidden), dtype=dtype, device=like.device)
+    def join_failed_dispatch(self, probe: Tensor, top_k: int, capacity: int | None) -> None:
+        """This rank's input failed a check: take part in what the other ranks are waiting in, sending ``probe``
+        (:func:`failed_probe`: no tokens, a header no healthy rank sends), so that they raise too instead of
+        waiting (nothing to do without collectives). Errors of the joined collective are swallowed here: the
+        caller raises its own."""
 
     def _positions(self, expert_ids: Tensor) -> Tensor:
         return self.placement.to_positions(expert_ids)
+
+
+def failed_probe(x: Tensor, like: Tensor) -> Tensor:
+    """What a rank whose input ``x`` failed the layer's checks sends into the exchange: no tokens, with a header
+    no healthy peer sends (they send exactly the layer's width, ``like.shape[-1]``, in whatever dtype autocast
+    gave them): ``x``'s own width where it differs, else the layer's + 1; ``x``'s dtype where the exchange can
+    carry it (a float one), else the layer's. On the layer's device (``like``'s), where its collectives run."""
+    hidden = x.shape[-1] if x.dim() > 0 else 0
+    if hidden in (0, like.shape[-1]):
+        hidden = like.shape[-1] + 1
+    dtype = x.dtype if x.dtype.is_floating_point else like.dtype
+    return torch.empty((0, hidden), dtype=dtype, device=like.device)
 
 
 @dataclass(frozen=True)
@@ -156,12 +156,10 @@ class AllToAllExchange(Exchange):
     def combine(self, expert_out: Tensor, plan: ops.DispatchPlan, weights: Tensor | None) -> Tensor:
         return ops.combine(expert_out, plan, weights)
 
-    def join_failed_dispatch(self, hidden: int, dtype: torch.dtype, like: Tensor, top_k: int,
-                             capacity: int | None) -> None:
+    def join_failed_dispatch(self, probe: Tensor, top_k: int, capacity: int | None) -> None:
         # Dropless dispatch starts with the count exchange, which also compares every rank's hidden size and
         # dtype: joining it with no tokens makes it report the mismatch on every rank. (Capacity mode on a GPU
         # has no such exchange yet; on the CPU it travels dropless.)
-        probe = self._failed_probe(hidden, dtype, like)
         if self._wire_capacity(probe, capacity) is None:
             no_ids = torch.empty((0, top_k), dtype=torch.int32, device=probe.device)
             try:
@@ -233,10 +231,8 @@ class ShadowedExchange(AllToAllExchange):
         self.policy = policy
         self.shadowed_experts: tuple[int, ...] = ()  # global experts shadowed by the last forward
 
-    def join_failed_dispatch(self, hidden: int, dtype: torch.dtype, like: Tensor, top_k: int,
-                             capacity: int | None) -> None:
+    def join_failed_dispatch(self, probe: Tensor, top_k: int, capacity: int | None) -> None:
         # The other ranks are in routing_counts (dropless or not), which compares hidden sizes and dtypes.
-        probe = self._failed_probe(hidden, dtype, like)
         no_ids = torch.empty((0, top_k), dtype=torch.int32, device=probe.device)
         try:
             ops.routing_counts(probe, no_ids, self.placement.num_experts, self.group, agree_first=False)

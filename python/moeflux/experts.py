@@ -27,6 +27,20 @@ def activation_spec(activation: str, swiglu_limit: float = 7.0, swiglu_alpha: fl
     return f"clamped_swiglu:{float(swiglu_limit)!r}:{float(swiglu_alpha)!r}"
 
 
+def _parse_activation(activation: str) -> str:
+    """An activation name or an ops name (``"clamped_swiglu:<limit>:<alpha>"``), checked and in the ops'
+    form, so that a malformed one fails here rather than at the first forward."""
+    name, *params = activation.split(":")
+    if params and (name != "clamped_swiglu" or len(params) != 2):
+        raise ValueError(f"activation must be one of {ACTIVATIONS} or 'clamped_swiglu:<limit>:<alpha>', got "
+                         f"{activation!r}")
+    try:
+        numbers = [float(p) for p in params]
+    except ValueError:
+        raise ValueError(f"activation {activation!r}: limit and alpha must be numbers") from None
+    return activation_spec(name, *numbers)
+
+
 class GroupedExperts(nn.Module):
     """``num_experts`` two-layer FFNs with weights stacked per expert.
 
@@ -62,11 +76,8 @@ class GroupedExperts(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        name = activation.split(":")[0]
-        if name not in ACTIVATIONS or (name == "clamped_swiglu") != (activation.count(":") == 2):
-            raise ValueError(f"activation must be 'swiglu', 'gelu' or activation_spec('clamped_swiglu', limit, alpha), "
-                             f"got {activation!r}")
-        self.num_experts, self.d_model, self.d_ffn, self.activation = num_experts, d_model, d_ffn, activation
+        self.num_experts, self.d_model, self.d_ffn = num_experts, d_model, d_ffn
+        self.activation = _parse_activation(activation)
         self.placement = placement if placement is not None else ExpertPlacement(num_experts)
         if self.placement.local_experts != num_experts:
             raise ValueError(f"GroupedExperts: placement holds {self.placement.local_experts} experts per rank, "

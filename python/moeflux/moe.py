@@ -14,8 +14,8 @@ from . import ops
 from .instrumentation import layer_scope
 from .distributed import ExpertParallelGroups, check_agreement
 from .balance import FixedShadows, ShadowCostModel
-from .exchange import Exchange, ShadowPolicy, make_exchange
-from .experts import ACTIVATIONS, GroupedExperts, SharedExpert, activation_spec
+from .exchange import Exchange, ShadowPolicy, failed_probe, make_exchange
+from .experts import GroupedExperts, SharedExpert, activation_spec
 from .placement import ExpertPlacement
 from .router import Router
 
@@ -149,9 +149,10 @@ class MoE(nn.Module):
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
         self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
+        activation_name = activation  # in the expert ops' form once checked
         try:
-            _check_arguments(d_model, d_ffn, num_experts, top_k, capacity_factor, activation, drop_policy,
-                             aux_loss_weight, z_loss_weight, self.ep_size)
+            _check_arguments(d_model, d_ffn, num_experts, top_k, capacity_factor, drop_policy, aux_loss_weight,
+                             z_loss_weight, self.ep_size)
             activation_name = activation_spec(activation, swiglu_limit, swiglu_alpha)
             if expert_bias and (schedule != "bulk" or shadowing not in ("off", None)):
                 raise ValueError(f"expert_bias=True works with schedule='bulk' and shadowing='off' only, got "
@@ -165,7 +166,7 @@ class MoE(nn.Module):
             check_agreement(
                 ep_group, "moeflux.MoE", local_error=error, num_experts=num_experts, ep_size=self.ep_size,
                 d_model=d_model, d_ffn=d_ffn, top_k=top_k, dtype=dtype or torch.get_default_dtype(),
-                capacity_factor=capacity_factor, activation=activation if error else activation_name,
+                capacity_factor=capacity_factor, activation=activation_name,
                 expert_bias=expert_bias, router_bias=router_bias, renormalize=renormalize, scoring=scoring,
                 num_groups=num_groups, top_groups=top_groups, group_score_top=group_score_top,
                 shared_expert_ffn=shared_expert_ffn, schedule=schedule, chunks=chunks,
@@ -219,8 +220,7 @@ class MoE(nn.Module):
         if (error := self._input_error(x)) is not None:
             # The other ranks of the group are about to wait for this one in the exchange: join it so that
             # they raise too (naming what this rank sent), then raise the precise error here.
-            hidden = x.shape[-1] if x.dim() > 0 else 0
-            self.exchange.join_failed_dispatch(hidden, x.dtype, self.router.weight, self.top_k, self.capacity(0))
+            self.exchange.join_failed_dispatch(failed_probe(x, self.router.weight), self.top_k, self.capacity(0))
             raise ValueError(error)
         tokens = x.reshape(-1, self.d_model)
         routing = self.router(tokens)
@@ -257,9 +257,10 @@ class MoE(nn.Module):
         )
 
 
-def _check_arguments(d_model, d_ffn, num_experts, top_k, capacity_factor, activation, drop_policy,
-                     aux_loss_weight, z_loss_weight, ep_size) -> None:
-    """MoE's own argument checks (the router, exchange and shadowing options are checked where they are used)."""
+def _check_arguments(d_model, d_ffn, num_experts, top_k, capacity_factor, drop_policy, aux_loss_weight,
+                     z_loss_weight, ep_size) -> None:
+    """MoE's own argument checks (the activation by activation_spec; the router, exchange and shadowing options
+    where they are used)."""
     for name, value in (("d_model", d_model), ("d_ffn", d_ffn), ("num_experts", num_experts)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -267,8 +268,6 @@ def _check_arguments(d_model, d_ffn, num_experts, top_k, capacity_factor, activa
         raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
     if capacity_factor is not None and not (capacity_factor > 0 and math.isfinite(capacity_factor)):
         raise ValueError(f"capacity_factor must be a finite number > 0, or None (dropless), got {capacity_factor!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     if aux_loss_weight < 0 or z_loss_weight < 0:
