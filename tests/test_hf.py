@@ -361,6 +361,30 @@ def test_unsupported_options_raise():
         hf.convert_model(model)
     assert not any(isinstance(m, moeflux.MoE) for m in model.modules())  # layer 0 was fine: left alone too
 
+    def refused(build, change, message):
+        model = build()
+        change(model.model.layers[1].mlp)
+        with pytest.raises(hf.UnsupportedBlockError, match=message):
+            hf.convert_model(model)
+
+    refused(qwen3_moe, lambda block: setattr(block.experts, "down_proj", torch.nn.Parameter(torch.zeros(8, 32, 5))),
+            r"unexpected expert shapes gate_up_proj \(8, 48, 32\), down_proj \(8, 32, 5\)")
+    refused(gpt_oss, lambda block: setattr(block.experts, "down_proj", torch.nn.Parameter(torch.zeros(4, 5, 32))),
+            r"\(GptOssMLP\): unexpected expert shapes")
+    refused(qwen3_moe, lambda block: setattr(block.experts, "_is_expert_parallel", True),
+            r"sharded by transformers' tensor/expert parallelism")
+    refused(gpt_oss, lambda block: setattr(block.experts, "_is_expert_parallel", True), r"\(GptOssMLP\): its weights "
+            r"are sharded")
+    refused(qwen3_moe, lambda block: setattr(block.experts, "is_transposed", True), "its experts' layout is not")
+    refused(qwen3_moe, lambda block: delattr(block.experts, "gate_up_proj"), "no stacked 'gate_up_proj' weight")
+    refused(gpt_oss, lambda block: block.register_buffer("scale", torch.ones(1)), r"scale: no moeflux\.MoE counterpart")
+    block = qwen3_moe().model.layers[0].mlp
+    for owner in (block, block.experts, block.gate):  # a block that keeps no config
+        if hasattr(owner, "config"):
+            del owner.config
+    with pytest.raises(hf.UnsupportedBlockError, match="pass the model's config to convert it"):
+        hf.from_hf_block(block)
+
     class SomeOtherSparseMoeBlock(torch.nn.Module):
         pass
 

@@ -80,7 +80,7 @@ class UnsupportedBlockError(ValueError):
 @dataclass(frozen=True)
 class Family:
     name: str
-    router_options: Callable[[nn.Module, Any], dict]  # MoE router options; raises UnsupportedBlockError
+    router_options: Callable[[nn.Module, Any], dict] | None  # MoE router options; raises UnsupportedBlockError
     shared: str | None = None  # attribute of the shared expert MLP
     shared_gate: str | None = None  # attribute of its sigmoid gate (Qwen2-MoE, Qwen3-Next)
     planner: Callable[[nn.Module, Any, "Family"], "_Plan"] | None = None  # a layout of its own (GPT-OSS)
@@ -159,7 +159,7 @@ FAMILIES: dict[str, Family] = {
     "DeepseekV2Moe": Family("DeepSeek-V2", _deepseek_v2_router, shared="shared_experts"),
     "DeepseekV3MoE": Family("DeepSeek-V3", _deepseek_v3_router, shared="shared_experts"),
     "Glm4MoeMoE": Family("GLM-4-MoE", _deepseek_v3_router, shared="shared_experts"),
-    "GptOssMLP": Family("GPT-OSS", lambda block, config: {}, planner=lambda *args: _gpt_oss_plan(*args)),
+    "GptOssMLP": Family("GPT-OSS", None, planner=lambda *args: _gpt_oss_plan(*args)),  # its own layout
 }
 
 # Why some well-known blocks are not supported (others get the generic message).
@@ -252,13 +252,32 @@ def _check_experts(block: nn.Module, config: Any) -> None:
     if (getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True)
             or not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False)):
         raise UnsupportedBlockError("its experts' layout is not the [gate; up] stacked one moeflux reads")
-    if getattr(experts, "_is_expert_parallel", False) or any(_is_dtensor(p) for p in block.parameters()):
+    _check_unsharded(block)
+    _expert_dims(experts, in_out=False)
+
+
+def _check_unsharded(block: nn.Module) -> None:
+    if getattr(block.experts, "_is_expert_parallel", False) or any(_is_dtensor(p) for p in block.parameters()):
         raise UnsupportedBlockError("its weights are sharded by transformers' tensor/expert parallelism (tp_plan): "
                                     "load the model unsharded and split the experts with ep_group instead")
-    num_experts, two_ffn, d_model = experts.gate_up_proj.shape
-    if two_ffn % 2 or tuple(experts.down_proj.shape) != (num_experts, d_model, two_ffn // 2):
-        raise UnsupportedBlockError(f"unexpected expert shapes gate_up_proj {tuple(experts.gate_up_proj.shape)}, "
-                                    f"down_proj {tuple(experts.down_proj.shape)}")
+
+
+def _expert_dims(experts: nn.Module, in_out: bool) -> tuple[int, int, int]:
+    """(experts, d_model, d_ffn) of stacked ``gate_up_proj`` and ``down_proj``: stored [E, out, in] (``in_out``
+    False: [E, 2F, H] and [E, H, F]) or [E, in, out] (GPT-OSS: [E, H, 2F] and [E, F, H])."""
+    gate_up, down = tuple(experts.gate_up_proj.shape), tuple(experts.down_proj.shape)
+    num_experts, two_ffn, d_model = (gate_up[0], gate_up[2], gate_up[1]) if in_out else gate_up
+    expected_down = (num_experts, two_ffn // 2, d_model) if in_out else (num_experts, d_model, two_ffn // 2)
+    if two_ffn % 2 or down != expected_down:
+        raise UnsupportedBlockError(f"unexpected expert shapes gate_up_proj {gate_up}, down_proj {down}")
+    return int(num_experts), int(d_model), int(two_ffn) // 2
+
+
+def _check_all_linked(block: nn.Module, links: list[_Link], inert: list[str], why: str = "") -> None:
+    """Every tensor of the block has a moeflux counterpart (or is inert): nothing is dropped silently."""
+    unknown = sorted(set(_tensor_names(block)) - {link.hf for link in links} - set(inert))
+    if unknown:
+        raise UnsupportedBlockError(f"{', '.join(unknown)}: no moeflux.MoE counterpart{why}")
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -286,24 +305,17 @@ def _shared_expert(block: nn.Module, family: Family) -> tuple[int, list[_Link], 
 def _gpt_oss_plan(block: nn.Module, config: Any, family: Family) -> _Plan:
     """GPT-OSS: a router with a bias whose top-k logits go through a softmax (moeflux's renormalized softmax),
     experts with biases and the clamped SwiGLU, gate and up columns interleaved, stored [E, in, out]."""
-    experts, router = block.experts, block.router
-    if _is_dtensor(experts.gate_up_proj) or getattr(experts, "_is_expert_parallel", False):
-        raise UnsupportedBlockError("its weights are sharded by transformers' tensor/expert parallelism (tp_plan): "
-                                    "load the model unsharded and split the experts with ep_group instead")
-    num_experts, d_model, two_ffn = experts.gate_up_proj.shape
-    if two_ffn % 2 or tuple(experts.down_proj.shape) != (num_experts, two_ffn // 2, d_model):
-        raise UnsupportedBlockError(f"unexpected expert shapes gate_up_proj {tuple(experts.gate_up_proj.shape)}, "
-                                    f"down_proj {tuple(experts.down_proj.shape)}")
+    experts = block.experts
+    _check_unsharded(block)
+    num_experts, d_model, d_ffn = _expert_dims(experts, in_out=True)
     links = [_Link("router.weight", "router.weight"), _Link("router.bias", "router.bias"),
              _Link("experts.gate_up_proj", "experts.w_in", experts=True, layout="interleaved"),
              _Link("experts.gate_up_proj_bias", "experts.b_in", experts=True, layout="interleaved"),
              _Link("experts.down_proj", "experts.w_out", experts=True, layout="same"),
              _Link("experts.down_proj_bias", "experts.b_out", experts=True, layout="same")]
-    unknown = sorted(set(_tensor_names(block)) - {link.hf for link in links})
-    if unknown:
-        raise UnsupportedBlockError(f"{', '.join(unknown)}: no moeflux.MoE counterpart")
-    moe_kwargs = dict(d_model=int(d_model), d_ffn=int(two_ffn) // 2, num_experts=int(num_experts),
-                      top_k=int(router.top_k), renormalize=True, router_bias=True, expert_bias=True,
+    _check_all_linked(block, links, [])
+    moe_kwargs = dict(d_model=d_model, d_ffn=d_ffn, num_experts=num_experts, top_k=int(block.router.top_k),
+                      renormalize=True, router_bias=True, expert_bias=True,
                       activation="clamped_swiglu", swiglu_limit=float(experts.limit),
                       swiglu_alpha=float(experts.alpha))
     return _Plan(family, moe_kwargs, TupleOutputMoE, tuple(links), ())
@@ -332,12 +344,9 @@ def _plan(block: nn.Module, config: Any) -> _Plan:
         links.append(_Link("gate.e_score_correction_bias", "router.expert_bias"))
     shared_ffn, shared_links, inert = _shared_expert(block, family)
     links += shared_links
-    unknown = sorted(set(_tensor_names(block)) - {link.hf for link in links} - set(inert))
-    if unknown:
-        raise UnsupportedBlockError(f"{', '.join(unknown)}: no moeflux.MoE counterpart (biases are not supported)")
-    num_experts, two_ffn, d_model = block.experts.gate_up_proj.shape
-    moe_kwargs = dict(d_model=int(d_model), d_ffn=int(two_ffn) // 2, num_experts=int(num_experts),
-                      top_k=int(block.gate.top_k), shared_expert_ffn=int(shared_ffn),
+    _check_all_linked(block, links, inert, " (biases are not supported)")
+    num_experts, d_model, d_ffn = _expert_dims(block.experts, in_out=False)
+    moe_kwargs = dict(d_model=d_model, d_ffn=d_ffn, num_experts=num_experts, top_k=int(block.gate.top_k), shared_expert_ffn=int(shared_ffn),
                       shared_expert_gate=bool(shared_ffn) and family.shared_gate is not None, **options)
     return _Plan(family, moe_kwargs, MoE, tuple(links), tuple(inert))
 
