@@ -97,11 +97,12 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     dist.barrier()
 
 
-def _read(path: Path) -> dict:
-    """The checkpoint at `path`, loaded as data only (weights_only: no code in the file runs)."""
+def _read(path: Path, mmap: bool = False) -> dict:
+    """The checkpoint at `path`, loaded as data only (weights_only: no code in the file runs); with `mmap` the
+    tensors stay in the file until read (a header read costs no copy of the weights)."""
     expected = "expected a checkpoint.pt written by examples/train_moe_lm.py"
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except OSError as e:
         raise CheckpointError(f"--resume {path}: cannot read it ({e.strerror or e})") from None
     except Exception as e:  # noqa: BLE001 - unpickling raises many kinds; all mean "not our file"
@@ -115,7 +116,7 @@ def _read(path: Path) -> dict:
 
 def read_header(path: Path) -> tuple[dict, int]:
     """(model config, step) of the checkpoint at `path`; raises CheckpointError with one line."""
-    checkpoint = _read(path)
+    checkpoint = _read(path, mmap=True)
     return checkpoint["config"], int(checkpoint["step"])
 
 
