@@ -169,6 +169,8 @@ def run_worker(args: argparse.Namespace) -> None:
     for name in variants:
         torch.manual_seed(0)
         exchange = {"shadowing": policy} if name in ("shadowing", "both") else {}
+        if name == "hierarchical":  # node-aware exchange (bench_hierarchical.py), nodes from LOCAL_WORLD_SIZE
+            exchange = {"hierarchical": True}
         model = moeflux.DataParallel(ByteLM(config, groups, exchange), all_to_all_priority=args.priority == "on")
         models[name] = model
         optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-3)

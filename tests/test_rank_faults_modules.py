@@ -6,6 +6,7 @@ the group must stay usable. World 2 and 4, gloo, spawned processes (multiprocess
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from datetime import timedelta
@@ -26,6 +27,8 @@ EXCHANGES = {  # name: MoE options
     "chunked": {"schedule": "chunked", "chunks": 2},
     "pairwise": {"schedule": "pairwise"},
     "shadowing": {"shadowing": 2},
+    "hierarchical": {"hierarchical": True},  # nodes from LOCAL_WORLD_SIZE (set by layer_faults)
+    "hierarchical, capacity": {"hierarchical": True, "capacity_factor": 1.5},
 }
 
 # What one rank (the last) feeds the layer: (input, pattern of the message on that rank).
@@ -53,6 +56,7 @@ def reference_layer(options: dict, world: int) -> moeflux.MoE:
 
 
 def layer_faults(rank: int, world: int) -> dict:
+    os.environ["LOCAL_WORLD_SIZE"] = str(world // 2)  # the hierarchical layers' nodes: 2 x 2 or 2 x 1
     groups = moeflux.init_expert_parallel(world)
     last = rank == world - 1
     outcomes = {}

@@ -20,6 +20,7 @@ from .moe import ExpertParameter, MoE, aux_loss, expert_parameters
 from .placement import ExpertPlacement
 from .replacement import ExpertReplacement, Replacement
 from .router import Router, Routing
+from .topology import NodeGroups, init_node_groups
 
 __all__ = [
     "MoE",
@@ -39,6 +40,8 @@ __all__ = [
     "ops",
     "init_expert_parallel",
     "ExpertParallelGroups",
+    "init_node_groups",
+    "NodeGroups",
     "DataParallel",
     "CommHookState",
     "cuda_kernels_built",

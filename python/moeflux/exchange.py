@@ -16,6 +16,9 @@ in :meth:`moeflux.MoE.forward`.
 - :class:`ShadowedExchange`: the bulk all-to-all, except that the experts a
   policy picks each step (FasterMoE's shadows: the hot ones) are copied to
   every rank and their tokens computed where they are.
+- :class:`moeflux.hierarchical.HierarchicalExchange`: node-aware: each token
+  crosses to a remote node once (to this rank's peer there), then fans out to
+  its experts inside that node.
 
 Both read the layer's :class:`moeflux.ExpertPlacement` to turn global expert
 ids into the positions the ops send by (rank * E_local + slot).
@@ -34,6 +37,7 @@ from torch import Tensor
 from . import ops
 from .balance import ExpertShape, FixedShadows, ShadowCostModel
 from .placement import ExpertPlacement
+from .topology import NodeGroups
 
 if TYPE_CHECKING:
     from .experts import GroupedExperts
@@ -60,6 +64,12 @@ class Exchange(ABC):
 
     def __init__(self, placement: ExpertPlacement) -> None:
         self.placement = placement
+
+    @property
+    def groups(self) -> tuple[dist.ProcessGroup, ...]:
+        """The process groups its collectives use (what :func:`moeflux.comm_stats` maps to nodes)."""
+        group = getattr(self, "group", None)
+        return () if group is None else (group,)
 
     @abstractmethod
     def dispatch(self, tokens: Tensor, expert_ids: Tensor, capacity: int | None) -> tuple[ExpertBatch, Any]:
@@ -283,15 +293,28 @@ SCHEDULES = ("bulk", *PipelinedExchange.SCHEDULES)
 
 
 def make_exchange(placement: ExpertPlacement, ep_group: dist.ProcessGroup | None, schedule: str = "bulk",
-                  chunks: int = 2, group_size: int = 1, shadow_policy: ShadowPolicy | None = None) -> Exchange:
+                  chunks: int = 2, group_size: int = 1, shadow_policy: ShadowPolicy | None = None,
+                  nodes: NodeGroups | None = None) -> Exchange:
     """The strategy for a placement: local without a group; over it, all-to-all in bulk (``schedule="bulk"``),
-    with shadowed experts (``shadow_policy``, bulk only) or pipelined (``"chunked"``, ``"pairwise"``)."""
+    with shadowed experts (``shadow_policy``, bulk only), pipelined (``"chunked"``, ``"pairwise"``) or
+    node-aware (``nodes``, bulk only)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if shadow_policy is not None and schedule != "bulk":
         raise ValueError(f"shadowing works with schedule='bulk' only, got schedule={schedule!r}")
+    if nodes is not None and (schedule != "bulk" or shadow_policy is not None or ep_group is None):
+        raise ValueError(f"the hierarchical exchange works with expert parallelism, schedule='bulk' and no "
+                         f"shadowing only, got ep_group={ep_group}, schedule={schedule!r}, "
+                         f"shadowing={shadow_policy}")
     if ep_group is None:
         return LocalExchange(placement)  # every expert is here: nothing to shadow
+    if nodes is not None:
+        if nodes.ep_group is not ep_group:
+            raise ValueError("the hierarchical exchange's NodeGroups must be made for the layer's expert-parallel "
+                             "group (init_node_groups(ep_group))")
+        from .hierarchical import HierarchicalExchange  # it builds on this module
+
+        return HierarchicalExchange(placement, nodes)
     if shadow_policy is not None:
         return ShadowedExchange(placement, ep_group, shadow_policy)
     if schedule == "bulk":

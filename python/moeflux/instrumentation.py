@@ -40,6 +40,7 @@ from . import _C
 
 TOKEN_PHASES = ("dispatch", "combine", "combine_backward", "dispatch_backward")
 BALANCE_PHASES = ("agreement", "shadow_broadcast", "shadow_reduce", "expert_move")  # moeflux.balance's collectives
+A2A_PHASES = (*TOKEN_PHASES, "count_exchange", "all_to_all")  # what LayerStats.all_to_all_s sums
 PHASES = (*TOKEN_PHASES, "count_exchange", "all_to_all", "grad_allreduce_wait", "experts", *BALANCE_PHASES)
 
 
@@ -68,12 +69,12 @@ class LayerStats:
 
     @property
     def all_to_all_s(self) -> float:
-        """The four token all-to-alls and the count exchange."""
-        return sum(self.seconds[p] for p in (*TOKEN_PHASES, "count_exchange"))
+        """The four token all-to-alls and the count exchange (and a hierarchical exchange's rail all-to-alls)."""
+        return sum(self.seconds[p] for p in A2A_PHASES)
 
     @property
     def all_to_all_wait_s(self) -> float:
-        return sum(self.wait_seconds[p] for p in (*TOKEN_PHASES, "count_exchange"))
+        return sum(self.wait_seconds[p] for p in A2A_PHASES)
 
 
 @dataclass
@@ -194,7 +195,7 @@ class CommStats:
     def table(self, skip: int = 0) -> str:
         """Per layer: milliseconds in each collective phase, expert compute, and MB sent intra / inter node."""
         mean = self.mean(skip)
-        phases = [p for p in (*TOKEN_PHASES, "count_exchange") if any(p in s.seconds for s in mean.layers.values())]
+        phases = [p for p in A2A_PHASES if any(p in s.seconds for s in mean.layers.values())]
         header = ["layer", *phases, "a2a wait", "experts", "MB intra", "MB inter"]
         rows = [header]
         for name, s in mean.layers.items():
@@ -234,12 +235,12 @@ def comm_stats(model: nn.Module | None = None, ranks_per_node: int | None = None
 
 
 @contextlib.contextmanager
-def layer_scope(name: str, group: dist.ProcessGroup | None) -> Iterator[None]:
+def layer_scope(name: str, groups: tuple[dist.ProcessGroup, ...] = ()) -> Iterator[None]:
     """Tag the collectives inside (and, through autograd, their backward) with a layer; free when not recording."""
     if _active is None:
         yield
         return
-    if group is not None:
+    for group in groups:
         _active.register_group(group)
     previous = _C.exchange_comm_stats_layer(name)
     try:

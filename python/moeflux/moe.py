@@ -18,6 +18,7 @@ from .exchange import Exchange, ShadowPolicy, failed_probe, make_exchange
 from .experts import GroupedExperts, SharedExpert, activation_spec
 from .placement import ExpertPlacement
 from .router import Router
+from .topology import NodeGroups, node_groups_for
 
 DROP_POLICIES = ("position", "probability")
 _layer_numbers = itertools.count()
@@ -92,6 +93,17 @@ class MoE(nn.Module):
             (the same with at most that many shadows per step), or a policy
             (a :class:`moeflux.ShadowCostModel` with your cluster's rates, or
             :class:`moeflux.FixedShadows`). Outputs and gradients are unchanged.
+        hierarchical: node-aware exchange (bulk schedule, no shadowing; see
+            :class:`moeflux.hierarchical.HierarchicalExchange`): each token
+            crosses to a remote node once, to this rank's peer there, and fans
+            out to its experts inside that node; its slots on one node are
+            summed there before it returns. ``True``: nodes from the launcher
+            (torchrun's ``LOCAL_WORLD_SIZE``; the groups are made on first use,
+            collectively over the world, and shared by every layer of the
+            group); or the :class:`moeflux.NodeGroups` of
+            :func:`moeflux.init_node_groups` (to declare nodes yourself).
+            Outputs and gradients equal the flat exchange's up to the order of
+            floating-point sums.
 
     After each forward, :attr:`aux_loss` holds ``aux_loss_weight * load_balancing
     + z_loss_weight * z_loss`` (differentiable: add it to the training loss, or
@@ -138,6 +150,7 @@ class MoE(nn.Module):
         chunks: int = 2,
         pairwise_group_size: int = 1,
         shadowing: str | int | ShadowPolicy = "off",
+        hierarchical: bool | NodeGroups = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -157,6 +170,7 @@ class MoE(nn.Module):
             if expert_bias and (schedule != "bulk" or shadowing not in ("off", None)):
                 raise ValueError(f"expert_bias=True works with schedule='bulk' and shadowing='off' only, got "
                                  f"schedule={schedule!r}, shadowing={shadowing!r}")
+            _check_hierarchical(hierarchical, ep_group, schedule, shadowing)
             error = None
         except (ValueError, TypeError) as e:
             if ep_group is None:
@@ -171,6 +185,7 @@ class MoE(nn.Module):
                 num_groups=num_groups, top_groups=top_groups, group_score_top=group_score_top,
                 shared_expert_ffn=shared_expert_ffn, schedule=schedule, chunks=chunks,
                 pairwise_group_size=pairwise_group_size, shadowing=shadowing,
+                hierarchical=hierarchical.describe() if isinstance(hierarchical, NodeGroups) else hierarchical,
             )
 
         self.d_model, self.d_ffn, self.num_experts, self.top_k = d_model, d_ffn, num_experts, top_k
@@ -193,7 +208,7 @@ class MoE(nn.Module):
             **factory
         )
         self.exchange = make_exchange(self.placement, ep_group, schedule, chunks, pairwise_group_size,
-                                      _shadow_policy(shadowing, device))
+                                      _shadow_policy(shadowing, device), _node_groups(hierarchical, ep_group))
         self.stats_name = f"moe{next(_layer_numbers)}"  # moeflux.comm_stats(model) renames it to its path
         self.aux_loss = None
         self.tokens_per_expert = None
@@ -233,7 +248,7 @@ class MoE(nn.Module):
                 expert_ids, routing.weights, self.num_experts, capacity, self.drop_policy == "probability"
             )
         self.routed_tokens_per_expert = _count_slots(expert_ids, self.num_experts)
-        with layer_scope(self.stats_name, self.ep_group):
+        with layer_scope(self.stats_name, self.exchange.groups):
             out, self.tokens_per_expert = self.exchange.run(tokens, expert_ids, routing.weights, capacity,
                                                             self.experts)
         if self.shared_expert is not None:
@@ -301,6 +316,26 @@ def _count_slots(expert_ids: Tensor, num_experts: int) -> Tensor:
     ids = expert_ids.reshape(-1).long() + 1
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     return counts.index_add_(0, ids, torch.ones_like(ids))[1:]
+
+
+def _check_hierarchical(hierarchical: bool | NodeGroups, ep_group: dist.ProcessGroup | None, schedule: str,
+                        shadowing: object) -> None:
+    if not isinstance(hierarchical, (bool, NodeGroups)):
+        raise TypeError(f"hierarchical must be a bool or a moeflux.NodeGroups, got {hierarchical!r}")
+    if hierarchical is False:
+        return
+    if ep_group is None or schedule != "bulk" or shadowing not in ("off", None):
+        raise ValueError(f"hierarchical works with an ep_group, schedule='bulk' and shadowing='off' only, got "
+                         f"ep_group={ep_group}, schedule={schedule!r}, shadowing={shadowing!r}")
+    if isinstance(hierarchical, NodeGroups) and hierarchical.ep_group is not ep_group:
+        raise ValueError("hierarchical: the NodeGroups were made for another expert-parallel group than ep_group "
+                         "(pass init_node_groups(ep_group))")
+
+
+def _node_groups(hierarchical: bool | NodeGroups, ep_group: dist.ProcessGroup | None) -> NodeGroups | None:
+    if isinstance(hierarchical, NodeGroups):
+        return hierarchical
+    return node_groups_for(ep_group) if hierarchical else None
 
 
 def _shadow_policy(shadowing: str | int | ShadowPolicy | None, device: torch.device | str | None

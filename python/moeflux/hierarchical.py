@@ -1,0 +1,165 @@
+"""The hierarchical (node-aware) exchange: every token crosses to a remote node at most once.
+
+The flat exchange sends each (token, expert) slot straight to its expert's rank, so a token with two experts on
+one remote node crosses the slow inter-node link twice, and back twice. Here (DeepEP's node-aware dispatch, with
+Tutel's rail-matched inter-node step):
+
+1. **node copies**: each token becomes one copy per node that holds at least one of its experts (``permute`` by
+   node: the copies are grouped by destination node, tokens in order), carrying the token's slots as positions
+   within that node (-1 for slots on other nodes);
+2. **across nodes**: one all-to-all over the rail group (the ranks with this rank's local index, one per node)
+   sends each node's copies to this rank's peer on that node; copies for this rank's own node stay here;
+3. **inside the node**: the rail peer dispatches the copies it received to the node's experts (the ordinary
+   :func:`moeflux.ops.dispatch` over the node group);
+
+and back: the node group's :func:`moeflux.ops.combine` sums each copy's slots weighted (on the far side, so one
+row per copy returns), the rail all-to-all takes the sums home, and each token adds its copies' sums
+(``unpermute``). Every step is a differentiable moeflux op, so backward runs the same path the other way:
+gradients cross nodes once per copy too.
+
+Before any of it, one small all-to-all over the expert-parallel group carries each rank's copy count for its
+rail peers and its tokens' hidden size and dtype, so that ranks that disagree (or a rank whose input failed the
+layer's checks) make every rank raise instead of mismatching inside the rail exchange.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .exchange import ExpertBatch, Exchange
+from .placement import ExpertPlacement
+from .topology import NodeGroups
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from .experts import GroupedExperts
+
+# What the header says of a dtype (the layer's inputs are floating point; -1: anything else).
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code]).removeprefix("torch.") if 0 <= code < len(_DTYPES) else "a non-float dtype"
+
+
+@dataclass(frozen=True)
+class HierarchicalPlan:
+    copy_map: Tensor  # [T, N] int32: sent row of the copy of token t for node n, -1: no slot on n
+    copy_token: Tensor  # [C] int64: the token of each sent copy
+    send_splits: list[int]  # copies sent to each node's rail peer
+    recv_splits: list[int]  # copies received from each node's rail peer
+    inner: ops.DispatchPlan  # the node group's dispatch of the received copies
+
+
+class HierarchicalExchange(Exchange):
+    """Tokens cross nodes once per (token, remote node) over the rail groups of ``nodes``, then fan out to their
+    experts inside the node (see the module's docstring). Outputs and gradients equal
+    :class:`moeflux.exchange.AllToAllExchange`'s up to the order of floating-point sums (a token's slots on
+    one node are summed there first).
+
+    Dropless and capacity routing alike travel packed: the capacity has already marked dropped slots -1, so
+    there is no padding on the wire (on a GPU that costs the host synchronisation the flat exchange's fixed
+    capacity splits avoid).
+    """
+
+    def __init__(self, placement: ExpertPlacement, nodes: NodeGroups) -> None:
+        import torch.distributed as dist
+
+        if placement.ep_size != dist.get_world_size(nodes.ep_group):
+            raise ValueError(f"HierarchicalExchange: placement.ep_size ({placement.ep_size}) must equal the size of "
+                             f"the expert-parallel group ({dist.get_world_size(nodes.ep_group)})")
+        super().__init__(placement)
+        self.nodes = nodes
+        self.group = nodes.ep_group
+        self.experts_per_node = nodes.ranks_per_node * placement.local_experts
+
+    @property
+    def groups(self) -> tuple[dist.ProcessGroup, ...]:
+        return self.nodes.ep_group, self.nodes.rail_group, self.nodes.node_group
+
+    def _exchange_header(self, tokens: Tensor, copies_per_node: list[int]) -> list[int]:
+        """Send each rail peer its copy count, and every rank this rank's hidden size and dtype; check what
+        arrives; return the copies each rail peer sends here."""
+        nodes, ep = self.nodes, self.placement.ep_size
+        local = nodes.local_rank
+        header = torch.zeros(ep, 3, dtype=torch.int64)
+        header[:, 1], header[:, 2] = tokens.shape[1], _dtype_code(tokens.dtype)
+        for node, copies in enumerate(copies_per_node):  # EP rank of the rail peer on node n: n * L + local
+            header[node * nodes.ranks_per_node + local, 0] = copies
+        ones = [1] * ep
+        received = ops.all_to_all(header.to(tokens.device), ones, ones, self.group, agree_first=False).cpu()
+        for src, (_, hidden, dtype) in enumerate(received.tolist()):
+            if (hidden, dtype) != (tokens.shape[1], _dtype_code(tokens.dtype)):
+                raise RuntimeError(
+                    f"moeflux.HierarchicalExchange: ranks of the expert-parallel group disagree: rank {src} sends "
+                    f"tokens with hidden size {hidden}, dtype {_dtype_name(dtype)}; rank {self.placement.ep_rank} "
+                    f"has hidden size {tokens.shape[1]}, dtype {tokens.dtype}")
+        return received[local::nodes.ranks_per_node, 0].tolist()
+
+    def dispatch(self, tokens: Tensor, expert_ids: Tensor,
+                 capacity: int | None) -> tuple[ExpertBatch, HierarchicalPlan]:
+        positions = self._positions(expert_ids)
+        num_nodes, num_tokens = self.nodes.num_nodes, tokens.shape[0]
+        node_of_slot = torch.where(positions >= 0, torch.div(positions, self.experts_per_node, rounding_mode="floor"),
+                                   -1)
+        node_ids = torch.arange(num_nodes, dtype=torch.int32, device=tokens.device)
+        has_copy = (node_of_slot.unsqueeze(1) == node_ids.view(1, -1, 1)).any(2)  # [T, N]
+        copies, copies_per_node, copy_map = ops.permute(tokens, torch.where(has_copy, node_ids, -1), num_nodes)
+        send_splits = copies_per_node.tolist()
+        recv_splits = self._exchange_header(tokens, send_splits)
+        sent = sum(send_splits)
+
+        # Token and node of each sent copy (the copies are grouped by node, tokens in order within a node).
+        row = copy_map.reshape(-1).long()
+        row = torch.where(row >= 0, row, num_tokens * num_nodes)  # one spare slot takes the absent copies
+        token_of = torch.arange(num_tokens, device=tokens.device).repeat_interleave(num_nodes)
+        node_of = node_ids.long().repeat(num_tokens)
+        spare = torch.empty(num_tokens * num_nodes + 1, dtype=torch.int64, device=tokens.device)
+        copy_token = spare.scatter(0, row, token_of)[:sent]
+        copy_node = spare.scatter(0, row, node_of)[:sent]
+        # Each copy carries its token's slots as positions within its node; slots on other nodes are -1.
+        slot_positions = positions.long()[copy_token] - copy_node.unsqueeze(1) * self.experts_per_node
+        on_node = node_of_slot.long()[copy_token] == copy_node.unsqueeze(1)
+        copy_slots = torch.where(on_node, slot_positions, -1).to(torch.int32)
+
+        rail = self.nodes.rail_group
+        arrived = ops.all_to_all(copies[:sent], recv_splits, send_splits, rail, agree_first=False)
+        arrived_slots = ops.all_to_all(copy_slots, recv_splits, send_splits, rail, agree_first=False)
+        rows, inner = ops.dispatch(arrived, arrived_slots, self.experts_per_node, None, self.nodes.node_group,
+                                   agree_first=False)
+        plan = HierarchicalPlan(copy_map, copy_token, send_splits, recv_splits, inner)
+        return ExpertBatch(rows, inner.tokens_per_local_expert, None), plan
+
+    def combine(self, expert_out: Tensor, plan: HierarchicalPlan, weights: Tensor | None) -> Tensor:
+        rail = self.nodes.rail_group
+        arrived_weights = None
+        if weights is not None:
+            arrived_weights = ops.all_to_all(weights.index_select(0, plan.copy_token), plan.recv_splits, plan.send_splits, rail,
+                                             agree_first=False)
+        sums = ops.combine(expert_out, plan.inner, arrived_weights)  # one weighted sum per copy, on its node
+        returned = ops.all_to_all(sums, plan.send_splits, plan.recv_splits, rail, agree_first=False)
+        return ops.unpermute(returned, plan.copy_map, None)  # each token: the sum of its copies
+
+    # torch.compile runs it eagerly (a graph break): the rail splits are read on the host in the middle of it.
+    @torch.compiler.disable
+    def run(self, tokens: Tensor, expert_ids: Tensor, weights: Tensor | None, capacity: int | None,
+            experts: GroupedExperts) -> tuple[Tensor, Tensor]:
+        return super().run(tokens, expert_ids, weights, capacity, experts)
+
+    def join_failed_dispatch(self, probe: Tensor, top_k: int, capacity: int | None) -> None:
+        # The other ranks start with the header exchange: a header with the probe's width and dtype (and no
+        # copies) makes each of them raise there.
+        try:
+            self._exchange_header(probe, [0] * self.nodes.num_nodes)
+        except RuntimeError:
+            pass

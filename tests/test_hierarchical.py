@@ -1,0 +1,261 @@
+"""The hierarchical (node-aware) exchange: node groups, equivalence with the flat exchange and a brute-force
+reference (outputs and gradients), deduplication across nodes, the MoE option, and its errors. Nodes are
+declared on one machine (ranks_per_node), world 2 and 4, gloo, spawned processes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moeflux
+from moeflux.exchange import AllToAllExchange
+from moeflux.hierarchical import HierarchicalExchange
+from moeflux.topology import node_layout
+from multiprocess import run_ranks
+from test_exchange import reference, scaled_by_expert
+
+# ---- node layouts (no processes)
+
+
+@pytest.mark.parametrize("ranks, per_node, layout", [
+    ([0, 1, 2, 3], 2, (2, 2)), ([0, 1, 2, 3], 1, (4, 1)), ([0, 1, 2, 3], 4, (1, 4)), ([0, 1, 2, 3], 8, (1, 4)),
+    ([2, 3], 2, (1, 2)), ([1, 3, 5, 7], 2, (4, 1)), ([0, 1, 4, 5], 4, (2, 2)),
+])
+def test_node_layout(ranks, per_node, layout):
+    assert node_layout(ranks, per_node) == layout
+
+
+@pytest.mark.parametrize("ranks, per_node, message", [
+    ([0, 1, 2, 3], 3, "every node must hold the same number"),
+    ([0, 1, 2], 2, "every node must hold the same number"),
+    ([1, 0, 2, 3], 2, "must be ascending global ranks"),
+    ([0, 1], 0, "ranks_per_node must be a positive int"),
+    ([0, 1], True, "ranks_per_node must be a positive int"),
+])
+def test_node_layout_rejects(ranks, per_node, message):
+    with pytest.raises(ValueError, match=message):
+        node_layout(ranks, per_node)
+
+
+# ---- the exchange against the flat one and the reference
+
+
+def routing(rank, num_tokens, num_experts, k, case, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(num_tokens, 6, generator=gen, dtype=torch.float64)
+    if case == "one expert":  # every token of every rank to the last expert (k = 1)
+        ids = torch.full((num_tokens, k), num_experts - 1, dtype=torch.int32)
+    else:
+        ids = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(num_tokens)]).int() \
+            if num_tokens else torch.empty(0, k, dtype=torch.int32)
+    if case == "dropped":
+        ids[torch.rand(ids.shape, generator=gen) < 0.3] = -1
+    weights = torch.rand(num_tokens, k, generator=gen, dtype=torch.float64)
+    if case == "non-contiguous":
+        tokens = torch.randn(6, num_tokens, generator=gen, dtype=torch.float64).t()
+        weights = torch.rand(k, num_tokens, generator=gen, dtype=torch.float64).t()
+    return tokens, ids, weights
+
+
+def node_copies(ids, placement, experts_per_node):
+    """Brute force: copies this rank sends to each node, one per (token, node holding one of its experts)."""
+    counts = [0] * (placement.num_experts // experts_per_node)
+    for row in ids.tolist():
+        for node in {placement.rank_of(e) * placement.local_experts // experts_per_node for e in row if e >= 0}:
+            counts[node] += 1
+    return counts
+
+
+CASES = {  # name: (tokens of rank r, k, capacity)
+    "uneven": (lambda r: 3 * r + 2, 2, None),
+    "a rank without tokens": (lambda r: 0 if r == 1 else 7, 2, None),
+    "no tokens anywhere": (lambda r: 0, 2, None),
+    "k = E": (lambda r: 4 + r, None, None),
+    "one expert": (lambda r: 6, 1, None),
+    "dropped": (lambda r: 9, 3, None),
+    "capacity": (lambda r: 8, 2, 2),
+    "non-contiguous": (lambda r: 5, 2, None),
+}
+
+
+def check_exchange(rank, world, nodes, layout, case):
+    num_experts = 2 * world
+    if layout == "permuted":
+        placement = moeflux.ExpertPlacement.from_ranks([[2 * r + 1, 2 * r] for r in reversed(range(world))], rank)
+    else:
+        placement = moeflux.ExpertPlacement(num_experts, world, rank)
+    count, k, capacity = CASES[case]
+    k = k or num_experts
+    tokens, ids, weights = routing(rank, count(rank), num_experts, k, case, seed=100 * world + rank)
+    if capacity is not None:
+        ids = moeflux.ops.apply_capacity(ids, weights.float(), num_experts, capacity)
+    results = []
+    for exchange in (AllToAllExchange(placement, dist.group.WORLD), HierarchicalExchange(placement, nodes)):
+        x, w = tokens.detach().clone().requires_grad_(True), weights.detach().clone().requires_grad_(True)
+        batch, plan = exchange.dispatch(x, ids, capacity)
+        out = exchange.combine(scaled_by_expert(batch, placement.experts_of()), plan, w)
+        torch.testing.assert_close(out, reference(tokens, ids, weights), rtol=1e-12, atol=1e-12)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out, x.grad, w.grad, batch.tokens_per_expert))
+        if isinstance(exchange, HierarchicalExchange):
+            assert plan.send_splits == node_copies(ids, placement, exchange.experts_per_node), case
+    for flat, hier in zip(*results):
+        torch.testing.assert_close(hier, flat, rtol=1e-12, atol=1e-12)
+
+
+def exchange_worker(rank, world, ranks_per_node):
+    nodes = moeflux.init_node_groups(dist.group.WORLD, ranks_per_node=ranks_per_node)
+    assert (nodes.num_nodes, nodes.ranks_per_node) == node_layout(list(range(world)), ranks_per_node)
+    assert nodes.node == rank // nodes.ranks_per_node and nodes.local_rank == rank % nodes.ranks_per_node
+    for layout in ("contiguous", "permuted"):
+        for case in CASES:
+            check_exchange(rank, world, nodes, layout, case)
+    return True
+
+
+@pytest.mark.parametrize("world, ranks_per_node", [(2, 1), (2, 2), (4, 2), (4, 1), (4, 4)],
+                         ids=["2x1", "1x2", "2x2", "4x1", "1x4"])
+def test_hierarchical_exchange_equals_flat_and_reference(world, ranks_per_node):
+    """Outputs, token and weight gradients and the experts' loads equal the flat exchange's and the reference's,
+    and each rank sends each node one copy per token with an expert there."""
+    assert all(run_ranks(world, exchange_worker, ranks_per_node))
+
+
+def gradcheck_worker(rank, world):
+    nodes = moeflux.init_node_groups(dist.group.WORLD, ranks_per_node=2)
+    placement = moeflux.ExpertPlacement(8, world, rank)
+    exchange = HierarchicalExchange(placement, nodes)
+    tokens, ids, weights = routing(rank, 3, 8, 3, "uneven", seed=rank)  # same size on every rank: same calls
+
+    def layer(x, w):
+        batch, plan = exchange.dispatch(x, ids, None)
+        return exchange.combine(scaled_by_expert(batch, placement.experts_of()), plan, w)
+
+    return torch.autograd.gradcheck(layer, (tokens.requires_grad_(True), weights.requires_grad_(True)))
+
+
+def test_hierarchical_exchange_gradcheck():
+    assert all(run_ranks(4, gradcheck_worker))
+
+
+# ---- fewer bytes across nodes
+
+
+def bytes_worker(rank, world):
+    nodes = moeflux.init_node_groups(dist.group.WORLD, ranks_per_node=2)
+    inter = {}
+    for name in ("flat", "hierarchical"):
+        torch.manual_seed(0)
+        moe = moeflux.MoE(16, 8, 8, top_k=4, dtype=torch.float64, ep_group=dist.group.WORLD,
+                          hierarchical=nodes if name == "hierarchical" else False)
+        x = torch.randn(32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+        with moeflux.comm_stats(ranks_per_node=2) as stats:
+            moe(x).sum().backward()
+            step = stats.step()
+        inter[name] = step.bytes_inter
+    return inter
+
+
+def test_hierarchical_sends_fewer_bytes_across_nodes():
+    """top-4 of 8 experts on 2 nodes: most tokens have several experts on the other node; each crosses once."""
+    for rank, inter in enumerate(run_ranks(4, bytes_worker)):
+        assert inter["hierarchical"] < 0.8 * inter["flat"], (rank, inter)
+
+
+# ---- the layer
+
+
+LAYER_OPTIONS = {
+    "dropless": {},
+    "capacity": {"capacity_factor": 1.0},
+    "expert bias, router bias, renormalize": {"expert_bias": True, "router_bias": True, "renormalize": True},
+    "top-1 of 4": {"top_k": 1, "num_experts": 4},
+}
+
+
+def layer_worker(rank, world, ranks_per_node, from_launcher):
+    groups = moeflux.init_expert_parallel(world)
+    if from_launcher:
+        os.environ["LOCAL_WORLD_SIZE"] = str(ranks_per_node)
+        hierarchical = True
+    else:
+        hierarchical = moeflux.init_node_groups(groups.ep_group, ranks_per_node=ranks_per_node)
+    for name, options in LAYER_OPTIONS.items():
+        options = {"num_experts": 8, "top_k": 2, **options}
+        grads = []
+        for mode in (False, hierarchical):
+            torch.manual_seed(0)
+            moe = moeflux.MoE(12, 10, ep_group=groups, hierarchical=mode, dtype=torch.float64, **options)
+            x = torch.randn(2, 5 + rank, 12, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
+            if "capacity_factor" in options:
+                x = torch.randn(2, 6, 12, dtype=torch.float64,
+                                generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
+            out = moe(x)
+            (out.pow(2).sum() + moe.aux_loss).backward()
+            grads.append([out, x.grad, moe.tokens_per_expert] + [p.grad for p in moe.parameters()])
+        assert type(moe.exchange).__name__ == "HierarchicalExchange"
+        for flat, hier in zip(*grads):
+            torch.testing.assert_close(hier, flat, rtol=1e-10, atol=1e-12, msg=name)
+    return True
+
+
+@pytest.mark.parametrize("world, ranks_per_node, from_launcher", [(4, 2, False), (4, 1, True), (2, 1, False)],
+                         ids=["2x2", "4x1 from LOCAL_WORLD_SIZE", "2x1"])
+def test_moe_hierarchical_equals_flat(world, ranks_per_node, from_launcher):
+    """moeflux.MoE(hierarchical=...): outputs, input and every parameter's gradients equal the flat layer's."""
+    assert all(run_ranks(world, layer_worker, ranks_per_node, from_launcher))
+
+
+# ---- errors
+
+
+def test_hierarchical_needs_expert_parallelism():
+    with pytest.raises(ValueError, match="hierarchical works with an ep_group"):
+        moeflux.MoE(8, 8, 4, hierarchical=True)
+    with pytest.raises(TypeError, match="hierarchical must be a bool or a moeflux.NodeGroups"):
+        moeflux.MoE(8, 8, 4, hierarchical="yes")
+
+
+def errors_worker(rank, world):
+    outcomes = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            outcomes[name] = "no error"
+        except (ValueError, RuntimeError, TypeError) as error:
+            outcomes[name] = str(error)
+
+    os.environ.pop("LOCAL_WORLD_SIZE", None)
+    attempt("no LOCAL_WORLD_SIZE", lambda: moeflux.init_node_groups())
+    attempt("ranks_per_node differs", lambda: moeflux.init_node_groups(ranks_per_node=1 if rank == 0 else 2))
+    attempt("ranks_per_node 3", lambda: moeflux.init_node_groups(ranks_per_node=3))
+    nodes = moeflux.init_node_groups(ranks_per_node=2)
+    attempt("chunked", lambda: moeflux.MoE(8, 8, 4, ep_group=dist.group.WORLD, hierarchical=nodes,
+                                           schedule="chunked"))
+    attempt("shadowing", lambda: moeflux.MoE(8, 8, 4, ep_group=dist.group.WORLD, hierarchical=nodes, shadowing=1))
+    other = dist.new_group(list(range(world)))
+    attempt("other group", lambda: moeflux.MoE(8, 8, 4, ep_group=other, hierarchical=nodes))
+    attempt("only rank 0 hierarchical", lambda: moeflux.MoE(8, 8, 4, ep_group=dist.group.WORLD,
+                                                            hierarchical=nodes if rank == 0 else False))
+    dist.barrier()  # nobody was left waiting
+    return outcomes
+
+
+def test_hierarchical_errors_raise_on_every_rank():
+    expected = {
+        "no LOCAL_WORLD_SIZE": "ranks_per_node was not given and LOCAL_WORLD_SIZE is not set",
+        "ranks_per_node differs": "ranks disagree on ranks_per_node",
+        "ranks_per_node 3": "every node must hold the same number",
+        "chunked": "hierarchical works with an ep_group, schedule='bulk' and shadowing='off' only",
+        "shadowing": "hierarchical works with an ep_group, schedule='bulk' and shadowing='off' only",
+        "other group": "NodeGroups were made for another expert-parallel group",
+        "only rank 0 hierarchical": "disagree on hierarchical",
+    }
+    for outcomes in run_ranks(4, errors_worker):
+        for name, message in expected.items():
+            assert message in outcomes[name], (name, outcomes[name])
