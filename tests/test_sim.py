@@ -11,9 +11,9 @@ import pytest
 
 from moeflux.sim import (DEFAULT_TRACE_PATH, IB_400G, NVLINK_H100, FittedLinks, LinkClass, Measurement, RoutingSpec,
                          Topology, algbw, all_to_all_breakdown, all_to_all_time, busbw_from_algbw, expert_ranks, fit,
-                         load_fitted, load_measurements, load_stats, load_trace, moe_layer_all_to_all_time, predict,
-                         ring_all_reduce_time, save_fitted, save_trace, scale_counts, step_time, traffic_matrix, uniform,
-                         uniform_all_to_all_time, uniform_traffic, zipf)
+                         load_fitted, load_measurements, load_stats, load_trace, moe_layer_all_to_all_time, node_dedup,
+                         predict, ring_all_reduce_time, save_fitted, save_trace, scale_counts, step_time,
+                         traffic_matrix, uniform, uniform_all_to_all_time, uniform_traffic, zipf)
 from moeflux.sim.__main__ import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +113,41 @@ def test_hierarchical_by_hand():
     assert all_to_all_time(HAND, topo, "hierarchical", dedup=0.5) == pytest.approx(15.6)
     with pytest.raises(ValueError, match="dedup"):
         all_to_all_time(HAND, topo, "direct", dedup=0.5)
+
+
+def test_node_aware_by_hand():
+    topo = Topology(2, 2, INTRA, INTER)
+    # (B) rail: rank 0 sends its 20 remote bytes to rank 2, rank 1 its 40 to rank 3; node 0's NIC carries 60:
+    #     1 remote node * 10 + 0.1 * 60 = 16 for every rank of the NIC (node 1's receives the same 60).
+    # (C) relay: rank 3 hands rank 2 the 40 that rank 1 sent it; rank 2 hands rank 3 its own 30; rank 0 hands
+    #     rank 1 its own 10: max over ranks 1 + 0.01 * 40 = 1.4.
+    b = all_to_all_breakdown(HAND, topo, "node_aware")
+    np.testing.assert_allclose([float(t) for t in b.phase_time_s], [16.0, 1.4])
+    assert all_to_all_time(HAND, topo, "node_aware") == pytest.approx(17.4)
+    # A NIC per rank: (B) is rank 1's (and 3's) 40 alone: 10 + 4.
+    assert all_to_all_time(HAND, Topology(2, 2, INTRA, INTER, 2), "node_aware") == pytest.approx(15.4)
+    # Half the inter-node bytes deduplicated; dedup may differ per batch entry.
+    assert all_to_all_time(HAND, topo, "node_aware", dedup=0.5) == pytest.approx(14.4)
+    np.testing.assert_allclose(all_to_all_time(np.stack([HAND, HAND]), topo, "node_aware", np.array([0.0, 0.5])),
+                               [17.4, 14.4])
+    # Combine runs the transposed traffic: relays differ, so forward and backward are costed separately.
+    layer = moe_layer_all_to_all_time(HAND, topo, "node_aware")
+    assert layer == pytest.approx(2 * 17.4 + 2 * all_to_all_time(HAND.T.copy(), topo, "node_aware"))
+
+
+def test_node_dedup():
+    uniform_counts = np.full((4, 32), 64.0)
+    # 2 nodes, top-2: a remote node gets 2 * 1/2 slots per token but 1 - (1/2)^2 copies: 25% saved.
+    assert float(node_dedup(uniform_counts, 2, 2)) == pytest.approx(0.25)
+    assert float(node_dedup(uniform_counts, 1, 2)) == pytest.approx(0.125)  # 4 nodes: 1 - (1 - 7/16) / (1/2)
+    assert float(node_dedup(uniform_counts, 2, 1)) == 0.0  # top-1: nothing to share
+    skewed = np.zeros((2, 4))
+    skewed[0, 2:] = 10  # rank 0 routes only to node 1 (experts 2, 3): every token has both experts there
+    skewed[1, 2:] = 10  # rank 1 stays on its node
+    assert float(node_dedup(skewed, 1, 2)) == pytest.approx(0.5)
+    assert node_dedup(np.stack([uniform_counts, uniform_counts]), 2, 2).shape == (2,)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        node_dedup(uniform_counts, 3, 2)
 
 
 def test_nic_sharing_uniform():

@@ -18,7 +18,7 @@ from .cost_model import (AllToAllBreakdown, StepTime, algbw, all_to_all_breakdow
                          pipelined_layer_time, step_time, uniform_all_to_all_time, uniform_traffic)
 from .links import ETH_1G, ETH_10G, ETH_25G, ETH_100G, IB_400G, LINK_PRESETS, NVLINK_H100, LinkClass, Topology
 from .routing import (DEFAULT_TRACE_PATH, LoadStats, RoutingTrace, expert_ranks, load_stats, load_trace,
-                      save_trace, scale_counts, traffic_matrix, uniform, zipf)
+                      node_dedup, save_trace, scale_counts, traffic_matrix, uniform, zipf)
 
 __all__ = [
     "LinkClass", "Topology", "LINK_PRESETS", "NVLINK_H100", "IB_400G", "ETH_100G", "ETH_25G", "ETH_10G", "ETH_1G",
@@ -26,6 +26,6 @@ __all__ = [
     "uniform_traffic", "uniform_all_to_all_time", "algbw", "busbw_from_algbw", "ring_all_reduce_time",
     "moe_layer_all_to_all_time", "step_time", "pipelined_layer_time",
     "DEFAULT_TRACE_PATH", "RoutingTrace", "LoadStats", "load_trace", "save_trace", "expert_ranks",
-    "traffic_matrix", "uniform", "zipf", "scale_counts", "load_stats",
+    "traffic_matrix", "node_dedup", "uniform", "zipf", "scale_counts", "load_stats",
     "RoutingSpec", "Measurement", "FittedLinks", "fit", "predict", "load_measurements", "load_fitted", "save_fitted",
 ]

@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                     "all-to-alls per training step (dispatch + combine, forward + backward, + count exchange), "
                     "direct and hierarchical, their share of the step next to the busiest rank's expert compute "
                     "(no overlap, attention/dense parts left out), and the slowest rank's bytes vs the mean. "
+                    "node-aware: moeflux's hierarchical exchange (rail, then relay inside the node), with the "
+                    "deduplication the routing implies (moeflux.sim.node_dedup). "
                     "Medians / p90 over sampled iterations and layers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("cluster")
@@ -41,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--inter-gbps", type=float, help="override the inter link's rate (Gbit/s, payload)")
     g.add_argument("--inter-latency-us", type=float, help="override the inter link's per-message latency")
     g.add_argument("--dedup", type=float, default=0.0,
-                   help="hierarchical: fraction of inter-node bytes saved by sending a token once per node")
+                   help="hierarchical (Tutel 2D): fraction of inter-node bytes saved by sending a token once per "
+                        "node (node-aware always uses the routing's own, estimated by moeflux.sim.node_dedup)")
     g = p.add_argument_group("routing")
     g.add_argument("--routing", choices=["trace", "uniform", "zipf"], default="trace")
     g.add_argument("--trace", type=Path, default=DEFAULT_TRACE_PATH, help="routing trace npz")
@@ -128,16 +131,18 @@ def _check_nccl(args: argparse.Namespace, inter: LinkClass) -> int:
 
 def _print_table(rows: list[tuple[int, Topology, int, dict]]) -> None:
     head = (f"{'GPUs':>5} {'nodes':>5} {'experts':>7} | {'a2a direct ms':>14} | {'a2a hier ms':>14} | "
-            f"{'expert ms':>9} | {'a2a share dir/hier':>18} | {'slowest/mean B':>14} {'max/mean B':>10} | "
-            f"{'expert max/mean':>15}")
+            f"{'node-aware ms':>14} {'dedup':>5} | {'expert ms':>9} | {'a2a share dir/hier/node':>23} | "
+            f"{'slowest/mean B':>14} {'max/mean B':>10} | {'expert max/mean':>15}")
     print(head)
     print("-" * len(head))
     for gpus, topo, experts, s in rows:
         def mp(key: str, scale: float = 1e3) -> str:
             return f"{s[key]['median'] * scale:.2f} / {s[key]['p90'] * scale:.2f}"
-        share = f"{s['share_direct']['median'] * 100:.0f}% / {s['share_hierarchical']['median'] * 100:.0f}%"
+        share = " / ".join(f"{s[k]['median'] * 100:.0f}%"
+                           for k in ("share_direct", "share_hierarchical", "share_node_aware"))
         print(f"{gpus:>5} {topo.nodes:>5} {experts:>7} | {mp('direct_s'):>14} | {mp('hierarchical_s'):>14} | "
-              f"{s['compute_s']['median'] * 1e3:>9.2f} | {share:>18} | "
+              f"{mp('node_aware_s'):>14} {s['node_dedup']['median'] * 100:>4.0f}% | "
+              f"{s['compute_s']['median'] * 1e3:>9.2f} | {share:>23} | "
               f"{s['slowest_over_mean_bytes']['median']:>14.2f} {s['max_over_mean_bytes']['median']:>10.2f} | "
               f"{mp('expert_max_over_mean', 1):>15}")
 
@@ -182,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"samples: {results[0]['samples'] if results else 0} iterations x {results[0]['layers'] if results else 0} "
           f"layers per size (--samples 0: all)")
     print("a2a = one layer's all-to-alls per step (4 token all-to-alls + count exchange), median / p90; "
+          "hier = Tutel's 2D (gather, cross, fan out), node-aware = moeflux's (rail, relay; dedup: inter-node "
+          "bytes saved); "
           "expert ms = busiest rank, fwd+bwd; share = a2a / (a2a + expert), no overlap; "
           "B = max(sent, received) per rank, dispatch")
     _print_table(rows)

@@ -36,8 +36,8 @@ __all__ = [
     "moe_layer_all_to_all_time", "StepTime", "step_time",
 ]
 
-Algorithm = Literal["direct", "hierarchical"]
-ALGORITHMS: tuple[str, ...] = ("direct", "hierarchical")
+Algorithm = Literal["direct", "hierarchical", "node_aware"]
+ALGORITHMS: tuple[str, ...] = ("direct", "hierarchical", "node_aware")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,9 @@ class _Traffic:
     received_inter: np.ndarray
     node_out: np.ndarray  # [..., nodes] bytes leaving each node
     node_in: np.ndarray  # [..., nodes]
+    rail_in: np.ndarray  # [..., P] bytes from other nodes' ranks with this rank's local index (their rail)
+    relay_sent: np.ndarray  # [..., P] bytes this rank forwards to other ranks of its node, as a rail relay
+    relay_received: np.ndarray  # [..., P] bytes it gets from other ranks of its node, as their relay's target
 
 
 def _check_traffic(traffic: np.ndarray, topo: Topology) -> np.ndarray:
@@ -91,8 +94,16 @@ def _traffic_stats(t: np.ndarray, topo: Topology) -> _Traffic:
     received_intra = intra.sum(-2).reshape(*batch, p) - self_bytes
     sent_inter = np.maximum(sent - sent_intra, 0.0)
     received_inter = np.maximum(received - received_intra, 0.0)
+    # Node-aware routes: source (n, i) -> destination (m, j) goes over the rail to (m, i), which relays it to j.
+    relayed = np.swapaxes(blocks.sum(-4), -3, -2)  # [..., m, i, j]: relay (m, i) to (m, j), from every node
+    relay_self = np.einsum("...mii->...mi", relayed)
+    relay_sent = (relayed.sum(-1) - relay_self).reshape(*batch, p)
+    relay_received = (relayed.sum(-2) - relay_self).reshape(*batch, p)
+    from_rail = np.swapaxes(blocks.sum(-1).sum(-3), -1, -2)  # [..., m, i]: from (any node, i) to node m
+    rail_in = (from_rail - np.einsum("...mimj->...mi", blocks)).reshape(*batch, p)
     return _Traffic(sent_intra, received_intra, sent_inter, received_inter,
-                    sent_inter.reshape(*batch, n, r).sum(-1), received_inter.reshape(*batch, n, r).sum(-1))
+                    sent_inter.reshape(*batch, n, r).sum(-1), received_inter.reshape(*batch, n, r).sum(-1),
+                    np.maximum(rail_in, 0.0), relay_sent, relay_received)
 
 
 def _per_nic(per_rank: np.ndarray, topo: Topology) -> np.ndarray:
@@ -107,11 +118,6 @@ def _per_rank_of_node(per_node: np.ndarray, topo: Topology) -> np.ndarray:
     return np.repeat(per_node, topo.ranks_per_node, axis=-1)
 
 
-def _transposed(s: _Traffic) -> _Traffic:
-    """The stats of ``traffic.T`` (combine after dispatch): directions swap."""
-    return _Traffic(s.received_intra, s.sent_intra, s.received_inter, s.sent_inter, s.node_in, s.node_out)
-
-
 def all_to_all_phases(traffic: np.ndarray, topo: Topology, algorithm: Algorithm = "direct",
                       dedup: float = 0.0) -> tuple[list[Phase], _Traffic]:
     """The phases of an all-to-all of ``traffic[..., src, dst]`` bytes, as α/β terms per rank (no link
@@ -123,10 +129,16 @@ def all_to_all_phases(traffic: np.ndarray, topo: Topology, algorithm: Algorithm 
     (one message per remote node); (C) the destination relays fan the bytes out over intra links.
     ``dedup`` is the fraction of inter-node bytes saved in (A) and (B) because a token routed to several experts
     of one remote node crosses once (it is duplicated again in (C)).
+
+    ``node_aware`` (moeflux's :class:`moeflux.hierarchical.HierarchicalExchange`): (B) each rank sends its own
+    remote-bound bytes to the rank with its local index on each other node (its rail; one message per remote
+    node); then (C) every rank relays what it received, and its own same-node traffic, to the ranks of its node
+    that hold the experts. ``dedup`` (a float, or an array of the traffic's batch shape) is the fraction of (B)'s
+    bytes saved by sending a token once per node.
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if not 0.0 <= dedup < 1.0:
+    if not np.all((np.asarray(dedup) >= 0.0) & (np.asarray(dedup) < 1.0)):
         raise ValueError(f"dedup must be in [0, 1), got {dedup!r}")
     s = _traffic_stats(_check_traffic(traffic, topo), topo)
     return _phases(s, topo, algorithm, dedup), s
@@ -142,6 +154,13 @@ def _phases(s: _Traffic, topo: Topology, algorithm: Algorithm, dedup: float) -> 
         inter = Branch("inter", np.full(p, float(p - r)),
                        np.maximum(_per_nic(s.sent_inter, topo), _per_nic(s.received_inter, topo)))
         return [(intra, inter)]
+
+    if algorithm == "node_aware":
+        keep = 1.0 - np.asarray(dedup, dtype=np.float64)[..., None]
+        rail = Branch("inter", np.full(p, float(n - 1)),
+                      keep * np.maximum(_per_nic(s.sent_inter, topo), _per_nic(s.rail_in, topo)))
+        relay = Branch("intra", np.full(p, intra_peers), np.maximum(s.relay_sent, s.relay_received))
+        return [(rail,), (relay,)]
 
     keep = 1.0 - dedup
     spread = (r - 1) / r  # share of a rank's relayed bytes that move to another local rank
@@ -291,13 +310,16 @@ def moe_layer_all_to_all_time(traffic: np.ndarray, topo: Topology, algorithm: Al
     """One MoE layer's all-to-alls in one training step, ``traffic`` being the dispatch bytes [..., src, dst]:
     dispatch and combine forward, their gradients backward (``2·t(T) + 2·t(Tᵀ)``), plus the dropless count
     exchange (a uniform all-to-all of ``count_bytes_per_peer`` to each peer; 0 to leave it out)."""
-    phases, stats = all_to_all_phases(traffic, topo, algorithm, dedup)
-    forward = _time(phases, topo)
+    forward = _time(all_to_all_phases(traffic, topo, algorithm, dedup)[0], topo)
     # The direct model only sees max(sent, received) per port / NIC, so t(Tᵀ) = t(T).
-    backward = forward if algorithm == "direct" else _time(_phases(_transposed(stats), topo, algorithm, dedup), topo)
+    backward = forward if algorithm == "direct" else _time(
+        all_to_all_phases(np.swapaxes(traffic, -1, -2), topo, algorithm, dedup)[0], topo)
     total = 2 * forward + 2 * backward
     if count_bytes_per_peer:
-        total = total + uniform_all_to_all_time(count_bytes_per_peer * topo.world, topo, algorithm)
+        # node_aware: its header goes straight to every rank of the group (the node's own count exchange is
+        # left out: one intra-node message per rank pair)
+        count_algorithm = "direct" if algorithm == "node_aware" else algorithm
+        total = total + uniform_all_to_all_time(count_bytes_per_peer * topo.world, topo, count_algorithm)
     return _scalar(total)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_TRACE_PATH", "RoutingTrace", "LoadStats", "load_trace", "save_trace", "expert_ranks",
-    "traffic_matrix", "uniform", "zipf", "scale_counts", "load_stats",
+    "traffic_matrix", "node_dedup", "uniform", "zipf", "scale_counts", "load_stats",
 ]
 
 # ``../shared/traces/`` next to the repository (never copied into it).
@@ -159,6 +159,32 @@ def traffic_matrix(counts: np.ndarray, hidden: int, bytes_per_elem: int,
                          -1)
     bounds = np.searchsorted(owner[order], np.arange(p + 1))
     return (cum[..., bounds[1:]] - cum[..., bounds[:-1]]) * per_slot
+
+
+def node_dedup(counts: np.ndarray, ranks_per_node: int, top_k: int) -> np.ndarray:
+    """``[...]``: the expected fraction of inter-node token bytes a node-aware exchange saves by sending a token
+    once per remote node that holds any of its ``top_k`` experts, for slots ``counts[..., P, E]`` (contiguous
+    placement, ``ranks_per_node`` ranks per node).
+
+    Counts do not say which experts a token chose together; each token of rank ``s`` is taken to draw its ``k``
+    experts independently from ``s``'s slot distribution ``q`` (with replacement: an estimate). Then a remote
+    node ``m`` receives ``k · q_m`` slots per token but ``1 - (1 - q_m)^k`` copies; the fraction saved is
+    ``1 - copies / slots`` over every rank's remote traffic.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    p, e = counts.shape[-2:]
+    if p % ranks_per_node or e % p:
+        raise ValueError(f"node_dedup: ranks_per_node ({ranks_per_node}) must divide the {p} ranks, and the "
+                         f"ranks the {e} experts")
+    nodes = p // ranks_per_node
+    slots = counts.sum(-1, keepdims=True)
+    per_node = counts.reshape(*counts.shape[:-1], nodes, e // nodes).sum(-1)  # [..., P, nodes]
+    share = np.divide(per_node, slots, out=np.zeros_like(per_node), where=slots > 0)
+    remote = 1.0 - np.eye(nodes).repeat(ranks_per_node, axis=0)  # [P, nodes]: node m is remote for rank s
+    tokens = slots[..., 0] / top_k
+    remote_slots = (tokens[..., None] * top_k * share * remote).sum((-1, -2))
+    remote_copies = (tokens[..., None] * (1.0 - (1.0 - share) ** top_k) * remote).sum((-1, -2))
+    return 1.0 - np.divide(remote_copies, remote_slots, out=np.ones_like(remote_slots), where=remote_slots > 0)
 
 
 # ---------------------------------------------------------------------------------------------- sources

@@ -1,4 +1,4 @@
-"""One cluster size of the CLI's sweep: per-layer all-to-all time (direct and hierarchical), expert compute,
+"""One cluster size of the CLI's sweep: per-layer all-to-all time (direct, hierarchical, node-aware), expert compute,
 the all-to-all share of the step and the skew, over the sampled iterations and layers."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 
 from .cost_model import all_to_all_breakdown, moe_layer_all_to_all_time, step_time
 from .links import Topology
-from .routing import traffic_matrix
+from .routing import node_dedup, traffic_matrix
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,12 @@ class LayerSamples:
 
     direct_s: np.ndarray  # the layer's all-to-alls in one step (4 token all-to-alls + count exchange)
     hierarchical_s: np.ndarray
+    node_aware_s: np.ndarray  # moeflux's hierarchical exchange, with the routing's expected deduplication
+    node_dedup: np.ndarray  # that deduplication: fraction of inter-node bytes saved
     compute_s: np.ndarray  # expert compute of the busiest rank
     share_direct: np.ndarray  # all-to-all / (all-to-all + compute), no overlap
     share_hierarchical: np.ndarray
+    share_node_aware: np.ndarray
     slowest_over_mean_bytes: np.ndarray  # dispatch, direct algorithm
     max_over_mean_bytes: np.ndarray
     expert_max_over_mean: np.ndarray  # global expert load
@@ -74,6 +77,8 @@ def _costs(topo: Topology, shape: ModelShape, counts: np.ndarray, dedup: float) 
     traffic = traffic_matrix(counts, shape.hidden, shape.bytes_per_elem)
     direct = np.asarray(moe_layer_all_to_all_time(traffic, topo, "direct", 0.0, count_bytes_per_peer))
     hier = np.asarray(moe_layer_all_to_all_time(traffic, topo, "hierarchical", dedup, count_bytes_per_peer))
+    saved = node_dedup(counts, topo.ranks_per_node, shape.top_k)
+    node_aware = np.asarray(moe_layer_all_to_all_time(traffic, topo, "node_aware", saved, count_bytes_per_peer))
     received_slots = traffic.sum(-2) / (shape.hidden * shape.bytes_per_elem)
     compute = received_slots.max(-1) * shape.flop_per_slot / shape.expert_flop_per_s
     breakdown = all_to_all_breakdown(traffic, topo)
@@ -82,7 +87,8 @@ def _costs(topo: Topology, shape: ModelShape, counts: np.ndarray, dedup: float) 
     def share(a2a: np.ndarray) -> np.ndarray:
         return np.array([step_time(float(c), float(a), 0.0).all_to_all_share for c, a in zip(compute, a2a)])
 
-    return LayerSamples(direct, hier, compute, share(direct), share(hier), breakdown.slowest_over_mean_bytes,
+    return LayerSamples(direct, hier, node_aware, saved, compute, share(direct), share(hier), share(node_aware),
+                        breakdown.slowest_over_mean_bytes,
                         breakdown.max_over_mean_bytes, expert_load.max(-1) / expert_load.mean(-1))
 
 
