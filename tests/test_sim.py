@@ -130,9 +130,10 @@ def test_node_aware_by_hand():
     assert all_to_all_time(HAND, topo, "node_aware", dedup=0.5) == pytest.approx(14.4)
     np.testing.assert_allclose(all_to_all_time(np.stack([HAND, HAND]), topo, "node_aware", np.array([0.0, 0.5])),
                                [17.4, 14.4])
-    # Combine runs the transposed traffic: relays differ, so forward and backward are costed separately.
-    layer = moe_layer_all_to_all_time(HAND, topo, "node_aware")
-    assert layer == pytest.approx(2 * 17.4 + 2 * all_to_all_time(HAND.T.copy(), topo, "node_aware"))
+    # Combine retraces dispatch's route backwards (relay, then rail): the same cost, four times a step.
+    assert moe_layer_all_to_all_time(HAND, topo, "node_aware") == pytest.approx(4 * 17.4)
+    with pytest.raises(ValueError, match="an array only for node_aware"):
+        all_to_all_time(np.stack([HAND, HAND]), topo, "hierarchical", np.array([0.0, 0.5]))
 
 
 def test_node_dedup():

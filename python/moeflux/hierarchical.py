@@ -54,7 +54,7 @@ def _dtype_name(code: int) -> str:
 
 @dataclass(frozen=True)
 class HierarchicalPlan:
-    copy_map: Tensor  # [T, N] int32: sent row of the copy of token t for node n, -1: no slot on n
+    copy_map: Tensor  # [T, c] int32: sent row of each of token t's copies (one per node it has slots on), -1: none
     copy_token: Tensor  # [C] int64: the token of each sent copy
     send_splits: list[int]  # copies sent to each node's rail peer
     recv_splits: list[int]  # copies received from each node's rail peer
@@ -65,7 +65,8 @@ class HierarchicalExchange(Exchange):
     """Tokens cross nodes once per (token, remote node) over the rail groups of ``nodes``, then fan out to their
     experts inside the node (see the module's docstring). Outputs and gradients equal
     :class:`moeflux.exchange.AllToAllExchange`'s up to the order of floating-point sums (a token's slots on
-    one node are summed there first).
+    one node are summed there first, in float32, and rounded to the tokens' dtype before they return: one more
+    rounding per node in bf16/fp16).
 
     Dropless and capacity routing alike travel packed: the capacity has already marked dropped slots -1, so
     there is no padding on the wire (on a GPU that costs the host synchronisation the flat exchange's fixed
@@ -106,25 +107,37 @@ class HierarchicalExchange(Exchange):
                     f"has hidden size {tokens.shape[1]}, dtype {tokens.dtype}")
         return received[local::nodes.ranks_per_node, 0].tolist()
 
+    def _copy_nodes(self, node_of_slot: Tensor) -> Tensor:
+        """``[T, c]`` int32: the distinct nodes of each token's slots (-1 pads), ``c = min(k, N)`` columns, so
+        that permute's buffer is ``T * c`` rows, not ``T * N``."""
+        num_nodes, top_k = self.nodes.num_nodes, node_of_slot.shape[1]
+        if top_k > num_nodes:  # a column per node: node n or -1
+            node_ids = torch.arange(num_nodes, dtype=torch.int32, device=node_of_slot.device)
+            has_copy = (node_of_slot.unsqueeze(1) == node_ids.view(1, -1, 1)).any(2)
+            return torch.where(has_copy, node_ids, -1)
+        ordered = node_of_slot.sort(dim=1).values  # -1 (dropped) first; a node's repeats side by side
+        repeat = torch.zeros_like(ordered, dtype=torch.bool)
+        repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+        return torch.where(repeat, -1, ordered).to(torch.int32)
+
     def dispatch(self, tokens: Tensor, expert_ids: Tensor,
                  capacity: int | None) -> tuple[ExpertBatch, HierarchicalPlan]:
         positions = self._positions(expert_ids)
         num_nodes, num_tokens = self.nodes.num_nodes, tokens.shape[0]
         node_of_slot = torch.where(positions >= 0, torch.div(positions, self.experts_per_node, rounding_mode="floor"),
                                    -1)
-        node_ids = torch.arange(num_nodes, dtype=torch.int32, device=tokens.device)
-        has_copy = (node_of_slot.unsqueeze(1) == node_ids.view(1, -1, 1)).any(2)  # [T, N]
-        copies, copies_per_node, copy_map = ops.permute(tokens, torch.where(has_copy, node_ids, -1), num_nodes)
+        copy_nodes = self._copy_nodes(node_of_slot)  # [T, c]: the distinct nodes of each token's slots, -1 pad
+        copies, copies_per_node, copy_map = ops.permute(tokens, copy_nodes, num_nodes)
         send_splits = copies_per_node.tolist()
         recv_splits = self._exchange_header(tokens, send_splits)
         sent = sum(send_splits)
 
         # Token and node of each sent copy (the copies are grouped by node, tokens in order within a node).
         row = copy_map.reshape(-1).long()
-        row = torch.where(row >= 0, row, num_tokens * num_nodes)  # one spare slot takes the absent copies
-        token_of = torch.arange(num_tokens, device=tokens.device).repeat_interleave(num_nodes)
-        node_of = node_ids.long().repeat(num_tokens)
-        spare = torch.empty(num_tokens * num_nodes + 1, dtype=torch.int64, device=tokens.device)
+        row = torch.where(row >= 0, row, row.numel())  # one spare slot takes the absent copies
+        token_of = torch.arange(num_tokens, device=tokens.device).repeat_interleave(copy_nodes.shape[1])
+        node_of = copy_nodes.reshape(-1).long()
+        spare = torch.empty(row.numel() + 1, dtype=torch.int64, device=tokens.device)
         copy_token = spare.scatter(0, row, token_of)[:sent]
         copy_node = spare.scatter(0, row, node_of)[:sent]
         # Each copy carries its token's slots as positions within its node; slots on other nodes are -1.

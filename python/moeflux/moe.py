@@ -99,11 +99,11 @@ class MoE(nn.Module):
             out to its experts inside that node; its slots on one node are
             summed there before it returns. ``True``: nodes from the launcher
             (torchrun's ``LOCAL_WORLD_SIZE``; the groups are made on first use,
-            collectively over the world, and shared by every layer of the
-            group); or the :class:`moeflux.NodeGroups` of
+            collectively over the world, so every rank of the world must
+            build such a layer, and shared by every layer of the group); or the :class:`moeflux.NodeGroups` of
             :func:`moeflux.init_node_groups` (to declare nodes yourself).
             Outputs and gradients equal the flat exchange's up to the order of
-            floating-point sums.
+            floating-point sums (and, in bf16/fp16, one rounding per node).
 
     After each forward, :attr:`aux_loss` holds ``aux_loss_weight * load_balancing
     + z_loss_weight * z_loss`` (differentiable: add it to the training loss, or

@@ -69,7 +69,8 @@ def init_node_groups(ep_group: dist.ProcessGroup | None = None, ranks_per_node: 
                      timeout: timedelta | None = None) -> NodeGroups:
     """Make the node and rail groups of every expert-parallel group and return this rank's.
 
-    Collective over the whole world (every rank calls it, with the same ``ranks_per_node``): torch's
+    Collective over the whole world (every rank calls it, with the same ``ranks_per_node``, so every rank must
+    build the layers that ask for it with ``hierarchical=True``): torch's
     ``new_group`` must be called by every rank for every group, so each rank learns every rank's
     expert-parallel group and all create the same groups in the same order. A bad or disagreeing
     ``ranks_per_node`` makes every rank raise the same error. The groups take ``ep_group``'s timeout unless
@@ -79,16 +80,22 @@ def init_node_groups(ep_group: dist.ProcessGroup | None = None, ranks_per_node: 
         raise RuntimeError("init_node_groups: call torch.distributed.init_process_group first")
     ep_group = ep_group if ep_group is not None else dist.group.WORLD
     error = None
-    if ranks_per_node is None:
-        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None
-        if ranks_per_node is None:
+    if ranks_per_node is None:  # parsed here, raised by the gather: a rank raising alone would leave the rest in it
+        launcher = os.environ.get("LOCAL_WORLD_SIZE", "")
+        if not launcher:
             error = "ranks_per_node was not given and LOCAL_WORLD_SIZE is not set (start with torchrun, or pass it)"
+        elif not launcher.isdigit() or int(launcher) < 1:
+            error = f"LOCAL_WORLD_SIZE must be a positive int, got {launcher!r}"
+        else:
+            ranks_per_node = int(launcher)
     mine = (ranks_per_node, dist.get_process_group_ranks(ep_group))
     gathered = _gather_checked(dist.group.WORLD, "init_node_groups", error, mine)
     if len({rpn for rpn, _ in gathered}) > 1:
         per_rank = ", ".join(f"rank {r}: {rpn}" for r, (rpn, _) in enumerate(gathered))
         raise ValueError(f"init_node_groups: ranks disagree on ranks_per_node ({per_rank})")
     ep_groups = sorted({tuple(ranks) for _, ranks in gathered})
+    if len({r for ranks in ep_groups for r in ranks}) != sum(len(ranks) for ranks in ep_groups):
+        raise ValueError(f"init_node_groups: the ranks' expert-parallel groups overlap: {ep_groups}")
     try:  # the same data on every rank: every rank raises alike
         layouts = [node_layout(list(ranks), ranks_per_node) for ranks in ep_groups]
     except ValueError as e:

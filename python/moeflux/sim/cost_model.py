@@ -140,6 +140,8 @@ def all_to_all_phases(traffic: np.ndarray, topo: Topology, algorithm: Algorithm 
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if not np.all((np.asarray(dedup) >= 0.0) & (np.asarray(dedup) < 1.0)):
         raise ValueError(f"dedup must be in [0, 1), got {dedup!r}")
+    if np.ndim(dedup) and algorithm != "node_aware":
+        raise ValueError(f"dedup must be a float for the {algorithm} algorithm (an array only for node_aware)")
     s = _traffic_stats(_check_traffic(traffic, topo), topo)
     return _phases(s, topo, algorithm, dedup), s
 
@@ -311,8 +313,10 @@ def moe_layer_all_to_all_time(traffic: np.ndarray, topo: Topology, algorithm: Al
     dispatch and combine forward, their gradients backward (``2·t(T) + 2·t(Tᵀ)``), plus the dropless count
     exchange (a uniform all-to-all of ``count_bytes_per_peer`` to each peer; 0 to leave it out)."""
     forward = _time(all_to_all_phases(traffic, topo, algorithm, dedup)[0], topo)
-    # The direct model only sees max(sent, received) per port / NIC, so t(Tᵀ) = t(T).
-    backward = forward if algorithm == "direct" else _time(
+    # The direct model only sees max(sent, received) per port / NIC, so t(Tᵀ) = t(T); node_aware's combine
+    # retraces its dispatch's route backwards (relay, then rail), whose phases cost the same. Tutel's 2D
+    # all-to-all of the combine gathers on the experts' node: its phases are those of Tᵀ.
+    backward = forward if algorithm in ("direct", "node_aware") else _time(
         all_to_all_phases(np.swapaxes(traffic, -1, -2), topo, algorithm, dedup)[0], topo)
     total = 2 * forward + 2 * backward
     if count_bytes_per_peer:
