@@ -413,14 +413,19 @@ def run_cluster(args: argparse.Namespace, routing: str, path: Path) -> dict:
     return result
 
 
+def fresh_results_folder(out: Path, pattern: str) -> None:
+    """Make ``out`` and remove the runs a previous driver left there: a report mixes every run in the folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(pattern):
+        old.unlink()
+
+
 def main() -> None:
     args = parse_args()
     if args.report:
         report(args.report, args)
         return
-    args.out.mkdir(parents=True, exist_ok=True)
-    for old in args.out.glob("balance_*.json"):
-        old.unlink()  # a report mixes every run in the folder
+    fresh_results_folder(args.out, "balance_*.json")
     for r in range(args.rounds):
         for routing in args.routings.split(","):
             run_cluster(args, routing,

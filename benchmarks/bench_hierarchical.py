@@ -47,9 +47,7 @@ def main() -> None:
     if args.report:
         report(args.report)
         return
-    args.out.mkdir(parents=True, exist_ok=True)
-    for old in args.out.glob("hier_*.json"):
-        old.unlink()  # a report mixes every run in the folder
+    bench_balance.fresh_results_folder(args.out, "hier_*.json")
     for r in range(args.rounds):
         for topology in args.topologies.split(","):
             nodes, per_node = (int(v) for v in topology.split("x"))

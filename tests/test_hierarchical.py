@@ -13,7 +13,7 @@ import torch.distributed as dist
 import moeflux
 from moeflux.exchange import AllToAllExchange
 from moeflux.hierarchical import HierarchicalExchange
-from moeflux.topology import node_layout
+from moeflux.topology import launcher_ranks_per_node, node_layout
 from multiprocess import run_ranks
 from test_exchange import reference, scaled_by_expert
 
@@ -189,15 +189,13 @@ def layer_worker(rank, world, ranks_per_node, from_launcher):
         for mode in (False, hierarchical):
             torch.manual_seed(0)
             moe = moeflux.MoE(12, 10, ep_group=groups, hierarchical=mode, dtype=torch.float64, **options)
-            x = torch.randn(2, 5 + rank, 12, dtype=torch.float64,
+            tokens = 6 if "capacity_factor" in options else 5 + rank  # a capacity needs equal token counts
+            x = torch.randn(2, tokens, 12, dtype=torch.float64,
                             generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
-            if "capacity_factor" in options:
-                x = torch.randn(2, 6, 12, dtype=torch.float64,
-                                generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
             out = moe(x)
             (out.pow(2).sum() + moe.aux_loss).backward()
             grads.append([out, x.grad, moe.tokens_per_expert] + [p.grad for p in moe.parameters()])
-        assert type(moe.exchange).__name__ == "HierarchicalExchange"
+        assert isinstance(moe.exchange, HierarchicalExchange)
         for flat, hier in zip(*grads):
             torch.testing.assert_close(hier, flat, rtol=1e-10, atol=1e-12, msg=name)
     return True
@@ -211,6 +209,23 @@ def test_moe_hierarchical_equals_flat(world, ranks_per_node, from_launcher):
 
 
 # ---- errors
+
+
+def test_launcher_ranks_per_node(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert launcher_ranks_per_node() is None
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert launcher_ranks_per_node() == 8
+    for bad in ("0", "x", "-2"):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", bad)
+        with pytest.raises(ValueError, match=f"LOCAL_WORLD_SIZE must be a positive int, got '{bad}'"):
+            launcher_ranks_per_node()
+
+
+def test_init_node_groups_needs_a_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="call torch.distributed.init_process_group first"):
+        moeflux.init_node_groups(ranks_per_node=2)
 
 
 def test_hierarchical_needs_expert_parallelism():
@@ -232,6 +247,11 @@ def errors_worker(rank, world):
 
     os.environ.pop("LOCAL_WORLD_SIZE", None)
     attempt("no LOCAL_WORLD_SIZE", lambda: moeflux.init_node_groups())
+    os.environ["LOCAL_WORLD_SIZE"] = "two" if rank == 0 else "2"
+    attempt("LOCAL_WORLD_SIZE malformed on rank 0", lambda: moeflux.init_node_groups())
+    os.environ.pop("LOCAL_WORLD_SIZE")
+    pair = dist.new_group([0, 1])  # ranks 0 and 1 name it, the others the world: the groups overlap
+    attempt("overlapping groups", lambda: moeflux.init_node_groups(pair if rank < 2 else None, ranks_per_node=2))
     attempt("ranks_per_node differs", lambda: moeflux.init_node_groups(ranks_per_node=1 if rank == 0 else 2))
     attempt("ranks_per_node 3", lambda: moeflux.init_node_groups(ranks_per_node=3))
     nodes = moeflux.init_node_groups(ranks_per_node=2)
@@ -240,6 +260,7 @@ def errors_worker(rank, world):
     attempt("shadowing", lambda: moeflux.MoE(8, 8, 4, ep_group=dist.group.WORLD, hierarchical=nodes, shadowing=1))
     other = dist.new_group(list(range(world)))
     attempt("other group", lambda: moeflux.MoE(8, 8, 4, ep_group=other, hierarchical=nodes))
+    attempt("placement of another size", lambda: HierarchicalExchange(moeflux.ExpertPlacement(4), nodes))
     attempt("only rank 0 hierarchical", lambda: moeflux.MoE(8, 8, 4, ep_group=dist.group.WORLD,
                                                             hierarchical=nodes if rank == 0 else False))
     dist.barrier()  # nobody was left waiting
@@ -250,7 +271,10 @@ def test_hierarchical_errors_raise_on_every_rank():
     expected = {
         "no LOCAL_WORLD_SIZE": "ranks_per_node was not given and LOCAL_WORLD_SIZE is not set",
         "ranks_per_node differs": "ranks disagree on ranks_per_node",
+        "LOCAL_WORLD_SIZE malformed on rank 0": "LOCAL_WORLD_SIZE must be a positive int, got 'two'",
+        "overlapping groups": "the ranks' expert-parallel groups overlap",
         "ranks_per_node 3": "every node must hold the same number",
+        "placement of another size": "placement.ep_size (1) must equal the size of the expert-parallel group (4)",
         "chunked": "hierarchical works with an ep_group, schedule='bulk' and shadowing='off' only",
         "shadowing": "hierarchical works with an ep_group, schedule='bulk' and shadowing='off' only",
         "other group": "NodeGroups were made for another expert-parallel group",

@@ -50,20 +50,22 @@ def init_expert_parallel(
     check_agreement(parent, "init_expert_parallel", local_error=error, ep_size=ep_size)
     if timeout is None:
         timeout = timedelta(milliseconds=_C.group_timeout_ms(parent.group_name))
-    ep_group = edp_group = None
-    for start in range(0, world, ep_size):  # every rank creates every group, in the same order
-        members = ranks[start:start + ep_size]
-        created = dist.new_group(members, timeout=timeout)
-        if me in members:
-            ep_group = created
-    for offset in range(ep_size):
-        members = ranks[offset::ep_size]
-        created = dist.new_group(members, timeout=timeout)
-        if me in members:
-            edp_group = created
+    ep_group = new_groups([ranks[start:start + ep_size] for start in range(0, world, ep_size)], timeout)
+    edp_group = new_groups([ranks[offset::ep_size] for offset in range(ep_size)], timeout)
     if ep_group is None or edp_group is None:
         raise RuntimeError(f"init_expert_parallel: rank {me} is not in the group {ranks}")
     return ExpertParallelGroups(ep_group, edp_group, ep_size, dist.get_rank(ep_group))
+
+
+def new_groups(member_lists: list[list[int]], timeout: timedelta) -> dist.ProcessGroup | None:
+    """Create a group of each list of global ranks, in order (every rank must create every group, in the same
+    order, as ``new_group`` requires); return the one this rank is in (None: none)."""
+    mine = None
+    for members in member_lists:
+        created = dist.new_group(members, timeout=timeout)
+        if dist.get_rank() in members:
+            mine = created
+    return mine
 
 
 def check_agreement(group: dist.ProcessGroup, what: str, local_error: str | None = None, **values: object) -> None:

@@ -68,8 +68,7 @@ class Exchange(ABC):
     @property
     def groups(self) -> tuple[dist.ProcessGroup, ...]:
         """The process groups its collectives use (what :func:`moeflux.comm_stats` maps to nodes)."""
-        group = getattr(self, "group", None)
-        return () if group is None else (group,)
+        return ()
 
     @abstractmethod
     def dispatch(self, tokens: Tensor, expert_ids: Tensor, capacity: int | None) -> tuple[ExpertBatch, Any]:
@@ -148,6 +147,10 @@ class AllToAllExchange(Exchange):
                              f"expert-parallel group ({dist.get_world_size(group)})")
         super().__init__(placement)
         self.group = group
+
+    @property
+    def groups(self) -> tuple[dist.ProcessGroup, ...]:
+        return (self.group,)
 
     @staticmethod
     def _wire_capacity(tokens: Tensor, capacity: int | None) -> int | None:
@@ -292,26 +295,37 @@ class ShadowedExchange(AllToAllExchange):
 SCHEDULES = ("bulk", *PipelinedExchange.SCHEDULES)
 
 
+def check_exchange_options(ep_group: dist.ProcessGroup | None, schedule: str, shadowing: object = None,
+                           hierarchical: bool | NodeGroups = False) -> None:
+    """What :func:`make_exchange` accepts, checked before any collective (:class:`moeflux.MoE` runs it inside
+    its agreement, so a rank that fails makes every rank raise). ``shadowing``: a policy, or None / ``"off"``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    shadowed = shadowing not in ("off", None)
+    if shadowed and schedule != "bulk":
+        raise ValueError(f"shadowing works with schedule='bulk' only, got schedule={schedule!r}")
+    if not isinstance(hierarchical, (bool, NodeGroups)):
+        raise TypeError(f"hierarchical must be a bool or a moeflux.NodeGroups, got {hierarchical!r}")
+    if hierarchical is False:
+        return
+    if ep_group is None or schedule != "bulk" or shadowed:
+        raise ValueError(f"hierarchical works with an ep_group, schedule='bulk' and shadowing='off' only, got "
+                         f"ep_group={ep_group}, schedule={schedule!r}, shadowing={shadowing!r}")
+    if isinstance(hierarchical, NodeGroups) and hierarchical.ep_group is not ep_group:
+        raise ValueError("hierarchical: the NodeGroups were made for another expert-parallel group than ep_group "
+                         "(pass init_node_groups(ep_group))")
+
+
 def make_exchange(placement: ExpertPlacement, ep_group: dist.ProcessGroup | None, schedule: str = "bulk",
                   chunks: int = 2, group_size: int = 1, shadow_policy: ShadowPolicy | None = None,
                   nodes: NodeGroups | None = None) -> Exchange:
     """The strategy for a placement: local without a group; over it, all-to-all in bulk (``schedule="bulk"``),
     with shadowed experts (``shadow_policy``, bulk only), pipelined (``"chunked"``, ``"pairwise"``) or
     node-aware (``nodes``, bulk only)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if shadow_policy is not None and schedule != "bulk":
-        raise ValueError(f"shadowing works with schedule='bulk' only, got schedule={schedule!r}")
-    if nodes is not None and (schedule != "bulk" or shadow_policy is not None or ep_group is None):
-        raise ValueError(f"the hierarchical exchange works with expert parallelism, schedule='bulk' and no "
-                         f"shadowing only, got ep_group={ep_group}, schedule={schedule!r}, "
-                         f"shadowing={shadow_policy}")
+    check_exchange_options(ep_group, schedule, shadow_policy, nodes if nodes is not None else False)
     if ep_group is None:
         return LocalExchange(placement)  # every expert is here: nothing to shadow
     if nodes is not None:
-        if nodes.ep_group is not ep_group:
-            raise ValueError("the hierarchical exchange's NodeGroups must be made for the layer's expert-parallel "
-                             "group (init_node_groups(ep_group))")
         from .hierarchical import HierarchicalExchange  # it builds on this module
 
         return HierarchicalExchange(placement, nodes)

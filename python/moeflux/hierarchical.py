@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
@@ -36,8 +37,6 @@ from .placement import ExpertPlacement
 from .topology import NodeGroups
 
 if TYPE_CHECKING:
-    import torch.distributed as dist
-
     from .experts import GroupedExperts
 
 # What the header says of a dtype (the layer's inputs are floating point; -1: anything else).
@@ -74,8 +73,6 @@ class HierarchicalExchange(Exchange):
     """
 
     def __init__(self, placement: ExpertPlacement, nodes: NodeGroups) -> None:
-        import torch.distributed as dist
-
         if placement.ep_size != dist.get_world_size(nodes.ep_group):
             raise ValueError(f"HierarchicalExchange: placement.ep_size ({placement.ep_size}) must equal the size of "
                              f"the expert-parallel group ({dist.get_world_size(nodes.ep_group)})")
@@ -88,48 +85,45 @@ class HierarchicalExchange(Exchange):
     def groups(self) -> tuple[dist.ProcessGroup, ...]:
         return self.nodes.ep_group, self.nodes.rail_group, self.nodes.node_group
 
-    def _exchange_header(self, tokens: Tensor, copies_per_node: list[int]) -> list[int]:
-        """Send each rail peer its copy count, and every rank this rank's hidden size and dtype; check what
-        arrives; return the copies each rail peer sends here."""
+    def _exchange_header(self, tokens: Tensor, copies_per_node: Tensor) -> tuple[list[int], list[int]]:
+        """Send each rail peer its copy count (``copies_per_node [N]``, on the tokens' device), and every rank
+        this rank's hidden size and dtype; check what arrives. Returns the copies sent to and received from
+        each node's rail peer, read on the host together (the one host read before the rail exchange)."""
         nodes, ep = self.nodes, self.placement.ep_size
-        local = nodes.local_rank
-        header = torch.zeros(ep, 3, dtype=torch.int64)
+        header = torch.zeros(ep, 3, dtype=torch.int64, device=tokens.device)
         header[:, 1], header[:, 2] = tokens.shape[1], _dtype_code(tokens.dtype)
-        for node, copies in enumerate(copies_per_node):  # EP rank of the rail peer on node n: n * L + local
-            header[node * nodes.ranks_per_node + local, 0] = copies
+        rail_peers = torch.arange(nodes.num_nodes, device=tokens.device) * nodes.ranks_per_node + nodes.local_rank
+        header[rail_peers, 0] = copies_per_node.long()
         ones = [1] * ep
-        received = ops.all_to_all(header.to(tokens.device), ones, ones, self.group, agree_first=False).cpu()
-        for src, (_, hidden, dtype) in enumerate(received.tolist()):
+        received = ops.all_to_all(header, ones, ones, self.group, agree_first=False)
+        both = torch.cat([header[rail_peers, 0], received.reshape(-1)]).tolist()
+        sent, received = both[:nodes.num_nodes], both[nodes.num_nodes:]
+        for src in range(ep):
+            hidden, dtype = received[3 * src + 1], received[3 * src + 2]
             if (hidden, dtype) != (tokens.shape[1], _dtype_code(tokens.dtype)):
                 raise RuntimeError(
                     f"moeflux.HierarchicalExchange: ranks of the expert-parallel group disagree: rank {src} sends "
                     f"tokens with hidden size {hidden}, dtype {_dtype_name(dtype)}; rank {self.placement.ep_rank} "
                     f"has hidden size {tokens.shape[1]}, dtype {tokens.dtype}")
-        return received[local::nodes.ranks_per_node, 0].tolist()
+        return sent, received[3 * nodes.local_rank::3 * nodes.ranks_per_node]
 
     def _copy_nodes(self, node_of_slot: Tensor) -> Tensor:
-        """``[T, c]`` int32: the distinct nodes of each token's slots (-1 pads), ``c = min(k, N)`` columns, so
-        that permute's buffer is ``T * c`` rows, not ``T * N``."""
-        num_nodes, top_k = self.nodes.num_nodes, node_of_slot.shape[1]
-        if top_k > num_nodes:  # a column per node: node n or -1
-            node_ids = torch.arange(num_nodes, dtype=torch.int32, device=node_of_slot.device)
-            has_copy = (node_of_slot.unsqueeze(1) == node_ids.view(1, -1, 1)).any(2)
-            return torch.where(has_copy, node_ids, -1)
-        ordered = node_of_slot.sort(dim=1).values  # -1 (dropped) first; a node's repeats side by side
-        repeat = torch.zeros_like(ordered, dtype=torch.bool)
-        repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-        return torch.where(repeat, -1, ordered).to(torch.int32)
+        """``[T, min(k, N)]`` int32: the distinct nodes of each token's slots, -1 padding (so that permute's
+        buffer holds ``T * min(k, N)`` rows, not ``T * N``)."""
+        num_nodes = self.nodes.num_nodes
+        node_ids = torch.arange(num_nodes, dtype=torch.int32, device=node_of_slot.device)
+        has_copy = (node_of_slot.unsqueeze(1) == node_ids.view(1, -1, 1)).any(2)  # [T, N]
+        present_first = torch.where(has_copy, node_ids, -1).sort(dim=1, descending=True).values
+        return present_first[:, :min(node_of_slot.shape[1], num_nodes)]
 
     def dispatch(self, tokens: Tensor, expert_ids: Tensor,
                  capacity: int | None) -> tuple[ExpertBatch, HierarchicalPlan]:
         positions = self._positions(expert_ids)
         num_nodes, num_tokens = self.nodes.num_nodes, tokens.shape[0]
-        node_of_slot = torch.where(positions >= 0, torch.div(positions, self.experts_per_node, rounding_mode="floor"),
-                                   -1)
+        node_of_slot = torch.div(positions, self.experts_per_node, rounding_mode="floor")  # dropped: -1 // x = -1
         copy_nodes = self._copy_nodes(node_of_slot)  # [T, c]: the distinct nodes of each token's slots, -1 pad
         copies, copies_per_node, copy_map = ops.permute(tokens, copy_nodes, num_nodes)
-        send_splits = copies_per_node.tolist()
-        recv_splits = self._exchange_header(tokens, send_splits)
+        send_splits, recv_splits = self._exchange_header(tokens, copies_per_node)
         sent = sum(send_splits)
 
         # Token and node of each sent copy (the copies are grouped by node, tokens in order within a node).
@@ -140,10 +134,9 @@ class HierarchicalExchange(Exchange):
         spare = torch.empty(row.numel() + 1, dtype=torch.int64, device=tokens.device)
         copy_token = spare.scatter(0, row, token_of)[:sent]
         copy_node = spare.scatter(0, row, node_of)[:sent]
-        # Each copy carries its token's slots as positions within its node; slots on other nodes are -1.
-        slot_positions = positions.long()[copy_token] - copy_node.unsqueeze(1) * self.experts_per_node
-        on_node = node_of_slot.long()[copy_token] == copy_node.unsqueeze(1)
-        copy_slots = torch.where(on_node, slot_positions, -1).to(torch.int32)
+        # Each copy carries its token's slots as positions within its node; slots elsewhere (or dropped) are -1.
+        local = positions.long()[copy_token] - copy_node.unsqueeze(1) * self.experts_per_node
+        copy_slots = torch.where((local >= 0) & (local < self.experts_per_node), local, -1).to(torch.int32)
 
         rail = self.nodes.rail_group
         arrived = ops.all_to_all(copies[:sent], recv_splits, send_splits, rail, agree_first=False)
@@ -157,8 +150,8 @@ class HierarchicalExchange(Exchange):
         rail = self.nodes.rail_group
         arrived_weights = None
         if weights is not None:
-            arrived_weights = ops.all_to_all(weights.index_select(0, plan.copy_token), plan.recv_splits, plan.send_splits, rail,
-                                             agree_first=False)
+            arrived_weights = ops.all_to_all(weights.index_select(0, plan.copy_token), plan.recv_splits,
+                                             plan.send_splits, rail, agree_first=False)
         sums = ops.combine(expert_out, plan.inner, arrived_weights)  # one weighted sum per copy, on its node
         returned = ops.all_to_all(sums, plan.send_splits, plan.recv_splits, rail, agree_first=False)
         return ops.unpermute(returned, plan.copy_map, None)  # each token: the sum of its copies
@@ -173,6 +166,6 @@ class HierarchicalExchange(Exchange):
         # The other ranks start with the header exchange: a header with the probe's width and dtype (and no
         # copies) makes each of them raise there.
         try:
-            self._exchange_header(probe, [0] * self.nodes.num_nodes)
+            self._exchange_header(probe, torch.zeros(self.nodes.num_nodes, device=probe.device))
         except RuntimeError:
             pass

@@ -28,7 +28,6 @@ ranks node by node); ``ranks_per_node`` defaults to torchrun's
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,11 +36,12 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _C
+from .topology import launcher_ranks_per_node
 
 TOKEN_PHASES = ("dispatch", "combine", "combine_backward", "dispatch_backward")
 BALANCE_PHASES = ("agreement", "shadow_broadcast", "shadow_reduce", "expert_move")  # moeflux.balance's collectives
 A2A_PHASES = (*TOKEN_PHASES, "count_exchange", "all_to_all")  # what LayerStats.all_to_all_s sums
-PHASES = (*TOKEN_PHASES, "count_exchange", "all_to_all", "grad_allreduce_wait", "experts", *BALANCE_PHASES)
+PHASES = (*A2A_PHASES, "grad_allreduce_wait", "experts", *BALANCE_PHASES)
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class CommStats:
 
     def __init__(self, ranks_per_node: int | None = None) -> None:
         if ranks_per_node is None:
-            ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None
+            ranks_per_node = launcher_ranks_per_node()
         self.ranks_per_node = ranks_per_node
         self.steps: list[StepStats] = []
         self.records: list[list[CollectiveRecord]] = []  # per step, in the order they were issued

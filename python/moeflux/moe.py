@@ -14,7 +14,7 @@ from . import ops
 from .instrumentation import layer_scope
 from .distributed import ExpertParallelGroups, check_agreement
 from .balance import FixedShadows, ShadowCostModel
-from .exchange import Exchange, ShadowPolicy, failed_probe, make_exchange
+from .exchange import Exchange, ShadowPolicy, check_exchange_options, failed_probe, make_exchange
 from .experts import GroupedExperts, SharedExpert, activation_spec
 from .placement import ExpertPlacement
 from .router import Router
@@ -100,8 +100,9 @@ class MoE(nn.Module):
             summed there before it returns. ``True``: nodes from the launcher
             (torchrun's ``LOCAL_WORLD_SIZE``; the groups are made on first use,
             collectively over the world, so every rank of the world must
-            build such a layer, and shared by every layer of the group); or the :class:`moeflux.NodeGroups` of
-            :func:`moeflux.init_node_groups` (to declare nodes yourself).
+            build such a layer, and shared by every layer of the group); or
+            the :class:`moeflux.NodeGroups` of :func:`moeflux.init_node_groups`
+            (to declare nodes yourself).
             Outputs and gradients equal the flat exchange's up to the order of
             floating-point sums (and, in bf16/fp16, one rounding per node).
 
@@ -170,7 +171,7 @@ class MoE(nn.Module):
             if expert_bias and (schedule != "bulk" or shadowing not in ("off", None)):
                 raise ValueError(f"expert_bias=True works with schedule='bulk' and shadowing='off' only, got "
                                  f"schedule={schedule!r}, shadowing={shadowing!r}")
-            _check_hierarchical(hierarchical, ep_group, schedule, shadowing)
+            check_exchange_options(ep_group, schedule, shadowing, hierarchical)
             error = None
         except (ValueError, TypeError) as e:
             if ep_group is None:
@@ -316,20 +317,6 @@ def _count_slots(expert_ids: Tensor, num_experts: int) -> Tensor:
     ids = expert_ids.reshape(-1).long() + 1
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     return counts.index_add_(0, ids, torch.ones_like(ids))[1:]
-
-
-def _check_hierarchical(hierarchical: bool | NodeGroups, ep_group: dist.ProcessGroup | None, schedule: str,
-                        shadowing: object) -> None:
-    if not isinstance(hierarchical, (bool, NodeGroups)):
-        raise TypeError(f"hierarchical must be a bool or a moeflux.NodeGroups, got {hierarchical!r}")
-    if hierarchical is False:
-        return
-    if ep_group is None or schedule != "bulk" or shadowing not in ("off", None):
-        raise ValueError(f"hierarchical works with an ep_group, schedule='bulk' and shadowing='off' only, got "
-                         f"ep_group={ep_group}, schedule={schedule!r}, shadowing={shadowing!r}")
-    if isinstance(hierarchical, NodeGroups) and hierarchical.ep_group is not ep_group:
-        raise ValueError("hierarchical: the NodeGroups were made for another expert-parallel group than ep_group "
-                         "(pass init_node_groups(ep_group))")
 
 
 def _node_groups(hierarchical: bool | NodeGroups, ep_group: dist.ProcessGroup | None) -> NodeGroups | None:

@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from . import _C
-from .distributed import _gather_checked
+from .distributed import _gather_checked, new_groups
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +65,17 @@ def node_layout(ep_ranks: list[int], ranks_per_node: int) -> tuple[int, int]:
     return len(per_node), sizes.pop()
 
 
+def launcher_ranks_per_node() -> int | None:
+    """Ranks per node as the launcher says (torchrun's ``LOCAL_WORLD_SIZE``), None if it does not; ValueError if
+    it is not a positive int."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE must be a positive int, got {value!r}")
+    return int(value)
+
+
 def init_node_groups(ep_group: dist.ProcessGroup | None = None, ranks_per_node: int | None = None,
                      timeout: timedelta | None = None) -> NodeGroups:
     """Make the node and rail groups of every expert-parallel group and return this rank's.
@@ -80,14 +91,14 @@ def init_node_groups(ep_group: dist.ProcessGroup | None = None, ranks_per_node: 
         raise RuntimeError("init_node_groups: call torch.distributed.init_process_group first")
     ep_group = ep_group if ep_group is not None else dist.group.WORLD
     error = None
-    if ranks_per_node is None:  # parsed here, raised by the gather: a rank raising alone would leave the rest in it
-        launcher = os.environ.get("LOCAL_WORLD_SIZE", "")
-        if not launcher:
-            error = "ranks_per_node was not given and LOCAL_WORLD_SIZE is not set (start with torchrun, or pass it)"
-        elif not launcher.isdigit() or int(launcher) < 1:
-            error = f"LOCAL_WORLD_SIZE must be a positive int, got {launcher!r}"
-        else:
-            ranks_per_node = int(launcher)
+    if ranks_per_node is None:  # read here, raised by the gather: a rank raising alone would leave the rest in it
+        try:
+            ranks_per_node = launcher_ranks_per_node()
+            if ranks_per_node is None:
+                error = ("ranks_per_node was not given and LOCAL_WORLD_SIZE is not set (start with torchrun, or "
+                         "pass it)")
+        except ValueError as e:
+            error = str(e)
     mine = (ranks_per_node, dist.get_process_group_ranks(ep_group))
     gathered = _gather_checked(dist.group.WORLD, "init_node_groups", error, mine)
     if len({rpn for rpn, _ in gathered}) > 1:
@@ -102,21 +113,13 @@ def init_node_groups(ep_group: dist.ProcessGroup | None = None, ranks_per_node: 
         raise ValueError(f"init_node_groups: {e}") from None
     if timeout is None:
         timeout = timedelta(milliseconds=_C.group_timeout_ms(ep_group.group_name))
-    me = dist.get_rank()
-    node_group = rail_group = None
+    mine = None
     for ranks, (num_nodes, per_node) in zip(ep_groups, layouts):  # every rank creates every group, in order
-        for n in range(num_nodes):
-            members = list(ranks[n * per_node:(n + 1) * per_node])
-            created = dist.new_group(members, timeout=timeout)
-            if me in members:
-                node_group = created
-        for local in range(per_node):
-            members = list(ranks[local::per_node])
-            created = dist.new_group(members, timeout=timeout)
-            if me in members:
-                rail_group = created
-    num_nodes, per_node = node_layout(dist.get_process_group_ranks(ep_group), ranks_per_node)
-    return NodeGroups(ep_group, node_group, rail_group, per_node, num_nodes)
+        node_group = new_groups([list(ranks[n * per_node:(n + 1) * per_node]) for n in range(num_nodes)], timeout)
+        rail_group = new_groups([list(ranks[local::per_node]) for local in range(per_node)], timeout)
+        if dist.get_rank() in ranks:
+            mine = NodeGroups(ep_group, node_group, rail_group, per_node, num_nodes)
+    return mine
 
 
 _made: dict[str, NodeGroups] = {}

@@ -67,9 +67,6 @@ class _Traffic:
     received_inter: np.ndarray
     node_out: np.ndarray  # [..., nodes] bytes leaving each node
     node_in: np.ndarray  # [..., nodes]
-    rail_in: np.ndarray  # [..., P] bytes from other nodes' ranks with this rank's local index (their rail)
-    relay_sent: np.ndarray  # [..., P] bytes this rank forwards to other ranks of its node, as a rail relay
-    relay_received: np.ndarray  # [..., P] bytes it gets from other ranks of its node, as their relay's target
 
 
 def _check_traffic(traffic: np.ndarray, topo: Topology) -> np.ndarray:
@@ -94,16 +91,8 @@ def _traffic_stats(t: np.ndarray, topo: Topology) -> _Traffic:
     received_intra = intra.sum(-2).reshape(*batch, p) - self_bytes
     sent_inter = np.maximum(sent - sent_intra, 0.0)
     received_inter = np.maximum(received - received_intra, 0.0)
-    # Node-aware routes: source (n, i) -> destination (m, j) goes over the rail to (m, i), which relays it to j.
-    relayed = np.swapaxes(blocks.sum(-4), -3, -2)  # [..., m, i, j]: relay (m, i) to (m, j), from every node
-    relay_self = np.einsum("...mii->...mi", relayed)
-    relay_sent = (relayed.sum(-1) - relay_self).reshape(*batch, p)
-    relay_received = (relayed.sum(-2) - relay_self).reshape(*batch, p)
-    from_rail = np.swapaxes(blocks.sum(-1).sum(-3), -1, -2)  # [..., m, i]: from (any node, i) to node m
-    rail_in = (from_rail - np.einsum("...mimj->...mi", blocks)).reshape(*batch, p)
     return _Traffic(sent_intra, received_intra, sent_inter, received_inter,
-                    sent_inter.reshape(*batch, n, r).sum(-1), received_inter.reshape(*batch, n, r).sum(-1),
-                    np.maximum(rail_in, 0.0), relay_sent, relay_received)
+                    sent_inter.reshape(*batch, n, r).sum(-1), received_inter.reshape(*batch, n, r).sum(-1))
 
 
 def _per_nic(per_rank: np.ndarray, topo: Topology) -> np.ndarray:
@@ -116,6 +105,29 @@ def _per_nic(per_rank: np.ndarray, topo: Topology) -> np.ndarray:
 
 def _per_rank_of_node(per_node: np.ndarray, topo: Topology) -> np.ndarray:
     return np.repeat(per_node, topo.ranks_per_node, axis=-1)
+
+
+def _transposed(s: _Traffic) -> _Traffic:
+    """The stats of ``traffic.T`` (combine after dispatch): directions swap."""
+    return _Traffic(s.received_intra, s.sent_intra, s.received_inter, s.sent_inter, s.node_in, s.node_out)
+
+
+def _node_aware_phases(t: np.ndarray, s: _Traffic, topo: Topology, dedup: float | np.ndarray) -> list[Phase]:
+    """Source (n, i) -> destination (m, j) goes over the rail to (m, i), which relays it to (m, j)."""
+    n, r, p = topo.nodes, topo.ranks_per_node, topo.world
+    batch = t.shape[:-2]
+    blocks = t.reshape(*batch, n, r, n, r)
+    from_rail = np.swapaxes(blocks.sum(-1).sum(-3), -1, -2)  # [..., m, i]: from (any node, i) to node m
+    rail_in = np.maximum(from_rail - np.einsum("...mimj->...mi", blocks), 0.0).reshape(*batch, p)
+    relayed = np.swapaxes(blocks.sum(-4), -3, -2)  # [..., m, i, j]: relay (m, i) to (m, j), from every node
+    relay_self = np.einsum("...mii->...mi", relayed)
+    relay_sent = (relayed.sum(-1) - relay_self).reshape(*batch, p)
+    relay_received = (relayed.sum(-2) - relay_self).reshape(*batch, p)
+    keep = 1.0 - np.asarray(dedup, dtype=np.float64)[..., None]
+    rail = Branch("inter", np.full(p, float(n - 1)),
+                  keep * np.maximum(_per_nic(s.sent_inter, topo), _per_nic(rail_in, topo)))
+    relay = Branch("intra", np.full(p, float(r - 1)), np.maximum(relay_sent, relay_received))
+    return [(rail,), (relay,)]
 
 
 def all_to_all_phases(traffic: np.ndarray, topo: Topology, algorithm: Algorithm = "direct",
@@ -142,7 +154,10 @@ def all_to_all_phases(traffic: np.ndarray, topo: Topology, algorithm: Algorithm 
         raise ValueError(f"dedup must be in [0, 1), got {dedup!r}")
     if np.ndim(dedup) and algorithm != "node_aware":
         raise ValueError(f"dedup must be a float for the {algorithm} algorithm (an array only for node_aware)")
-    s = _traffic_stats(_check_traffic(traffic, topo), topo)
+    t = _check_traffic(traffic, topo)
+    s = _traffic_stats(t, topo)
+    if algorithm == "node_aware":
+        return _node_aware_phases(t, s, topo, dedup), s
     return _phases(s, topo, algorithm, dedup), s
 
 
@@ -156,13 +171,6 @@ def _phases(s: _Traffic, topo: Topology, algorithm: Algorithm, dedup: float) -> 
         inter = Branch("inter", np.full(p, float(p - r)),
                        np.maximum(_per_nic(s.sent_inter, topo), _per_nic(s.received_inter, topo)))
         return [(intra, inter)]
-
-    if algorithm == "node_aware":
-        keep = 1.0 - np.asarray(dedup, dtype=np.float64)[..., None]
-        rail = Branch("inter", np.full(p, float(n - 1)),
-                      keep * np.maximum(_per_nic(s.sent_inter, topo), _per_nic(s.rail_in, topo)))
-        relay = Branch("intra", np.full(p, intra_peers), np.maximum(s.relay_sent, s.relay_received))
-        return [(rail,), (relay,)]
 
     keep = 1.0 - dedup
     spread = (r - 1) / r  # share of a rank's relayed bytes that move to another local rank
@@ -312,12 +320,13 @@ def moe_layer_all_to_all_time(traffic: np.ndarray, topo: Topology, algorithm: Al
     """One MoE layer's all-to-alls in one training step, ``traffic`` being the dispatch bytes [..., src, dst]:
     dispatch and combine forward, their gradients backward (``2·t(T) + 2·t(Tᵀ)``), plus the dropless count
     exchange (a uniform all-to-all of ``count_bytes_per_peer`` to each peer; 0 to leave it out)."""
-    forward = _time(all_to_all_phases(traffic, topo, algorithm, dedup)[0], topo)
+    phases, stats = all_to_all_phases(traffic, topo, algorithm, dedup)
+    forward = _time(phases, topo)
     # The direct model only sees max(sent, received) per port / NIC, so t(Tᵀ) = t(T); node_aware's combine
     # retraces its dispatch's route backwards (relay, then rail), whose phases cost the same. Tutel's 2D
     # all-to-all of the combine gathers on the experts' node: its phases are those of Tᵀ.
-    backward = forward if algorithm in ("direct", "node_aware") else _time(
-        all_to_all_phases(np.swapaxes(traffic, -1, -2), topo, algorithm, dedup)[0], topo)
+    backward = forward if algorithm != "hierarchical" else _time(_phases(_transposed(stats), topo, algorithm, dedup),
+                                                                 topo)
     total = 2 * forward + 2 * backward
     if count_bytes_per_peer:
         # node_aware: its header goes straight to every rank of the group (the node's own count exchange is

@@ -164,7 +164,8 @@ def traffic_matrix(counts: np.ndarray, hidden: int, bytes_per_elem: int,
 def node_dedup(counts: np.ndarray, ranks_per_node: int, top_k: int) -> np.ndarray:
     """``[...]``: the expected fraction of inter-node token bytes a node-aware exchange saves by sending a token
     once per remote node that holds any of its ``top_k`` experts, for slots ``counts[..., P, E]`` (contiguous
-    placement, ``ranks_per_node`` ranks per node).
+    placement, ``ranks_per_node`` ranks per node), or for slots per destination rank ``[..., P, P]`` (any
+    columns in node-major blocks give the same: only each node's share is used).
 
     Counts do not say which experts a token chose together; each token of rank ``s`` is taken to draw its ``k``
     experts independently from ``s``'s slot distribution ``q`` (with replacement: an estimate). Then a remote
@@ -175,7 +176,7 @@ def node_dedup(counts: np.ndarray, ranks_per_node: int, top_k: int) -> np.ndarra
     p, e = counts.shape[-2:]
     if p % ranks_per_node or e % p:
         raise ValueError(f"node_dedup: ranks_per_node ({ranks_per_node}) must divide the {p} ranks, and the "
-                         f"ranks the {e} experts")
+                         f"ranks the {e} columns")
     nodes = p // ranks_per_node
     slots = counts.sum(-1, keepdims=True)
     per_node = counts.reshape(*counts.shape[:-1], nodes, e // nodes).sum(-1)  # [..., P, nodes]

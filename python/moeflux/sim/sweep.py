@@ -1,5 +1,5 @@
-"""One cluster size of the CLI's sweep: per-layer all-to-all time (direct, hierarchical, node-aware), expert compute,
-the all-to-all share of the step and the skew, over the sampled iterations and layers."""
+"""One cluster size of the CLI's sweep: per-layer all-to-all time (direct, hierarchical, node-aware), expert
+compute, the all-to-all share of the step and the skew, over the sampled iterations and layers."""
 
 from __future__ import annotations
 
@@ -77,9 +77,10 @@ def _costs(topo: Topology, shape: ModelShape, counts: np.ndarray, dedup: float) 
     traffic = traffic_matrix(counts, shape.hidden, shape.bytes_per_elem)
     direct = np.asarray(moe_layer_all_to_all_time(traffic, topo, "direct", 0.0, count_bytes_per_peer))
     hier = np.asarray(moe_layer_all_to_all_time(traffic, topo, "hierarchical", dedup, count_bytes_per_peer))
-    saved = node_dedup(counts, topo.ranks_per_node, shape.top_k)
+    slot_bytes = shape.hidden * shape.bytes_per_elem
+    saved = node_dedup(traffic / slot_bytes, topo.ranks_per_node, shape.top_k)  # slots per destination rank
     node_aware = np.asarray(moe_layer_all_to_all_time(traffic, topo, "node_aware", saved, count_bytes_per_peer))
-    received_slots = traffic.sum(-2) / (shape.hidden * shape.bytes_per_elem)
+    received_slots = traffic.sum(-2) / slot_bytes
     compute = received_slots.max(-1) * shape.flop_per_slot / shape.expert_flop_per_s
     breakdown = all_to_all_breakdown(traffic, topo)
     expert_load = counts.sum(-2).astype(np.float64)
