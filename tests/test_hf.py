@@ -378,6 +378,11 @@ def test_unsupported_options_raise():
     refused(qwen3_moe, lambda block: setattr(block.experts, "is_transposed", True), "its experts' layout is not")
     refused(qwen3_moe, lambda block: delattr(block.experts, "gate_up_proj"), "no stacked 'gate_up_proj' weight")
     refused(gpt_oss, lambda block: block.register_buffer("scale", torch.ones(1)), r"scale: no moeflux\.MoE counterpart")
+    refused(deepseek_v3, lambda block: setattr(block.gate, "routed_scaling_factor", 0.0),
+            r"\(DeepseekV3MoE\): routed_scaling_factor=0.0 \(moeflux needs a factor > 0\)")
+    refused(deepseek_v3, lambda block: setattr(block.gate, "num_group", 3),
+            r"n_group=3, topk_group=2: n_group must divide the 8 experts and topk_group be in \[1, n_group\]")
+    refused(deepseek_v3, lambda block: setattr(block.gate, "topk_group", 5), r"n_group=4, topk_group=5: ")
     block = qwen3_moe().model.layers[0].mlp
     for owner in (block, block.experts, block.gate):  # a block that keeps no config
         if hasattr(owner, "config"):

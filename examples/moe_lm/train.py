@@ -337,12 +337,10 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor], s
             window_start, window_steps = time.perf_counter(), 0
         if bar is not None:
             bar.update(1)
-        saved = step % args.checkpoint_every == 0 and step != args.steps
-        if saved:
+        signum = stop.agreed(device) if step != args.steps else 0  # the last step's save is the final one
+        if signum or (step % args.checkpoint_every == 0 and step != args.steps):  # one save, whichever asks
             checkpoint.save(args.out / "checkpoint.pt", lm, optimizer, schedule, step, asdict(config), metrics)
-        if step != args.steps and (signum := stop.agreed(device)):
-            if not saved:
-                checkpoint.save(args.out / "checkpoint.pt", lm, optimizer, schedule, step, asdict(config), metrics)
+        if signum:
             if bar is not None:
                 bar.close()
                 path = args.out / "checkpoint.pt"

@@ -346,7 +346,8 @@ def _plan(block: nn.Module, config: Any) -> _Plan:
     links += shared_links
     _check_all_linked(block, links, inert, " (biases are not supported)")
     num_experts, d_model, d_ffn = _expert_dims(block.experts, in_out=False)
-    moe_kwargs = dict(d_model=d_model, d_ffn=d_ffn, num_experts=num_experts, top_k=int(block.gate.top_k), shared_expert_ffn=int(shared_ffn),
+    moe_kwargs = dict(d_model=d_model, d_ffn=d_ffn, num_experts=num_experts, top_k=int(block.gate.top_k),
+                      shared_expert_ffn=int(shared_ffn),
                       shared_expert_gate=bool(shared_ffn) and family.shared_gate is not None, **options)
     return _Plan(family, moe_kwargs, MoE, tuple(links), tuple(inert))
 
@@ -521,6 +522,9 @@ def convert_model(model: nn.Module, ep_group: ExpertParallelGroups | dist.Proces
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     blocks = _find_blocks(model)
+    if any(not name for name, _ in blocks):  # nothing to replace it in
+        raise UnsupportedBlockError(f"the model is itself a {type(model).__name__} block: convert it with "
+                                    "moeflux.hf.from_hf_block")
     plans, problems = {}, {}
     for name, block in blocks:  # all or nothing: check every block first
         try:
@@ -531,9 +535,6 @@ def convert_model(model: nn.Module, ep_group: ExpertParallelGroups | dist.Proces
         raise UnsupportedBlockError("\n".join(f"{_paths(names)} ({kind}): {why}"
                                               for (kind, why), names in problems.items()))
     _check_split(plans, ep_group)
-    if any(not name for name, _ in blocks):
-        raise UnsupportedBlockError(f"the model is itself a {type(model).__name__} block: convert it with "
-                                    "moeflux.hf.from_hf_block")
     report = []
     for name, block in blocks:
         moe = _build(block, plans[name], _config_of(block, config), ep_group, aux_loss_weight)
