@@ -56,25 +56,27 @@ def test_compiled_layer_equals_eager_with_no_graph_break_or_recompile(capacity_f
     assert compile_stats() == {"graphs": 1, "breaks": 0}  # routing changed every step: compiled once
 
 
-def _expert_parallel(rank, world, capacity_factor, schedule, shadowing):
+def _expert_parallel(rank, world, capacity_factor, schedule, shadowing, hierarchical):
     counters.clear()
     groups = moeflux.init_expert_parallel(world)
+    nodes = moeflux.init_node_groups(groups.ep_group, ranks_per_node=1) if hierarchical else False
     torch.manual_seed(0)
     moe = moeflux.MoE(D_MODEL, D_FFN, EXPERTS, top_k=2, capacity_factor=capacity_factor, ep_group=groups,
-                      schedule=schedule, shadowing=shadowing)
-    traced_whole = schedule == "bulk" and shadowing == "off"
+                      schedule=schedule, shadowing=shadowing, hierarchical=nodes)
+    traced_whole = schedule == "bulk" and shadowing == "off" and not hierarchical
     # Ranks hold different numbers of tokens (dropless); in capacity mode the capacity is per rank.
     assert_same_step(torch.compile(moe, fullgraph=traced_whole), moe, lambda: torch.randn(9 + 3 * rank, D_MODEL))
     return compile_stats()
 
 
-@pytest.mark.parametrize("capacity_factor,schedule,shadowing", [
-    (None, "bulk", "off"), (1.25, "bulk", "off"),  # traced whole
-    (None, "chunked", "off"), (None, "bulk", 1),  # run eagerly inside the compiled layer (a graph break)
-], ids=["dropless", "capacity", "chunked", "shadowing"])
-def test_compiled_expert_parallel_layer_equals_eager(capacity_factor, schedule, shadowing):
-    for stats in run_ranks(2, _expert_parallel, capacity_factor, schedule, shadowing, timeout=300):
-        if schedule == "bulk" and shadowing == "off":
+@pytest.mark.parametrize("capacity_factor,schedule,shadowing,hierarchical", [
+    (None, "bulk", "off", False), (1.25, "bulk", "off", False),  # traced whole
+    # run eagerly inside the compiled layer (a graph break)
+    (None, "chunked", "off", False), (None, "bulk", 1, False), (None, "bulk", "off", True),
+], ids=["dropless", "capacity", "chunked", "shadowing", "hierarchical"])
+def test_compiled_expert_parallel_layer_equals_eager(capacity_factor, schedule, shadowing, hierarchical):
+    for stats in run_ranks(2, _expert_parallel, capacity_factor, schedule, shadowing, hierarchical, timeout=300):
+        if schedule == "bulk" and shadowing == "off" and not hierarchical:
             assert stats == {"graphs": 1, "breaks": 0}
 
 
