@@ -34,19 +34,25 @@ class Block(nn.Module):
         self.mlp = moeflux.MoE(d, config.d_ffn, config.experts, config.top_k, config.capacity_factor, ep_group=ep,
                                **exchange)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, placement: moeflux.SamplePlacement | None = None,
+                order: moeflux.SampleOrder | None = None) -> tuple[torch.Tensor, moeflux.SampleOrder | None]:
         h = self.norm1(x)
         x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
+        if placement is not None:  # whole samples (and their residual) move to where this layer's experts are
+            x, order = placement.place(x, self.mlp, order, router_input=self.norm2(x))
+        return x + self.mlp(self.norm2(x)), order
 
 
 class ByteLM(nn.Module):
     def __init__(self, config: ModelConfig, ep: moeflux.ExpertParallelGroups | None = None,
-                 exchange: dict | None = None) -> None:
-        """``exchange``: how the MoE layers move tokens (MoE's ``schedule``, ``chunks``, ``pairwise_group_size``);
-        not part of the model (checkpoints load under any)."""
+                 exchange: dict | None = None, sample_placement: moeflux.SamplePlacement | None = None) -> None:
+        """``exchange``: how the MoE layers move tokens (MoE's ``schedule``, ``chunks``, ``pairwise_group_size``,
+        ``hierarchical``); ``sample_placement``: move samples before each MoE layer to where its experts are
+        (NetMoE), the output returned in the input's order. Neither is part of the model (checkpoints load under
+        any)."""
         super().__init__()
         self.config = config
+        self.sample_placement = sample_placement
         self.embed = nn.Embedding(256, config.d_model)
         self.pos = nn.Parameter(torch.zeros(config.seq_len, config.d_model))
         self.blocks = nn.ModuleList(Block(config, ep, exchange or {}) for _ in range(config.layers))
@@ -57,8 +63,11 @@ class ByteLM(nn.Module):
         seq = idx.shape[1]
         mask = torch.triu(torch.full((seq, seq), float("-inf"), device=idx.device), diagonal=1)
         x = self.embed(idx) + self.pos[:seq]
+        order = None
         for block in self.blocks:
-            x = block(x, mask)
+            x, order = block(x, mask, self.sample_placement, order)
+        if order is not None:
+            x = self.sample_placement.restore(x, order)
         return self.head(self.norm(x))
 
     def moe_layers(self) -> list[moeflux.MoE]:

@@ -20,6 +20,7 @@ from .moe import ExpertParameter, MoE, aux_loss, expert_parameters
 from .placement import ExpertPlacement
 from .replacement import ExpertReplacement, Replacement
 from .router import Router, Routing
+from .sample_placement import SampleOrder, SamplePlacement
 from .topology import NodeGroups, init_node_groups
 
 __all__ = [
@@ -42,6 +43,8 @@ __all__ = [
     "ExpertParallelGroups",
     "init_node_groups",
     "NodeGroups",
+    "SamplePlacement",
+    "SampleOrder",
     "DataParallel",
     "CommHookState",
     "cuda_kernels_built",

@@ -108,6 +108,19 @@ class Router(nn.Module):
                                         self.group_score_top)
         return Routing(logits, weights, expert_ids)
 
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """``[T, top_k]`` int32: the experts ``forward`` would choose for ``x`` without its training noise
+        (jitter, noisy gating): no gradient, no random numbers drawn, no forward hooks run (what
+        :class:`moeflux.SamplePlacement` plans the next layer's traffic with)."""
+        weight, bias = self.weight, self.bias
+        if self.router_dtype is not None:
+            x, weight = x.to(self.router_dtype), weight.to(self.router_dtype)
+            bias = bias.to(self.router_dtype) if bias is not None else None
+        logits = F.linear(x, weight, bias)
+        return ops.route(logits, self.top_k, self.renormalize, self.scoring, self.expert_bias, self.num_groups,
+                         self.top_groups, self.routed_scaling_factor, self.group_score_top)[1]
+
     def extra_repr(self) -> str:
         extra = ""
         if (self.scoring != "softmax" or self.expert_bias is not None or self.num_groups > 1
