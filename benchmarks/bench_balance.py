@@ -140,7 +140,6 @@ def link_gbit() -> float:
 def run_worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     import moeflux
     from moeflux.instrumentation import CommStats
@@ -196,10 +195,7 @@ def run_worker(args: argparse.Namespace) -> None:
                     t.reset()
                 dist.barrier()
                 start = time.perf_counter()
-                loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()) + moeflux.aux_loss(model.module)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
+                bench_step.train_step(model, optimizer, x, y)
                 held = [layer.placement.experts_of() for layer in model.module.moe_layers()]  # what this step used
                 made = replacements[name].step() if name in replacements else []
                 seconds = time.perf_counter() - start
@@ -383,6 +379,27 @@ class MachineSampler:
         loads = [m["loadavg"][0] for m in self.samples]
         return {"samples": len(self.samples), "samples_with_pytest": busy,
                 "loadavg_1min_max": max(loads) if loads else None}
+
+
+def add_sweep_args(p: argparse.ArgumentParser, out: Path, rounds: int, timeout: int) -> None:
+    """The driver options of a sweep over topologies and routings (bench_hierarchical, bench_sample_placement)."""
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--topologies", default="2x2,4x1", help="NODESxRANKS, comma separated")
+    p.add_argument("--link", default="500mbit", help="inter-node link rate (cluster.py --link)")
+    p.add_argument("--routings", default="trace,uniform")
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--timeout", type=int, default=timeout, help="seconds per cluster run")
+    p.add_argument("--wait-quiet", type=float, default=60, help="wait up to this long for other pytest runs")
+    p.add_argument("--report", type=Path, help="only rebuild the report from the JSON in this folder")
+
+
+def sweep(args: argparse.Namespace):
+    """(round, "NxL", nodes, ranks per node, routing) of every cluster run of an add_sweep_args driver."""
+    for r in range(args.rounds):
+        for topology in args.topologies.split(","):
+            nodes, per_node = (int(v) for v in topology.split("x"))
+            for routing in args.routings.split(","):
+                yield r, topology, nodes, per_node, routing
 
 
 def run_cluster(args: argparse.Namespace, routing: str, path: Path) -> dict:

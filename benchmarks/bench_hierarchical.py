@@ -31,14 +31,7 @@ VARIANTS = ("none", "hierarchical")
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Other options (model, routing) are bench_balance.py's, passed through.")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hierarchical")
-    p.add_argument("--topologies", default="2x2,4x1", help="NODESxRANKS, comma separated")
-    p.add_argument("--link", default="500mbit", help="inter-node link rate (cluster.py --link)")
-    p.add_argument("--routings", default="trace,uniform")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--timeout", type=int, default=600, help="seconds per cluster run")
-    p.add_argument("--wait-quiet", type=float, default=60, help="wait up to this long for other pytest runs")
-    p.add_argument("--report", type=Path, help="only rebuild the report from the JSON in this folder")
+    bench_balance.add_sweep_args(p, ROOT / "benchmarks" / "results" / "hierarchical", rounds=2, timeout=600)
     return p.parse_known_args(argv)
 
 
@@ -48,16 +41,12 @@ def main() -> None:
         report(args.report)
         return
     bench_balance.fresh_results_folder(args.out, "hier_*.json")
-    for r in range(args.rounds):
-        for topology in args.topologies.split(","):
-            nodes, per_node = (int(v) for v in topology.split("x"))
-            for routing in args.routings.split(","):
-                run_args = bench_balance.parse_args([
-                    "--nodes", str(nodes), "--ranks-per-node", str(per_node), "--link", args.link,
-                    "--variants", ",".join(VARIANTS), "--timeout", str(args.timeout),
-                    "--wait-quiet", str(args.wait_quiet), *passed])
-                bench_balance.run_cluster(run_args, routing,
-                                          args.out / f"hier_{routing}_{topology}_{args.link}_r{r}.json")
+    for r, topology, nodes, per_node, routing in bench_balance.sweep(args):
+        run_args = bench_balance.parse_args([
+            "--nodes", str(nodes), "--ranks-per-node", str(per_node), "--link", args.link,
+            "--variants", ",".join(VARIANTS), "--timeout", str(args.timeout),
+            "--wait-quiet", str(args.wait_quiet), *passed])
+        bench_balance.run_cluster(run_args, routing, args.out / f"hier_{routing}_{topology}_{args.link}_r{r}.json")
     report(args.out)
 
 

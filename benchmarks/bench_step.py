@@ -88,10 +88,37 @@ def start_worker(args: argparse.Namespace):
     return rank, world, ranks_per_node, groups, config
 
 
+def train_step(model, optimizer, x, y) -> None:
+    """One training step of the main job's model (wrapped in DataParallel): next-byte loss plus the MoE layers'
+    auxiliary losses."""
+    import torch.nn.functional as F
+
+    import moeflux
+
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()) + moeflux.aux_loss(model.module)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def gather_to_json(mine: dict, path: Path, summarise) -> dict | None:
+    """Gather every rank's ``mine`` on rank 0, which writes ``summarise(gathered)`` to ``path`` as JSON and
+    returns it (None on the other ranks)."""
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if gathered is None:
+        return None
+    result = summarise(gathered)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def run_worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     import moeflux
 
@@ -110,22 +137,15 @@ def run_worker(args: argparse.Namespace) -> None:
         for _ in range(args.warmup + args.steps):
             dist.barrier()  # every rank starts the step together
             start = time.perf_counter()
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()) + moeflux.aux_loss(model.module)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            train_step(model, optimizer, x, y)
             step_seconds.append(time.perf_counter() - start)
             stats.step()
     mean = stats.mean(skip=args.warmup).as_dict()
     collectives = [[(r.layer, r.phase, list(r.bytes_to_rank), r.seconds) for r in step if r.phase in PHASES]
                    for step in stats.records[args.warmup:]]
     mine = {"step_seconds": step_seconds[args.warmup:], "breakdown": mean, "collectives": collectives}
-    gathered = [None] * world if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
-    if rank == 0:
-        result = summarise(args, gathered, world, ranks_per_node)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+    result = gather_to_json(mine, args.json, lambda gathered: summarise(args, gathered, world, ranks_per_node))
+    if result is not None:
         b = result["breakdown_s"]
         print(f"step {1e3 * result['step_s']:.1f} ms: all-to-all {1e3 * b['all_to_all']:.1f} ms "
               f"({100 * result['all_to_all_share']:.0f}%), experts {1e3 * b['expert_compute']:.1f} ms, "

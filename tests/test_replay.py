@@ -7,8 +7,9 @@ import torch
 import moeflux
 from moeflux import ops
 from moeflux.sim import DEFAULT_TRACE_PATH, RoutingTrace, load_stats, load_trace
-from moeflux.sim.replay import (RoutingReplay, attach_replay, fit_counts, merge_source_ranks, replay_expert_ids,
-                                replay_weights, trace_replay_counts, uniform_replay_counts)
+from moeflux.sim.replay import (RoutingReplay, SampleRoutingReplay, attach_replay, fit_counts, merge_source_ranks,
+                                replay_expert_ids, replay_weights, trace_replay_counts, trace_sample_counts,
+                                uniform_replay_counts)
 
 needs_trace = pytest.mark.skipif(not DEFAULT_TRACE_PATH.exists(), reason=f"no routing trace at {DEFAULT_TRACE_PATH}")
 
@@ -212,3 +213,38 @@ def test_the_shared_trace_replayed_on_four_ranks_stays_skewed():
         for r in range(4):
             ids = replay_expert_ids(fitted[l, r], 2)
             assert torch.bincount(ids.flatten().long(), minlength=32).tolist() == fitted[l, r].tolist()
+
+
+def test_trace_sample_counts_takes_one_unit_per_sample():
+    counts = np.arange(5 * 4 * 3 * 2 * 6).reshape(5, 4, 3, 2, 6)  # [iteration, rank, layer, micro-batch, expert]
+    trace = RoutingTrace(counts, np.arange(5))
+    got = trace_sample_counts(trace, [2, 0], samples=4, start=4, steps=2)
+    assert got.shape == (2, 4, 2, 6)
+    # 8 units (4 ranks x 2 micro-batches), 4 samples: sample g is unit 2g = (rank g, micro-batch 0)
+    np.testing.assert_array_equal(got[0, 3, 0], counts[4, 3, 2, 0])
+    np.testing.assert_array_equal(got[1, 1, 1], counts[0, 1, 0, 0])  # wrapped to iteration 0
+    more = trace_sample_counts(trace, [1], samples=10, start=0, steps=1)  # more samples than units: cycled
+    np.testing.assert_array_equal(more[0, 9, 0], counts[0, 0, 1, 1])  # unit 9 mod 8 = 1: rank 0, micro-batch 1
+    with pytest.raises(ValueError, match="layers"):
+        trace_sample_counts(trace, [3], 4, 0, 1)
+
+
+def test_sample_replay_routes_a_sample_the_same_wherever_it_is():
+    torch.manual_seed(0)
+    layer = moeflux.MoE(8, 8, 6, top_k=2)
+    counts = np.random.default_rng(0).integers(0, 20, size=(3, 4, 6))  # [steps, samples, experts]
+    held = [(0, 1, 2, 3)]
+    replay = SampleRoutingReplay(counts, lambda: held[0]).attach(layer)
+    x = torch.randn(4, 5, 8)
+    ids = layer.router.predict(x.reshape(-1, 8)).view(4, 5, 2)
+    for s in range(4):
+        assert torch.bincount(ids[s].flatten().long(), minlength=6).tolist() == \
+            fit_counts(counts[0, s], 5, 2).tolist()
+    layer(x)  # forward routes the predicted ids, then moves to the next step
+    torch.testing.assert_close(layer.routed_tokens_per_expert, torch.bincount(ids.flatten().long(), minlength=6))
+    assert replay.step == 1
+    held[0] = (2, 0, 3, 1)  # the same samples, moved: each routes by its own counts
+    ids = layer.router.predict(x.reshape(-1, 8)).view(4, 5, 2)
+    for i, s in enumerate(held[0]):
+        assert torch.bincount(ids[i].flatten().long(), minlength=6).tolist() == \
+            fit_counts(counts[1, s], 5, 2).tolist()

@@ -544,3 +544,13 @@ def test_fitted_links_round_trip(tmp_path):
     # Unknown keys (a newer writer) are ignored; missing ones take the defaults.
     (tmp_path / "old.json").write_text(json.dumps({"overhead_s": 2e-4, "future_key": 1}))
     assert load_fitted(tmp_path / "old.json") == FittedLinks(overhead_s=2e-4)
+
+
+def test_sample_placement_gain_needs_affinity():
+    from moeflux.sim.sample_placement import affinity_counts, placement_gain
+
+    rng = np.random.default_rng(0)
+    none = placement_gain(affinity_counts(16, 16, 2, 256, 0.0, rng), 8, 4, 2, 128)
+    assert none["after"] <= none["before"]  # never worse than staying: staying is a feasible assignment
+    strong = placement_gain(affinity_counts(16, 16, 2, 256, 0.9, rng), 8, 4, 2, 128)
+    assert strong["moved_across_nodes"] > 0 and strong["after"] < 0.9 * strong["before"]

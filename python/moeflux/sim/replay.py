@@ -30,8 +30,8 @@ from torch import Tensor
 
 from .routing import RoutingTrace
 
-__all__ = ["merge_source_ranks", "trace_replay_counts", "uniform_replay_counts", "fit_counts", "replay_expert_ids",
-           "replay_weights", "RoutingReplay", "attach_replay"]
+__all__ = ["merge_source_ranks", "trace_replay_counts", "trace_sample_counts", "uniform_replay_counts", "fit_counts",
+           "replay_expert_ids", "replay_weights", "RoutingReplay", "SampleRoutingReplay", "attach_replay"]
 
 
 # ---------------------------------------------------------------------------------------------- trace -> testbed
@@ -63,6 +63,28 @@ def trace_replay_counts(trace: RoutingTrace, layers: Sequence[int], ranks: int, 
     index = (start + np.arange(steps)) % trace.num_iterations
     picked = trace.counts[index][:, :, list(layers)].sum(3)  # [steps, R0, L, E]
     return merge_source_ranks(picked.transpose(0, 2, 1, 3), ranks).transpose(0, 2, 1, 3)
+
+
+def trace_sample_counts(trace: RoutingTrace, layers: Sequence[int], samples: int, start: int, steps: int
+                        ) -> np.ndarray:
+    """``[steps, samples, len(layers), E]``: per-sample routing for sample placement (each sample's routing
+    follows it to whichever rank holds it). Global sample ``g`` of step ``i`` replays the counts of one
+    (source rank, micro-batch) unit of trace sample ``(start + i) mod N``: unit ``g * U // samples`` of the
+    ``U = R0 * M`` units (source rank major) when ``samples <= U``, so testbed rank ``r``'s samples come from the
+    source ranks :func:`merge_source_ranks` gives it; unit ``g mod U`` otherwise. A unit is 2048 tokens of one
+    source rank: it carries that rank's expert skew, a milder affinity than one sequence's."""
+    if not layers or any(not 0 <= l < trace.num_layers for l in layers):
+        raise ValueError(f"trace_sample_counts: layers must be a non-empty list in [0, {trace.num_layers}), "
+                         f"got {list(layers)}")
+    if steps < 1 or start < 0 or samples < 1:
+        raise ValueError(f"trace_sample_counts: need steps, samples >= 1 and start >= 0, got {steps}, {samples}, "
+                         f"{start}")
+    index = (start + np.arange(steps)) % trace.num_iterations
+    picked = trace.counts[index][:, :, list(layers)]  # [steps, R0, L, M, E]
+    units = picked.transpose(0, 1, 3, 2, 4).reshape(steps, -1, len(layers), picked.shape[-1])
+    u = units.shape[1]
+    which = np.arange(samples) * u // samples if samples <= u else np.arange(samples) % u
+    return units[:, which].astype(np.int64)
 
 
 def uniform_replay_counts(steps: int, ranks: int, layers: int, num_experts: int, slots_per_rank: int = 0,
@@ -255,6 +277,57 @@ class RoutingReplay:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+class SampleRoutingReplay:
+    """Replays per-sample counts ``[steps, G, E]`` (every sample of the global batch, by its original slot) in
+    one :class:`moeflux.MoE` layer whose samples may have moved (:class:`moeflux.SamplePlacement`):
+    ``samples()`` says which original samples this rank holds now, in order, each of ``T / B`` tokens. Each
+    sample's tokens get :func:`replay_expert_ids` of its counts fitted to them (ties by the real logits), so a
+    sample routes the same wherever it is. :meth:`attach` hooks the router's forward and replaces its
+    ``predict`` (what the placement plans with) by the same choice, built once per step and sample."""
+
+    def __init__(self, counts: np.ndarray, samples) -> None:
+        counts = np.asarray(counts)
+        if counts.ndim != 3 or counts.shape[0] < 1 or counts.min() < 0:
+            raise ValueError(f"SampleRoutingReplay: counts must be [steps, samples, experts] of numbers >= 0, got "
+                             f"{counts.shape}")
+        self.counts, self.samples, self.step = counts, samples, 0
+        self._built: dict[int, Tensor] = {}  # this step's ids per sample: predict's, reused by forward
+
+    def expert_ids(self, router: torch.nn.Module, logits: Tensor) -> Tensor:
+        held = list(self.samples())
+        if not held:
+            return torch.empty(0, router.top_k, dtype=torch.int32, device=logits.device)
+        per_sample = logits.shape[0] // len(held)
+        counts = self.counts[self.step % self.counts.shape[0]]
+        for i, g in enumerate(held):
+            if g not in self._built or self._built[g].shape[0] != per_sample:
+                self._built[g] = replay_expert_ids(fit_counts(counts[g], per_sample, router.top_k), router.top_k,
+                                                   scores=logits[i * per_sample:(i + 1) * per_sample])
+        return torch.cat([self._built[g] for g in held]).to(logits.device)
+
+    def attach(self, layer: torch.nn.Module) -> SampleRoutingReplay:
+        from ..router import Routing
+
+        router = getattr(layer, "router", layer)
+
+        def hook(module, inputs, output):
+            ids = self.expert_ids(module, output.logits)
+            weights = replay_weights(output.logits, ids, module.scoring, module.renormalize,
+                                     module.routed_scaling_factor)
+            if module.training:
+                self.step += 1
+            self._built.clear()
+            return Routing(output.logits, weights, ids)
+
+        def predict(x: Tensor) -> Tensor:
+            with torch.no_grad():
+                return self.expert_ids(router, torch.nn.functional.linear(x, router.weight, router.bias))
+
+        router.register_forward_hook(hook)
+        router.predict = predict
+        return self
 
 
 def attach_replay(layers: Sequence[torch.nn.Module], counts: np.ndarray) -> list[RoutingReplay]:
