@@ -226,7 +226,32 @@ def report(folder: Path) -> None:
                                                              "inter_bytes_vs_flat": ratio_bytes}
     (folder / "table.md").write_text("\n".join(lines) + "\n")
     (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(runs, folder / "sample_placement.png")
     print("\n".join(lines))
+
+
+def plot(runs: dict[tuple[str, str, str], list[dict]], path: Path) -> None:
+    """Inter-node MB and step time per variant, relative to flat, for each (topology, link, routing)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(VARIANTS)
+    for ax, key, label in ((axes[0], "inter_mb", "inter-node bytes / flat"), (axes[1], "step_s", "step time / flat")):
+        for i, name in enumerate(VARIANTS):
+            values = [statistics.median(r["variants"][name][key] / r["variants"]["flat"][key] for r in runs[k])
+                      for k in keys]
+            ax.bar(np.arange(len(keys)) + i * width, values, width, label=name)
+        ax.set_xticks(np.arange(len(keys)) + width * (len(VARIANTS) - 1) / 2)
+        ax.set_xticklabels([f"{t} {r}" for t, _, r in keys])
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"emulated cluster, {keys[0][1]} inter-node links: lower is better")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
