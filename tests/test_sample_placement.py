@@ -5,6 +5,7 @@ against brute force, the move and its inverse, a stack of MoE layers with placem
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch.distributed as dist
 
 import moeflux
 from moeflux.placement import ExpertPlacement
-from moeflux.sample_placement import SampleOrder, destination_slots, sample_traffic, solve_sample_placement
+from moeflux.sample_placement import (SampleOrder, destination_slots, inter_node_vectors, sample_traffic,
+                                      solve_sample_placement)
 from multiprocess import run_ranks
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -94,6 +96,19 @@ def test_solver_is_optimal_in_both_stages(kind, ranks, b, per_node, move_cost, s
     assert intra == min(o[1] for o in same_nodes)  # stage 2: then the fewest across ranks within the nodes
 
 
+@pytest.mark.parametrize("kind", ["hierarchical", "flat"])
+def test_inter_node_vectors_count_exchange_and_moves(kind):
+    rng = np.random.default_rng(3)
+    ranks, b, per_node, tokens = 4, 2, 2, 5
+    slots = rng.integers(0, 6, size=(ranks * b, ranks))
+    traffic = np.concatenate([slots, np.minimum(slots.reshape(-1, 2, per_node).sum(2), tokens)], 1)
+    stay = np.arange(ranks * b) // b
+    for dest in (stay, solve_sample_placement(traffic, b, per_node, tokens, kind, 0.0)):
+        before, after = inter_node_vectors(traffic, dest, b, per_node, tokens, kind)
+        assert before == objective(traffic, stay, b, per_node, tokens, kind, 1.0)[0]
+        assert after == objective(traffic, dest, b, per_node, tokens, kind, 1.0)[0]
+
+
 def test_solver_keeps_samples_when_moving_costs_more():
     # Sample 0 (rank 0, node 0) routes 2 slots to node 1; moving it there would cost 16 tokens: it stays.
     traffic = np.array([[0, 2, 0, 2], [0, 0, 0, 0]])
@@ -120,8 +135,8 @@ def test_solver_objectives_differ_where_a_token_has_two_slots_on_a_node():
 
 
 def test_destination_slots_keep_relative_order():
-    assert destination_slots(np.array([1, 0, 1, 0]), 2).tolist() == [2, 0, 3, 1]
-    assert destination_slots(np.array([0, 0, 1, 1]), 2).tolist() == [0, 1, 2, 3]
+    assert destination_slots(np.array([1, 0, 1, 0])).tolist() == [2, 0, 3, 1]
+    assert destination_slots(np.array([0, 0, 1, 1])).tolist() == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -158,11 +173,11 @@ def test_sample_order():
 # ---- on ranks: the move and its inverse
 
 
-def _move_and_restore(rank, world, per_node, b, move_cost):
+def _move_and_restore(rank, world, per_node, b):
     torch.manual_seed(0)
     ep = moeflux.init_expert_parallel(world)
     layer = moeflux.MoE(4, 4, 2 * world, top_k=2, ep_group=ep, dtype=torch.float64)
-    placement = moeflux.SamplePlacement(ep, nodes=per_node, move_cost=move_cost)
+    placement = moeflux.SamplePlacement(ep, nodes=per_node, move_cost=0.0)  # free moves: samples do move
     gen = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(b, 3, 4, generator=gen, dtype=torch.float64)
     ids = torch.randint(0, 2 * world, (b, 3, 2), generator=gen)
@@ -187,7 +202,7 @@ def _move_and_restore(rank, world, per_node, b, move_cost):
 
 @pytest.mark.parametrize("world, per_node, b", [(2, 1, 3), (2, 2, 2), (4, 2, 2), (4, 1, 1), (4, 4, 3)])
 def test_move_and_restore(world, per_node, b):
-    moved = run_ranks(world, _move_and_restore, per_node, b, 0.0)
+    moved = run_ranks(world, _move_and_restore, per_node, b)
     assert len(set(moved)) == 1 and moved[0] > 0  # every rank decided the same, and samples did move
 
 
@@ -261,22 +276,23 @@ def _bad_input(rank, world, case):
     layer = moeflux.MoE(4, 4, 2, top_k=1, ep_group=ep)
     placement = moeflux.SamplePlacement(ep, nodes=1)
     x, router_input = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
-    if rank == 1:
-        if case == "samples":
-            x, router_input = torch.randn(3, 3, 4), torch.randn(3, 3, 4)
-        elif case == "width":
-            router_input = torch.randn(2, 3, 5)
-        elif case == "both":
-            return _raises(lambda: placement.place(x, layer, router_input=router_input,
-                                                   expert_ids=torch.zeros(2, 3, 1, dtype=torch.long)))
-        elif case == "restore":
-            return _raises(lambda: placement.restore(torch.randn(3, 3, 4), SampleOrder((1, 0, 3, 2), 2)))
-    if case == "restore":
-        return _raises(lambda: placement.restore(x, SampleOrder((1, 0, 3, 2), 2)))
-    return _raises(lambda: placement.place(x, layer, router_input=router_input))
-
-
-def _raises(call):
+    moved = SampleOrder((1, 0, 3, 2), 2)
+    good = {"place": lambda: placement.place(x, layer, router_input=router_input),
+            "restore": lambda: placement.restore(x, moved)}
+    bad = {  # what rank 1 does instead
+        "samples": lambda: placement.place(torch.randn(3, 3, 4), layer, router_input=torch.randn(3, 3, 4)),
+        "dtype": lambda: placement.place(x.double(), layer, router_input=router_input),
+        "width": lambda: placement.place(x, layer, router_input=torch.randn(2, 3, 5)),
+        "both": lambda: placement.place(x, layer, router_input=router_input,
+                                        expert_ids=torch.zeros(2, 3, 1, dtype=torch.long)),
+        "float ids": lambda: placement.place(x, layer, expert_ids=torch.zeros(2, 3, 1)),
+        "scalar": lambda: placement.place(torch.tensor(1.0), layer, router_input=router_input),
+        "not a MoE": lambda: placement.place(x, torch.nn.Linear(4, 4), router_input=router_input),
+        "order": lambda: placement.place(x, layer, SampleOrder.identity(2, 3), router_input=router_input),
+        "restore": lambda: placement.restore(torch.randn(3, 3, 4), moved),
+        "restore order": lambda: placement.restore(x, (1, 0, 3, 2)),
+    }
+    call = bad[case] if rank == 1 else good["restore" if case.startswith("restore") else "place"]
     try:
         call()
     except ValueError as e:
@@ -284,15 +300,23 @@ def _raises(call):
     return None
 
 
+FAILED_ELSEWHERE = "rank\\(s\\) \\[1\\] of the group failed their own input check"
+
+
 @pytest.mark.parametrize("case, mine, theirs", [
     ("samples", "every rank must hold the same number of samples", "every rank must hold the same number"),
-    ("width", "router_input must be", "rank\\(s\\) \\[1\\] of the group failed"),
-    ("both", "give exactly one of router_input and expert_ids", "rank\\(s\\) \\[1\\] of the group failed"),
-    ("restore", "x must hold the order's 2 samples per rank", "rank\\(s\\) \\[1\\] of the group failed"),
+    ("dtype", "rank 1: 2 samples of 12 elements, float64", "rank 0: 2 samples of 12 elements, float32"),
+    ("width", "router_input must be", FAILED_ELSEWHERE),
+    ("both", "give exactly one of router_input and expert_ids", FAILED_ELSEWHERE),
+    ("float ids", "expert_ids must be integer", FAILED_ELSEWHERE),
+    ("scalar", "x must be a tensor \\[B, ...\\] of B samples", FAILED_ELSEWHERE),
+    ("not a MoE", "layer must be a moeflux.MoE, got Linear", FAILED_ELSEWHERE),
+    ("order", "order must be the SampleOrder of these 2 samples per rank", FAILED_ELSEWHERE),
+    ("restore", "x must hold the order's 2 samples per rank", FAILED_ELSEWHERE),
+    ("restore order", "order must be a SampleOrder, got <class 'tuple'>", FAILED_ELSEWHERE),
 ])
 def test_bad_input_raises_on_every_rank(case, mine, theirs):
     errors = run_ranks(2, _bad_input, case)
-    import re
     assert errors[1] is not None and re.search(mine, errors[1]), errors
     assert errors[0] is not None and re.search(theirs, errors[0]), errors
 
@@ -305,6 +329,10 @@ def _construction_errors(rank, world):
         except ValueError as e:
             errors.append(str(e))
     ep = moeflux.init_expert_parallel(1)  # a group of one rank: not the placement's group
+    try:
+        moeflux.SamplePlacement(None, moeflux.init_node_groups(ep.ep_group, ranks_per_node=1))
+    except ValueError as e:
+        errors.append(str(e))
     layer = moeflux.MoE(4, 4, 2, top_k=1, ep_group=ep)
     try:
         moeflux.SamplePlacement(None, nodes=1).place(torch.randn(2, 3, 4), layer, router_input=torch.randn(2, 3, 4))
@@ -318,4 +346,10 @@ def test_construction_errors():
     assert "objective must be one of" in errors[0]
     assert "move_cost must be a number >= 0" in errors[1]
     assert "ranks_per_node must be a positive int" in errors[2]
-    assert "layer must be an expert-parallel MoE over the placement's group" in errors[3]
+    assert "nodes were made for another expert-parallel group" in errors[3]
+    assert "layer must be an expert-parallel MoE over the placement's group" in errors[4]
+
+
+def test_placement_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="call torch.distributed.init_process_group first"):
+        moeflux.SamplePlacement()

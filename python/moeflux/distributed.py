@@ -13,9 +13,24 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import NamedTuple
 
+import torch
 import torch.distributed as dist
 
 from . import _C
+
+# What a small integer header says of a tensor's dtype (inputs are floating point; -1: anything else), so that
+# ranks can compare dtypes inside a tensor collective.
+_HEADER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _HEADER_DTYPES.index(dtype) if dtype in _HEADER_DTYPES else -1
+
+
+def dtype_name(code: int) -> str:
+    """The dtype of a :func:`dtype_code`, for error messages."""
+    return str(_HEADER_DTYPES[code]).removeprefix("torch.") if 0 <= code < len(_HEADER_DTYPES) else \
+        "a non-float dtype"
 
 
 class ExpertParallelGroups(NamedTuple):

@@ -32,24 +32,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
+from .distributed import dtype_code, dtype_name
 from .exchange import ExpertBatch, Exchange
 from .placement import ExpertPlacement
 from .topology import NodeGroups
 
 if TYPE_CHECKING:
     from .experts import GroupedExperts
-
-# What the header says of a dtype (the layer's inputs are floating point; -1: anything else).
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _dtype_code(dtype: torch.dtype) -> int:
-    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
-
-
-def _dtype_name(code: int) -> str:
-    return str(_DTYPES[code]).removeprefix("torch.") if 0 <= code < len(_DTYPES) else "a non-float dtype"
-
 
 @dataclass(frozen=True)
 class HierarchicalPlan:
@@ -91,7 +80,7 @@ class HierarchicalExchange(Exchange):
         each node's rail peer, read on the host together (the one host read before the rail exchange)."""
         nodes, ep = self.nodes, self.placement.ep_size
         header = torch.zeros(ep, 3, dtype=torch.int64, device=tokens.device)
-        header[:, 1], header[:, 2] = tokens.shape[1], _dtype_code(tokens.dtype)
+        header[:, 1], header[:, 2] = tokens.shape[1], dtype_code(tokens.dtype)
         rail_peers = torch.arange(nodes.num_nodes, device=tokens.device) * nodes.ranks_per_node + nodes.local_rank
         header[rail_peers, 0] = copies_per_node.long()
         ones = [1] * ep
@@ -100,10 +89,10 @@ class HierarchicalExchange(Exchange):
         sent, received = both[:nodes.num_nodes], both[nodes.num_nodes:]
         for src in range(ep):
             hidden, dtype = received[3 * src + 1], received[3 * src + 2]
-            if (hidden, dtype) != (tokens.shape[1], _dtype_code(tokens.dtype)):
+            if (hidden, dtype) != (tokens.shape[1], dtype_code(tokens.dtype)):
                 raise RuntimeError(
                     f"moeflux.HierarchicalExchange: ranks of the expert-parallel group disagree: rank {src} sends "
-                    f"tokens with hidden size {hidden}, dtype {_dtype_name(dtype)}; rank {self.placement.ep_rank} "
+                    f"tokens with hidden size {hidden}, dtype {dtype_name(dtype)}; rank {self.placement.ep_rank} "
                     f"has hidden size {tokens.shape[1]}, dtype {tokens.dtype}")
         return sent, received[3 * nodes.local_rank::3 * nodes.ranks_per_node]
 

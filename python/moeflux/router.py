@@ -96,11 +96,7 @@ class Router(nn.Module):
     def forward(self, x: Tensor) -> Routing:
         if self.training and self.router_jitter > 0:
             x = x * torch.empty_like(x).uniform_(1 - self.router_jitter, 1 + self.router_jitter)
-        if self.router_dtype is not None:
-            bias = self.bias.to(self.router_dtype) if self.bias is not None else None
-            logits = F.linear(x.to(self.router_dtype), self.weight.to(self.router_dtype), bias)
-        else:
-            logits = F.linear(x, self.weight, self.bias)
+        logits = self.logits(x)
         if self.training and self.noise_weight is not None:
             logits = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise_weight).to(logits.dtype))
         weights, expert_ids = ops.route(logits, self.top_k, self.renormalize, self.scoring, self.expert_bias,
@@ -108,18 +104,20 @@ class Router(nn.Module):
                                         self.group_score_top)
         return Routing(logits, weights, expert_ids)
 
+    def logits(self, x: Tensor) -> Tensor:
+        """``[T, E]``: the router's logits for ``x`` (in ``router_dtype`` if set), before any training noise."""
+        if self.router_dtype is None:
+            return F.linear(x, self.weight, self.bias)
+        bias = self.bias.to(self.router_dtype) if self.bias is not None else None
+        return F.linear(x.to(self.router_dtype), self.weight.to(self.router_dtype), bias)
+
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """``[T, top_k]`` int32: the experts ``forward`` would choose for ``x`` without its training noise
         (jitter, noisy gating): no gradient, no random numbers drawn, no forward hooks run (what
         :class:`moeflux.SamplePlacement` plans the next layer's traffic with)."""
-        weight, bias = self.weight, self.bias
-        if self.router_dtype is not None:
-            x, weight = x.to(self.router_dtype), weight.to(self.router_dtype)
-            bias = bias.to(self.router_dtype) if bias is not None else None
-        logits = F.linear(x, weight, bias)
-        return ops.route(logits, self.top_k, self.renormalize, self.scoring, self.expert_bias, self.num_groups,
-                         self.top_groups, self.routed_scaling_factor, self.group_score_top)[1]
+        return ops.route(self.logits(x), self.top_k, self.renormalize, self.scoring, self.expert_bias,
+                         self.num_groups, self.top_groups, self.routed_scaling_factor, self.group_score_top)[1]
 
     def extra_repr(self) -> str:
         extra = ""

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from .distributed import ExpertParallelGroups
+from .distributed import ExpertParallelGroups, dtype_code, dtype_name
 from .instrumentation import layer_scope
 from .placement import ExpertPlacement
 from .topology import NodeGroups, launcher_ranks_per_node, node_layout
@@ -79,7 +79,7 @@ class PlacementRecord:
     moved_samples: int  # samples of the group that changed rank
     moved_across_nodes: int  # ... of which changed node
     inter_node_before: int  # predicted vectors crossing nodes in the layer's forward exchange, samples left put
-    inter_node_after: int  # ... after the move, plus the move itself
+    inter_node_after: int  # ... with the samples moved, plus the move itself (inter_node_vectors)
 
 
 def sample_traffic(expert_ids: Tensor, samples: int, placement: ExpertPlacement, ranks_per_node: int) -> Tensor:
@@ -121,12 +121,9 @@ def solve_sample_placement(traffic: np.ndarray, samples_per_rank: int, ranks_per
         raise ValueError(f"solve_sample_placement: traffic must be [P * B, P + N] with P = N * ranks_per_node, got "
                          f"shape {traffic.shape}, samples_per_rank={b}, ranks_per_node={per_node}")
     traffic = traffic.astype(np.float64)
-    slots, on_node = traffic[:, :ranks], traffic[:, ranks:]
+    slots = traffic[:, :ranks]
     slots_node = slots.reshape(g, nodes, per_node).sum(2)
-    if objective == "hierarchical":
-        remote = on_node.sum(1, keepdims=True) - on_node
-    else:
-        remote = slots.sum(1, keepdims=True) - slots_node
+    remote = remote_copies(traffic, per_node, objective)
     current_rank = np.arange(g) // b
     move = move_cost * tokens_per_sample
     node_cost = 2 * remote + move * (np.arange(nodes)[None, :] != (current_rank // per_node)[:, None])
@@ -141,6 +138,31 @@ def solve_sample_placement(traffic: np.ndarray, samples_per_rank: int, ranks_per
     return dest
 
 
+def remote_copies(traffic: np.ndarray, ranks_per_node: int, objective: str = "hierarchical") -> np.ndarray:
+    """``[G, N]``: the token copies each sample sends to other nodes if it sits on node ``n`` (``traffic
+    [G, P + N]`` of :func:`sample_traffic`): per remote node a token has slots on (``"hierarchical"``), or per
+    slot on a remote node (``"flat"``)."""
+    ranks = traffic.shape[1] // (ranks_per_node + 1) * ranks_per_node  # the width is P + N = N * (L + 1)
+    slots, on_node = traffic[:, :ranks], traffic[:, ranks:]
+    if objective == "hierarchical":
+        return on_node.sum(1, keepdims=True) - on_node
+    per_node = slots.reshape(slots.shape[0], -1, ranks_per_node).sum(2)
+    return slots.sum(1, keepdims=True) - per_node
+
+
+def inter_node_vectors(traffic: np.ndarray, dest_rank: np.ndarray, samples_per_rank: int, ranks_per_node: int,
+                       tokens_per_sample: int, objective: str = "hierarchical") -> tuple[int, int]:
+    """Vectors crossing nodes in a layer's forward exchange (dispatch and combine: two per remote copy), with
+    every sample where it is, and with the samples on ``dest_rank`` (the moves' vectors, one per token, included).
+    """
+    remote = remote_copies(traffic, ranks_per_node, objective)
+    rows = np.arange(dest_rank.size)
+    current_node, dest_node = rows // samples_per_rank // ranks_per_node, dest_rank // ranks_per_node
+    moved = int((current_node != dest_node).sum())
+    return (int(2 * remote[rows, current_node].sum()),
+            int(2 * remote[rows, dest_node].sum()) + tokens_per_sample * moved)
+
+
 def _assign(linear_sum_assignment, cost: np.ndarray, per_column: int) -> np.ndarray:
     """Each row to a column of ``cost [rows, C]``, every column taking ``per_column`` rows, at least total cost."""
     columns = np.repeat(np.arange(cost.shape[1]), per_column)
@@ -150,13 +172,12 @@ def _assign(linear_sum_assignment, cost: np.ndarray, per_column: int) -> np.ndar
     return out
 
 
-def destination_slots(dest_rank: np.ndarray, samples_per_rank: int) -> np.ndarray:
-    """``[G]``: the global slot of each sample on its new rank (a rank's samples keep their relative order)."""
+def destination_slots(dest_rank: np.ndarray) -> np.ndarray:
+    """``[G]``: the global slot of each sample on its new rank (``dest_rank`` giving every rank the same number
+    of samples, as the solver does; a rank's samples keep their relative order)."""
     order = np.lexsort((np.arange(dest_rank.size), dest_rank))  # by rank, then by current slot
     slots = np.empty(dest_rank.size, dtype=np.int64)
     slots[order] = np.arange(dest_rank.size)
-    if np.bincount(dest_rank, minlength=dest_rank.size // samples_per_rank).max(initial=0) > samples_per_rank:
-        raise AssertionError("destination_slots: a rank would receive more than samples_per_rank samples")
     return slots
 
 
@@ -229,14 +250,17 @@ class SamplePlacement:
         start = time.perf_counter()
         dest_rank = solve_sample_placement(counts, b, self.ranks_per_node, tokens, self.objective, self.move_cost)
         solve_s = time.perf_counter() - start
-        self.last = self._record(counts, dest_rank, b, tokens, solve_s)
-        dest = destination_slots(dest_rank, b)
+        before, after = inter_node_vectors(counts, dest_rank, b, self.ranks_per_node, tokens, self.objective)
+        current = np.arange(dest_rank.size) // b
+        self.last = PlacementRecord(solve_s, int((current != dest_rank).sum()),
+                                    int((current // self.ranks_per_node != dest_rank // self.ranks_per_node).sum()),
+                                    before, after)
+        dest = destination_slots(dest_rank)
         with layer_scope(f"{layer.stats_name}.sample_move", (self.group,)):
             x = self._move(x, dest, b)
-        origin = [0] * len(order.origin)
-        for slot, to in enumerate(dest):
-            origin[to] = order.origin[slot]
-        self.last_order = SampleOrder(tuple(origin), b)
+        origin = np.empty(dest.size, dtype=np.int64)
+        origin[dest] = order.origin  # the sample of slot s is now in slot dest[s]
+        self.last_order = SampleOrder(tuple(origin.tolist()), b)
         return x, self.last_order
 
     def restore(self, x: Tensor, order: SampleOrder | None) -> Tensor:
@@ -260,7 +284,7 @@ class SamplePlacement:
         fine = error is None
         device = x.device if isinstance(x, Tensor) else torch.device("cpu")
         header = torch.tensor([0 if fine else 1, x.shape[0] if fine else -1, math.prod(x.shape[1:]) if fine else -1,
-                               _dtype_code(x.dtype) if fine else -1], dtype=torch.int64, device=device)
+                               dtype_code(x.dtype) if fine else -1], dtype=torch.int64, device=device)
         failed, b, size, dtype = (list(column) for column in self._all_gather(header).cpu().T.tolist())
         if error is not None:
             raise ValueError(f"SamplePlacement.{what}: {error}")
@@ -268,7 +292,7 @@ class SamplePlacement:
             bad = [r for r, f in enumerate(failed) if f]
             raise ValueError(f"SamplePlacement.{what}: rank(s) {bad} of the group failed their own input check")
         if len(set(b)) > 1 or len(set(size)) > 1 or len(set(dtype)) > 1:
-            per_rank = ", ".join(f"rank {r}: {b[r]} samples of {size[r]} elements, {_DTYPE_NAMES[dtype[r]]}"
+            per_rank = ", ".join(f"rank {r}: {b[r]} samples of {size[r]} elements, {dtype_name(dtype[r])}"
                                  for r in range(self.size))
             raise ValueError(f"SamplePlacement.{what}: every rank must hold the same number of samples of one "
                              f"shape and dtype, got {per_rank}")
@@ -297,31 +321,6 @@ class SamplePlacement:
         where = np.empty(b, dtype=np.int64)
         where[dest_slot[arriving] - self.rank * b] = np.arange(b)  # received row of each local position
         return received.index_select(0, torch.from_numpy(where).to(x.device)).view(x.shape)
-
-    def _record(self, counts: np.ndarray, dest_rank: np.ndarray, b: int, tokens: int, solve_s: float
-                ) -> PlacementRecord:
-        per_node = self.ranks_per_node
-        nodes = self.size // per_node
-        slots, on_node = counts[:, :self.size], counts[:, self.size:]
-        if self.objective == "hierarchical":
-            remote = on_node.sum(1, keepdims=True) - on_node
-        else:
-            remote = slots.sum(1, keepdims=True) - slots.reshape(-1, nodes, per_node).sum(2)
-        current = np.arange(dest_rank.size) // b
-        rows = np.arange(dest_rank.size)
-        crossed = current // per_node != dest_rank // per_node
-        return PlacementRecord(
-            solve_s, int((current != dest_rank).sum()), int(crossed.sum()),
-            int(remote[rows, current // per_node].sum()),
-            int(remote[rows, dest_rank // per_node].sum() + tokens * crossed.sum()))
-
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_DTYPE_NAMES = {**{i: str(d).removeprefix("torch.") for i, d in enumerate(_DTYPES)}, -1: "another dtype"}
-
-
-def _dtype_code(dtype: torch.dtype) -> int:
-    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
 
 
 def _input_error(x: Tensor, layer: MoE, group: dist.ProcessGroup, order: SampleOrder | None,

@@ -323,7 +323,7 @@ class SampleRoutingReplay:
 
         def predict(x: Tensor) -> Tensor:
             with torch.no_grad():
-                return self.expert_ids(router, torch.nn.functional.linear(x, router.weight, router.bias))
+                return self.expert_ids(router, router.logits(x))
 
         router.register_forward_hook(hook)
         router.predict = predict

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..placement import ExpertPlacement
-from ..sample_placement import sample_traffic, solve_sample_placement
+from ..sample_placement import inter_node_vectors, sample_traffic, solve_sample_placement
 from .replay import fit_counts, replay_expert_ids
 from .routing import load_trace
 
@@ -37,12 +37,9 @@ def placement_gain(sample_counts: np.ndarray, ranks: int, ranks_per_node: int, t
     start = time.perf_counter()
     dest = solve_sample_placement(traffic, g // ranks, ranks_per_node, tokens, "hierarchical", move_cost)
     solve_s = time.perf_counter() - start
-    on_node = traffic[:, ranks:]
-    rows, current = np.arange(g), np.arange(g) // (g // ranks)
-    crossed = current // ranks_per_node != dest // ranks_per_node
-    before = 2 * (on_node.sum(1) - on_node[rows, current // ranks_per_node]).sum()
-    after = 2 * (on_node.sum(1) - on_node[rows, dest // ranks_per_node]).sum() + tokens * crossed.sum()
-    return {"before": int(before), "after": int(after), "moved_across_nodes": int(crossed.sum()), "solve_s": solve_s}
+    before, after = inter_node_vectors(traffic, dest, g // ranks, ranks_per_node, tokens)
+    crossed = np.arange(g) // (g // ranks) // ranks_per_node != dest // ranks_per_node
+    return {"before": before, "after": after, "moved_across_nodes": int(crossed.sum()), "solve_s": solve_s}
 
 
 def affinity_counts(samples: int, experts: int, nodes: int, slots: int, affinity: float, rng: np.random.Generator
