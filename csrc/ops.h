@@ -115,6 +115,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ff
     const at::Tensor& tokens_per_expert, const at::Tensor& pre_activation, const at::Tensor& activated,
     c10::string_view activation, std::optional<int64_t> capacity, bool biased);
 
+// ---- Autocast-key kernels (autocast.cpp): the expert GEMMs in autocast's dtype, then redispatched.
+template <c10::DeviceType device>
+at::Tensor grouped_mm_autocast(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& tokens_per_expert);
+template <c10::DeviceType device>
+at::Tensor expert_ffn_autocast(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
+                               const at::Tensor& tokens_per_expert, c10::string_view activation,
+                               std::optional<int64_t> capacity, const std::optional<at::Tensor>& b_in,
+                               const std::optional<at::Tensor>& b_out);
+template <c10::DeviceType device>
+std::tuple<at::Tensor, at::Tensor> pipelined_moe_autocast(
+    const at::Tensor& tokens, const at::Tensor& expert_ids, const std::optional<at::Tensor>& weights,
+    const at::Tensor& w_in, const at::Tensor& w_out, c10::string_view activation, int64_t num_experts,
+    std::optional<int64_t> capacity, const std::string& group_name, c10::string_view schedule, int64_t chunks,
+    int64_t group_size);
+
 // ---- Autograd-key kernels (autograd.cpp, pipeline/): C++ autograd functions around the ops above.
 std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& tokens, const at::Tensor& expert_ids,
                                                           const std::optional<at::Tensor>& weights,

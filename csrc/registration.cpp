@@ -108,6 +108,18 @@ TORCH_LIBRARY_IMPL(moeflux, Autograd, m) {
   m.impl("expert_ffn", &moeflux::expert_ffn_autograd);
 }
 
+// Inside torch.autocast the expert GEMMs run in autocast's dtype (csrc/autocast.cpp).
+TORCH_LIBRARY_IMPL(moeflux, AutocastCPU, m) {
+  m.impl("grouped_mm", &moeflux::grouped_mm_autocast<c10::DeviceType::CPU>);
+  m.impl("expert_ffn", &moeflux::expert_ffn_autocast<c10::DeviceType::CPU>);
+  m.impl("pipelined_moe", &moeflux::pipelined_moe_autocast<c10::DeviceType::CPU>);
+}
+TORCH_LIBRARY_IMPL(moeflux, AutocastCUDA, m) {
+  m.impl("grouped_mm", &moeflux::grouped_mm_autocast<c10::DeviceType::CUDA>);
+  m.impl("expert_ffn", &moeflux::expert_ffn_autocast<c10::DeviceType::CUDA>);
+  m.impl("pipelined_moe", &moeflux::pipelined_moe_autocast<c10::DeviceType::CUDA>);
+}
+
 // Device-generic: index bookkeeping from ATen ops (apply_capacity), and the collectives, which run on any
 // device their process group serves and move rows with the kernels of the tokens' device.
 TORCH_LIBRARY_IMPL(moeflux, CompositeExplicitAutograd, m) {

@@ -222,24 +222,27 @@ class MoE(nn.Module):
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
     def _input_error(self, x: Tensor) -> str | None:
-        """What is wrong with the input ``x`` (None: nothing), checked before any collective."""
-        weight = self.router.weight
+        """What is wrong with the input ``x`` (None: nothing), checked before any collective. The layer's dtype is
+        its experts' (the router may hold another: :class:`moeflux.Router`)."""
+        weight = self.experts.w_in
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             return f"MoE expects input [..., d_model={self.d_model}], got shape {tuple(x.shape)}"
         if x.device != weight.device:
             return f"MoE expects input on {weight.device} (its weights' device), got {x.device}"
         if not x.is_floating_point() or (x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type)):
-            return f"MoE expects input of dtype {weight.dtype} (its weights' dtype), got {x.dtype}"
+            return f"MoE expects input of dtype {weight.dtype} (its experts' dtype), got {x.dtype}"
         return None
 
     def forward(self, x: Tensor) -> Tensor:
         if (error := self._input_error(x)) is not None:
             # The other ranks of the group are about to wait for this one in the exchange: join it so that
             # they raise too (naming what this rank sent), then raise the precise error here.
-            self.exchange.join_failed_dispatch(failed_probe(x, self.router.weight), self.top_k, self.capacity(0))
+            self.exchange.join_failed_dispatch(failed_probe(x, self.experts.w_in), self.top_k, self.capacity(0))
             raise ValueError(error)
         tokens = x.reshape(-1, self.d_model)
         routing = self.router(tokens)
+        if torch.is_autocast_enabled(x.device.type):  # the tokens cross ranks and meet the experts in autocast's dtype
+            tokens = tokens.to(torch.get_autocast_dtype(x.device.type))
         load_balancing, z_loss = ops.router_aux_loss(routing.logits, routing.expert_ids)
         self.aux_loss = self.aux_loss_weight * load_balancing + self.z_loss_weight * z_loss
 

@@ -27,8 +27,14 @@ class Router(nn.Module):
     training loop rather than by gradients) and group-limited choice
     (``num_groups``, ``top_groups``; a group's score is the sum of its
     ``group_score_top`` best scores: 2 in DeepSeek-V3, 1 in DeepSeek-V2's
-    ``group_limited_greedy``). ``router_dtype`` computes the logits in
-    that dtype (e.g. float32 for a bfloat16 model). :class:`moeflux.MoE` takes
+    ``group_limited_greedy``). ``router_dtype`` is the dtype the logits are
+    computed in (Megatron-Core's ``moe_router_dtype``; e.g. float32 for a
+    bfloat16 model), also under autocast; ``None``: the router's own weight
+    dtype, or autocast's where it is on. The router's parameters may be of
+    another dtype than the input and the experts: DeepSeek-style checkpoints
+    keep the gate and its correction bias in float32 (transformers'
+    ``_keep_in_fp32_modules_strict``) next to bfloat16 experts; the input is
+    cast to the router's dtype first. :class:`moeflux.MoE` takes
     the same options under the same names (``bias``: ``router_bias``, a bias on
     the logits, GPT-OSS).
 
@@ -105,11 +111,14 @@ class Router(nn.Module):
         return Routing(logits, weights, expert_ids)
 
     def logits(self, x: Tensor) -> Tensor:
-        """``[T, E]``: the router's logits for ``x`` (in ``router_dtype`` if set), before any training noise."""
+        """``[T, E]``: the router's logits for ``x`` before any training noise: in ``router_dtype`` if set (autocast
+        cannot lower it), else in the router weight's dtype (or autocast's, where it is on)."""
+        dtype = self.router_dtype if self.router_dtype is not None else self.weight.dtype
+        bias = self.bias.to(dtype) if self.bias is not None else None
         if self.router_dtype is None:
-            return F.linear(x, self.weight, self.bias)
-        bias = self.bias.to(self.router_dtype) if self.bias is not None else None
-        return F.linear(x.to(self.router_dtype), self.weight.to(self.router_dtype), bias)
+            return F.linear(x.to(dtype), self.weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), self.weight.to(dtype), bias)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
