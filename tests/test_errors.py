@@ -126,9 +126,9 @@ def test_module_rejects_wrong_width():
 
 @pytest.mark.parametrize("x, message", [
     (torch.tensor(1.0), "expects input [..., d_model=8], got shape ()"),
-    (torch.randn(3, 8, dtype=torch.float64), "expects input of dtype torch.float32 (its weights' dtype), got "
+    (torch.randn(3, 8, dtype=torch.float64), "expects input of dtype torch.float32 (its experts' dtype), got "
                                              "torch.float64"),
-    (torch.ones(3, 8, dtype=torch.int64), "expects input of dtype torch.float32 (its weights' dtype), got torch.int64"),
+    (torch.ones(3, 8, dtype=torch.int64), "expects input of dtype torch.float32 (its experts' dtype), got torch.int64"),
     (torch.empty(3, 8, device="meta"), "expects input on cpu (its weights' device), got meta"),
 ], ids=["scalar", "float64", "int64", "meta"])
 def test_module_rejects_input_of_another_dtype_or_device(x, message):
