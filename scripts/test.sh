@@ -8,4 +8,4 @@ PYTHON=${PYTHON:-python3}
 bash scripts/setup.sh
 CTEST=$("$PYTHON" -c "import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, 'ctest'))")
 "$CTEST" --test-dir "${MOEFLUX_BUILD_DIR:-build}" --output-on-failure
-"$PYTHON" -m pytest -q tests "$@"
+"$PYTHON" -m pytest -q -rs tests "$@"   # -rs: the reason of every skip (GPU-only tests, ../shared/traces absent)
