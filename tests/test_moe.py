@@ -65,17 +65,29 @@ def test_expert_biases_are_saved_per_expert_and_refused_where_unsupported():
             moeflux.MoE(12, 10, 4, expert_bias="activation" not in options, **options)
 
 
-def test_moe_every_token_to_one_expert_with_capacity(device):
-    moe = make_moe(device, capacity_factor=1.0, top_k=1)
+# (top_k, capacity): 10 tokens, 4 experts, f = 1; a formula without top_k or rounding down gives 3 or 2 slots
+@pytest.mark.parametrize("top_k,capacity", [(1, 3), (2, 5)])
+def test_moe_every_token_to_one_expert_with_capacity(top_k, capacity, device):
+    moe = make_moe(device, capacity_factor=1.0, top_k=top_k)
     with torch.no_grad():
         moe.router.weight.zero_()
-        moe.router.weight[3] = 1.0
-    x = torch.rand(10, 12, dtype=torch.float64, device=device) + 0.1  # positive: expert 3 wins
+        moe.router.weight[3], moe.router.weight[0] = 1.0, 0.5
+    x = torch.rand(10, 12, dtype=torch.float64, device=device) + 0.1  # positive: expert 3 first, expert 0 second
     y = moe(x)
-    capacity = moe.capacity(10)
-    assert moe.tokens_per_expert.tolist() == [0, 0, 0, capacity]
-    assert (y[capacity:] == 0).all()  # dropped tokens get no expert output
+    assert capacity == reference.capacity_for(1.0, 10, top_k, 4)
+    assert moe.tokens_per_expert.tolist() == ([0, 0, 0, capacity] if top_k == 1 else [capacity, 0, 0, capacity])
+    if top_k == 1:
+        assert (y[capacity:] == 0).all()  # dropped tokens get no expert output
     torch.testing.assert_close(y, reference.moe(moe, x))
+
+
+# Fractional f * T * k / E (rounding up matters) and top_k > 1 (k matters) for every factor.
+@pytest.mark.parametrize("factor,num_tokens,top_k,num_experts", [
+    (1.0, 21, 2, 4), (1.25, 7, 3, 8), (0.5, 9, 2, 4), (2.0, 5, 4, 6), (1.0, 1, 1, 4)])
+def test_moe_capacity_is_the_documented_formula(factor, num_tokens, top_k, num_experts):
+    moe = moeflux.MoE(4, 4, num_experts, top_k, capacity_factor=factor)
+    assert moe.capacity(num_tokens) == reference.capacity_for(factor, num_tokens, top_k, num_experts)
+    assert moeflux.MoE(4, 4, num_experts, top_k).capacity(num_tokens) is None  # dropless
 
 
 def test_moe_zero_tokens(device):
