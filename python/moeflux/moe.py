@@ -54,6 +54,8 @@ class MoE(nn.Module):
             exchange only (not with a pipelined schedule or shadowing).
         router_bias: a bias on the router's logits (GPT-OSS).
         renormalize: divide the top-k weights by their sum (top-k-then-softmax).
+        weight_expert_input: scale each token by its routing weight before its
+            expert and sum the experts' outputs unweighted (Llama 4); top_k=1 only.
         drop_policy: with a capacity, which assignments an expert keeps:
             ``"position"`` (first choices first, then token order; GShard) or
             ``"probability"`` (highest routing weight first).
@@ -132,6 +134,7 @@ class MoE(nn.Module):
         expert_bias: bool = False,
         router_bias: bool = False,
         renormalize: bool = False,
+        weight_expert_input: bool = False,
         drop_policy: str = "position",
         aux_loss_weight: float = 1e-2,
         z_loss_weight: float = 0.0,
@@ -171,6 +174,8 @@ class MoE(nn.Module):
             if expert_bias and (schedule != "bulk" or shadowing not in ("off", None)):
                 raise ValueError(f"expert_bias=True works with schedule='bulk' and shadowing='off' only, got "
                                  f"schedule={schedule!r}, shadowing={shadowing!r}")
+            if weight_expert_input and top_k != 1:  # one weight per token: it scales the token before dispatch
+                raise ValueError(f"weight_expert_input=True needs top_k=1, got top_k={top_k}")
             check_exchange_options(ep_group, schedule, shadowing, hierarchical)
             error = None
         except (ValueError, TypeError) as e:
@@ -182,7 +187,8 @@ class MoE(nn.Module):
                 ep_group, "moeflux.MoE", local_error=error, num_experts=num_experts, ep_size=self.ep_size,
                 d_model=d_model, d_ffn=d_ffn, top_k=top_k, dtype=dtype or torch.get_default_dtype(),
                 capacity_factor=capacity_factor, activation=activation_name,
-                expert_bias=expert_bias, router_bias=router_bias, renormalize=renormalize, scoring=scoring,
+                expert_bias=expert_bias, router_bias=router_bias, renormalize=renormalize,
+                weight_expert_input=weight_expert_input, scoring=scoring,
                 num_groups=num_groups, top_groups=top_groups, group_score_top=group_score_top,
                 shared_expert_ffn=shared_expert_ffn, schedule=schedule, chunks=chunks,
                 pairwise_group_size=pairwise_group_size, shadowing=shadowing,
@@ -191,6 +197,7 @@ class MoE(nn.Module):
 
         self.d_model, self.d_ffn, self.num_experts, self.top_k = d_model, d_ffn, num_experts, top_k
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.weight_expert_input = weight_expert_input
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
         factory = {"device": device, "dtype": dtype}
         self.router = Router(
@@ -252,9 +259,11 @@ class MoE(nn.Module):
                 expert_ids, routing.weights, self.num_experts, capacity, self.drop_policy == "probability"
             )
         self.routed_tokens_per_expert = _count_slots(expert_ids, self.num_experts)
+        routed, weights = tokens, routing.weights
+        if self.weight_expert_input:  # Llama 4: the weight (rounded to the tokens' dtype) scales the expert's input
+            routed, weights = tokens * weights.to(tokens.dtype), torch.ones_like(weights)
         with layer_scope(self.stats_name, self.exchange.groups):
-            out, self.tokens_per_expert = self.exchange.run(tokens, expert_ids, routing.weights, capacity,
-                                                            self.experts)
+            out, self.tokens_per_expert = self.exchange.run(routed, expert_ids, weights, capacity, self.experts)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         return out.view(x.shape)
