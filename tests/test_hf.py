@@ -13,6 +13,7 @@ import moeflux  # noqa: E402
 from moeflux import hf  # noqa: E402
 
 COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 MLA = dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
 
 
@@ -48,11 +49,20 @@ def olmoe():
         **COMMON, intermediate_size=24, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2))
 
 
+def bias_owners(model):
+    """The modules holding an e_score_correction_bias (routers, or MiniMax-M2's blocks), in model order."""
+    return [m for m in model.modules() if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor)]
+
+
+def set_correction_bias(owner, value):
+    old = owner.e_score_correction_bias  # a buffer, or a frozen parameter (Ernie's [1, E])
+    value = value.reshape(old.shape)
+    owner.e_score_correction_bias = torch.nn.Parameter(value, False) if isinstance(old, torch.nn.Parameter) else value
+
+
 def with_correction_bias(model):
-    with torch.no_grad():  # a non-zero correction bias, as a trained model has
-        for layer in model.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    for owner in bias_owners(model):  # a non-zero correction bias, as a trained model has
+        set_correction_bias(owner, torch.randn(8) * 0.1)
     return model
 
 
@@ -89,6 +99,64 @@ def gpt_oss(limit=7.0):
     return model
 
 
+def ernie4_5_moe(shared=1):  # layer 0 dense, layer 1 MoE
+    return with_correction_bias(transformers.Ernie4_5_MoeForCausalLM(transformers.Ernie4_5_MoeConfig(
+        **COMMON, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=2, moe_num_experts=8, moe_k=3,
+        moe_num_shared_experts=shared)))
+
+
+def dots1():
+    return with_correction_bias(transformers.Dots1ForCausalLM(transformers.Dots1Config(
+        **COMMON, intermediate_size=48, moe_intermediate_size=16, num_key_value_heads=2, head_dim=8,
+        n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1,
+        first_k_dense_replace=1, routed_scaling_factor=1.5, norm_topk_prob=True)))
+
+
+def minimax_m2(**options):
+    return with_correction_bias(transformers.MiniMaxM2ForCausalLM(transformers.MiniMaxM2Config(
+        **COMMON, intermediate_size=16, num_key_value_heads=2, head_dim=8, num_local_experts=8, num_experts_per_tok=3,
+        bos_token_id=1, eos_token_id=2, **options)))
+
+
+def hunyuan_moe():
+    return transformers.HunYuanMoEV1ForCausalLM(transformers.HunYuanMoEV1Config(
+        **COMMON, intermediate_size=16, num_key_value_heads=2, num_experts=4, moe_topk=2, head_dim=8))
+
+
+def granite_moe():
+    return transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(
+        **COMMON, intermediate_size=16, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
+
+
+def granite_moe_shared():  # its shared MLP sits beside the block, in the decoder layer
+    return transformers.GraniteMoeSharedForCausalLM(transformers.GraniteMoeSharedConfig(
+        **COMMON, intermediate_size=16, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        shared_intermediate_size=24))
+
+
+def llama4(top_k=1):
+    return transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+        **COMMON, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=top_k,
+        intermediate_size=16, intermediate_size_mlp=32, interleave_moe_layer_step=1))
+
+
+def jamba():  # Mamba layers between attention layers; every layer MoE
+    return transformers.JambaForCausalLM(transformers.JambaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=16, num_experts=4, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
+        attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_expand=1, mamba_dt_rank=4))
+
+
+def qwen3_vl_moe():  # vision blocks ("Qwen3VLMoeVisionBlock") next to the text MoE blocks
+    text = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                max_position_embeddings=64, rope_parameters={**ROPE, "mrope_section": [2, 1, 1]})
+    vision = dict(depth=2, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32, patch_size=4,
+                  temporal_patch_size=1, spatial_merge_size=1, deepstack_visual_indexes=[0])
+    return transformers.Qwen3VLMoeForConditionalGeneration(
+        transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision))
+
+
 # name (the family moeflux reports, then the variant) -> a small random model
 FAMILIES = {
     "Mixtral": mixtral,
@@ -108,38 +176,62 @@ FAMILIES = {
     "GLM-4-MoE (no shared experts)": lambda: glm4_moe(shared=0),
     "GPT-OSS": gpt_oss,
     "GPT-OSS (tight clamp)": lambda: gpt_oss(limit=0.5),
+    "Ernie-4.5-MoE": ernie4_5_moe,
+    "Ernie-4.5-MoE (no shared experts)": lambda: ernie4_5_moe(shared=0),
+    "dots.llm1": dots1,
+    "MiniMax-M2": minimax_m2,
+    "HunYuan-MoE": hunyuan_moe,
+    "Granite-MoE": granite_moe,
+    "Granite-MoE-Shared": granite_moe_shared,
+    "Llama-4": llama4,
+    "Jamba": jamba,
 }
-BIASED = ["DeepSeek-V3", "GLM-4-MoE"]  # families with an e_score_correction_bias
+IMAGE_TEXT = {"Qwen3-VL-MoE": qwen3_vl_moe}  # not causal LMs (AutoModelForCausalLM does not load them)
+MODELS = {**FAMILIES, **IMAGE_TEXT}  # every supported family's tiny model
+BIASED = ["DeepSeek-V3", "GLM-4-MoE", "dots.llm1"]  # families whose gate holds an e_score_correction_bias
+# families whose checkpoints keep the router and its correction bias in float32 (_keep_in_fp32_modules_strict)
+STRICT_FP32 = [*BIASED, "Ernie-4.5-MoE"]
 
-# moeflux parameter name -> (transformers name, transform)
-RENAMES = [("mlp.router.weight", "mlp.gate.weight", None),
-           ("mlp.experts.w_in", "mlp.experts.gate_up_proj", lambda t: t.transpose(1, 2)),
-           ("mlp.experts.w_out", "mlp.experts.down_proj", lambda t: t.transpose(1, 2)),
-           ("mlp.shared_expert.gate.weight", "mlp.shared_expert_gate.weight", None)]
+
+def transposed(t):
+    return t.transpose(1, 2)
+
+
+def same(t):  # a transform all the same: it marks an expert's tensor
+    return t
 
 
 def deinterleave(t):  # GPT-OSS's gate/up columns alternate; moeflux keeps [gate | up]
     return torch.cat((t[..., ::2], t[..., 1::2]), dim=-1)
 
 
-GPT_OSS_RENAMES = [("mlp.experts.w_in", "mlp.experts.gate_up_proj", deinterleave),
-                   ("mlp.experts.b_in", "mlp.experts.gate_up_proj_bias", deinterleave),
-                   ("mlp.experts.w_out", "mlp.experts.down_proj", lambda t: t),  # a transform: an expert's
-                   ("mlp.experts.b_out", "mlp.experts.down_proj_bias", lambda t: t)]  # tensor, of the same layout
+# moeflux name in a block -> the names a transformers block gives it (the first the model holds)
+RENAMES = {"router.weight": ["gate.weight", "gate.wg.weight", "router.weight"],
+           "shared_expert.gate.weight": ["shared_expert_gate.weight"]}
+SHARED = ["shared_expert.", "shared_experts.", "shared_mlp."]
+# moeflux expert tensor -> (transformers name, which transform: of gate_up or of down)
+EXPERT_NAMES = {"experts.w_in": ("experts.gate_up_proj", 0), "experts.b_in": ("experts.gate_up_proj_bias", 0),
+                "experts.w_out": ("experts.down_proj", 1), "experts.b_out": ("experts.down_proj_bias", 1)}
+EXPERT_LAYOUTS = {"GPT-OSS": (deinterleave, same), "Llama-4": (same, same)}  # others: transposed, transposed
 
 
 def family_of(name):
     return name.split(" ")[0]
 
 
-def hf_name(name, hf_names):
-    gpt_oss_layout = any(n.endswith("mlp.experts.gate_up_proj_bias") for n in hf_names)
-    for ours, theirs, transform in GPT_OSS_RENAMES if gpt_oss_layout else RENAMES:
-        if name.endswith(ours):
-            return name[: -len(ours)] + theirs, transform
-    if ".mlp.shared_expert." in name and name.replace(".mlp.shared_expert.", ".mlp.shared_experts.") in hf_names:
-        return name.replace(".mlp.shared_expert.", ".mlp.shared_experts."), None
-    return name, None
+def hf_name(name, hf_names, family):
+    """The transformers name of moeflux's parameter ``name`` and, for an expert tensor, the transform of the
+    transformers tensor into moeflux's layout (else None)."""
+    layouts = EXPERT_LAYOUTS.get(family_of(family), (transposed, transposed))
+    for ours, (theirs, side) in EXPERT_NAMES.items():
+        if name.endswith("." + ours):
+            return name[: -len(ours)] + theirs, layouts[side]
+    candidates = [name[: -len(ours)] + theirs for ours, names in RENAMES.items() if name.endswith("." + ours)
+                  for theirs in names]
+    if not candidates and ".shared_expert." in name:
+        prefix, _, rest = name.partition(".shared_expert.")
+        candidates = [f"{prefix}.{shared}{rest}" for shared in SHARED]
+    return next((n for n in candidates if n in hf_names), name), None
 
 
 def run(model, ids, targets):
@@ -172,10 +264,10 @@ TOLERANCES = {  # logits, gradients (HF routers compute their weights in float32
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_converted_model_gives_the_same_logits_and_gradients(family, dtype):
     torch.manual_seed(0)
-    reference = FAMILIES[family]().to(dtype)
+    reference = MODELS[family]().to(dtype)
     reference.set_experts_implementation("eager")  # transformers' loop over experts (its grouped_mm has no float64)
     converted = copy.deepcopy(reference)
     report = hf.convert_model(converted)
@@ -192,7 +284,7 @@ def test_converted_model_gives_the_same_logits_and_gradients(family, dtype):
 
     theirs = dict(reference.named_parameters())
     for name, p in converted.named_parameters():
-        other, transform = hf_name(name, theirs)
+        other, transform = hf_name(name, theirs, family)
         ref_grad = theirs[other].grad
         ref_grad = torch.zeros_like(theirs[other]) if ref_grad is None else ref_grad
         ref_grad = transform(ref_grad) if transform else ref_grad
@@ -201,10 +293,10 @@ def test_converted_model_gives_the_same_logits_and_gradients(family, dtype):
         torch.testing.assert_close(grad.float(), ref_grad.float(), **grad_tol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_revert_writes_the_weights_back(family):
     torch.manual_seed(0)
-    model = FAMILIES[family]()
+    model = MODELS[family]()
     original = copy.deepcopy(model)
     hf.convert_model(model)
     with torch.no_grad():  # "training"
@@ -221,19 +313,20 @@ def test_revert_writes_the_weights_back(family):
 
 
 def freeze_some(model):
-    """Freezes the router, the down projections and the shared experts' gate projections of every MoE block."""
+    """Freezes the router, the down projections and the shared experts' (and dense MLPs') gate projections."""
     for name, p in model.named_parameters():
-        if name.endswith(("mlp.gate.weight", "mlp.router.weight", "experts.down_proj", "gate_proj.weight")) and ".mlp." in name:
+        if name.endswith((".gate.weight", ".gate.wg.weight", ".router.weight", "experts.down_proj",
+                          "gate_proj.weight")):
             p.requires_grad_(False)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_round_trip_keeps_every_tensor_dtype_and_requires_grad(family):
     torch.manual_seed(0)
-    model = FAMILIES[family]().to(torch.bfloat16)
-    if family_of(family) in BIASED:  # as from_pretrained keeps it (_keep_in_fp32_modules_strict)
-        for layer in model.model.layers[1:]:
-            layer.mlp.gate.e_score_correction_bias = torch.randn(8, dtype=torch.float32) * 0.1
+    model = MODELS[family]().to(torch.bfloat16)
+    if family_of(family) in STRICT_FP32:  # as from_pretrained keeps it (_keep_in_fp32_modules_strict)
+        for owner in bias_owners(model):
+            set_correction_bias(owner, torch.randn(8, dtype=torch.float32) * 0.1)
     freeze_some(model)
     original = copy.deepcopy(model)
     hf.convert_model(model)
@@ -251,36 +344,40 @@ def test_round_trip_keeps_every_tensor_dtype_and_requires_grad(family):
     assert_same_tensors(model, original)
 
 
-@pytest.mark.parametrize("family", BIASED)
+@pytest.mark.parametrize("family", STRICT_FP32)
 def test_float32_correction_bias_in_a_bfloat16_model_is_kept_exactly(family):
     torch.manual_seed(0)
     reference = FAMILIES[family]().to(torch.bfloat16)
-    biases = {}
-    for i, layer in enumerate(reference.model.layers[1:], 1):  # values bfloat16 cannot hold
-        biases[i] = layer.mlp.gate.e_score_correction_bias = torch.randn(8, dtype=torch.float32) * 0.1 + 1e-4
-        assert not torch.equal(biases[i], biases[i].bfloat16().float())
+    biases = [torch.randn(8, dtype=torch.float32) * 0.1 + 1e-4 for _ in bias_owners(reference)]
+    for owner, bias in zip(bias_owners(reference), biases):  # values bfloat16 cannot hold
+        assert not torch.equal(bias, bias.bfloat16().float())
+        set_correction_bias(owner, bias)
     model = copy.deepcopy(reference)
     hf.convert_model(model)
-    for i, bias in biases.items():
-        ours = model.model.layers[i].mlp.router.expert_bias
-        assert ours.dtype == torch.float32 and torch.equal(ours, bias)
+    ours = [m.router.expert_bias for m in model.modules() if isinstance(m, moeflux.MoE)]
+    assert len(ours) == len(biases)
+    assert all(o.dtype == torch.float32 and torch.equal(o, b) for o, b in zip(ours, biases))
     ids = torch.randint(0, 64, (3, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits.float(), reference(ids).logits.float(), atol=3e-2, rtol=3e-2)
     hf.revert_model(model)
-    for i, bias in biases.items():
-        theirs = model.model.layers[i].mlp.gate.e_score_correction_bias
-        assert theirs.dtype == torch.float32 and torch.equal(theirs, bias)
+    theirs = [owner.e_score_correction_bias for owner in bias_owners(model)]
+    assert all(t.dtype == torch.float32 and torch.equal(t.flatten(), b) for t, b in zip(theirs, biases))
 
 
-@pytest.mark.parametrize("family", BIASED)
+@pytest.mark.parametrize("family", STRICT_FP32)
 def test_bfloat16_checkpoint_comes_back_as_it_was_loaded(family, tmp_path):
     torch.manual_seed(0)
     FAMILIES[family]().save_pretrained(tmp_path / "original")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "original", dtype=torch.bfloat16)
-    assert loaded.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32  # kept by transformers
+    gate = loaded.model.layers[1].mlp.gate  # kept in float32 by transformers, next to bfloat16 experts
+    assert bias_owners(loaded) and all(o.e_score_correction_bias.dtype == torch.float32 for o in bias_owners(loaded))
+    assert gate.weight.dtype == torch.float32 and loaded.model.layers[1].mlp.experts.down_proj.dtype == torch.bfloat16
     model = copy.deepcopy(loaded)
     hf.convert_model(model)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():  # the router in float32 on bfloat16 tokens, as transformers computes it
+        torch.testing.assert_close(model(ids).logits.float(), loaded(ids).logits.float(), atol=3e-2, rtol=3e-2)
     hf.revert_model(model)
     model.save_pretrained(tmp_path / "reverted")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "reverted", dtype=torch.bfloat16)
@@ -428,3 +525,20 @@ def test_converting_twice_leaves_converted_blocks_alone():
     first = hf.convert_model(model)
     assert len(first) == 2 and hf.convert_model(model) == []
     assert sum(isinstance(m, moeflux.MoE) for m in model.modules()) == 2
+
+
+def test_weight_expert_input_scales_the_top_1_experts_input():
+    torch.manual_seed(0)
+    moe = moeflux.MoE(8, 6, 4, top_k=1, scoring="sigmoid", weight_expert_input=True, dtype=torch.float64)
+    x = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    logits = x @ moe.router.weight.T
+    weight, expert = torch.sigmoid(logits).max(dim=-1)
+    w_in, w_out = moe.experts.w_in[expert], moe.experts.w_out[expert]  # [T, 8, 12], [T, 6, 8]
+    gate, up = torch.bmm((weight[:, None] * x)[:, None], w_in).squeeze(1).chunk(2, dim=-1)
+    expected = torch.bmm((torch.nn.functional.silu(gate) * up)[:, None], w_out).squeeze(1)
+    torch.testing.assert_close(moe(x), expected)
+    inputs = (x, moe.router.weight, moe.experts.w_in, moe.experts.w_out)
+    torch.testing.assert_close(torch.autograd.grad(moe(x).square().sum(), inputs),
+                               torch.autograd.grad(expected.square().sum(), inputs))
+    with pytest.raises(ValueError, match="weight_expert_input=True needs top_k=1, got top_k=2"):
+        moeflux.MoE(8, 6, 4, top_k=2, weight_expert_input=True)

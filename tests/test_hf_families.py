@@ -21,13 +21,12 @@ from moeflux import hf  # noqa: E402
 from multiprocess import GROUP_TIMEOUT, run_ranks  # noqa: E402
 
 COMMON = test_hf.COMMON
-ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+ROPE = test_hf.ROPE
 
 
-def llama4():
-    return transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
-        **COMMON, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1, intermediate_size=16,
-        intermediate_size_mlp=32, interleave_moe_layer_step=1))
+def phimoe():
+    return transformers.PhimoeForCausalLM(transformers.PhimoeConfig(
+        **COMMON, intermediate_size=16, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
 
 
 def dbrx():
@@ -37,55 +36,31 @@ def dbrx():
         ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2}, rope_parameters=ROPE))
 
 
-def hunyuan_moe():
-    return transformers.HunYuanMoEV1ForCausalLM(transformers.HunYuanMoEV1Config(
-        **COMMON, intermediate_size=16, num_key_value_heads=2, num_experts=4, moe_topk=2, head_dim=8))
-
-
-def granite_moe():
-    return transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(
-        **COMMON, intermediate_size=16, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))
-
-
-def jamba():
-    return transformers.JambaForCausalLM(transformers.JambaConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=16, num_experts=4, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
-        attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_expand=1, mamba_dt_rank=4))
-
-
 def jetmoe():  # mixture of experts in the MLP and of attention heads (MoA)
     return transformers.JetMoeForCausalLM(transformers.JetMoeConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8, intermediate_size=16,
         num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64))
 
 
-def qwen3_vl_moe():  # vision blocks ("Qwen3VLMoeVisionBlock") next to the text MoE blocks
-    text = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
-                max_position_embeddings=64, rope_parameters={**ROPE, "mrope_section": [2, 1, 1]})
-    vision = dict(depth=2, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32, patch_size=4,
-                  temporal_patch_size=1, spatial_merge_size=1, deepstack_visual_indexes=[0])
-    return transformers.Qwen3VLMoeForConditionalGeneration(
-        transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision))
-
-
 def layers(prefix, attr, n=2):
     return ", ".join(f"{prefix}.{i}.{attr}" for i in range(n))
 
 
-NOT_SUPPORTED = "not a supported MoE block"
 UNSUPPORTED = {  # name -> (model, the message naming every block and why)
-    "Llama 4": (llama4, rf"{layers('model.layers', 'feed_forward')} \(Llama4TextMoe\): Llama 4 is not supported: it "
-                        r"scales the experts' input"),
+    "Phi-MoE": (phimoe, rf"{layers('model.layers', 'mlp')} \(PhimoeSparseMoeBlock\): Phi-MoE is not supported: its "
+                        r"sparsemixer router .* Gumbel sampling while training .*\(PhimoeMultiplier\)"),
+    "Llama 4 (top-2)": (lambda: test_hf.llama4(top_k=2),
+                        rf"{layers('model.layers', 'feed_forward')} \(Llama4TextMoe\): num_experts_per_tok=2: "
+                        r"Llama 4 scales each expert's input by its sigmoid weight; moeflux's weight_expert_input "
+                        r"needs num_experts_per_tok=1"),
+    "MiniMax-M2 (router_jitter_noise)": (lambda: test_hf.minimax_m2(router_jitter_noise=0.1),
+                                         rf"{layers('model.layers', 'mlp')} \(MiniMaxM2SparseMoeBlock\): "
+                                         r"router_jitter_noise=0.1 jitters the experts' input"),
     "DBRX": (dbrx, rf"{layers('transformer.blocks', 'ffn')} \(DbrxFFN\): DBRX is not supported"),
-    "HunYuan-MoE": (hunyuan_moe, rf"{layers('model.layers', 'mlp')} \(HunYuanMoEV1Moe\): {NOT_SUPPORTED}"),
-    "Granite-MoE": (granite_moe, rf"{layers('model.layers', 'block_sparse_moe')} \(GraniteMoeMoE\): {NOT_SUPPORTED}"),
-    "Jamba": (jamba, rf"{layers('model.layers', 'feed_forward')} \(JambaSparseMoeBlock\): {NOT_SUPPORTED}"),
-    "JetMoE": (jetmoe, rf"{layers('model.layers', 'mlp')} \(JetMoeMoE\): {NOT_SUPPORTED}(.|\n)*"
-                       rf"{layers('model.layers', 'self_attention')} \(JetMoeAttention\): {NOT_SUPPORTED}"),
-    "Qwen3-VL-MoE": (qwen3_vl_moe, rf"^{layers('model.language_model.layers', 'mlp')} "
-                                   rf"\(Qwen3VLMoeTextSparseMoeBlock\): {NOT_SUPPORTED}[^\n]*$"),
+    "JetMoE": (jetmoe, rf"{layers('model.layers', 'mlp')} \(JetMoeMoE\): JetMoE is not supported: its MLP block "
+                       r"adds a bias(.|\n)*"
+                       rf"{layers('model.layers', 'self_attention')} \(JetMoeAttention\): JetMoE's mixture of "
+                       r"attention experts \(JetMoeMoA\) is not supported"),
     "DeepSeek-V2 (mlp_bias)": (lambda: test_hf.deepseek_v2(mlp_bias=True),
                                r"^model\.layers\.1\.mlp \(DeepseekV2Moe\): mlp_bias=True: its shared experts have "
                                r"biases"),
@@ -112,9 +87,10 @@ def test_unsupported_families_are_refused_naming_every_block(family):
 def test_a_supported_block_next_to_an_unsupported_one_is_not_converted_either():
     torch.manual_seed(0)
     model = test_hf.qwen3_moe()
-    model.model.layers[1].mlp = llama4().model.layers[1].feed_forward
+    model.model.layers[1].mlp = phimoe().model.layers[1].mlp
     before = module_types(model)
-    with pytest.raises(hf.UnsupportedBlockError, match=r"^model\.layers\.1\.mlp \(Llama4TextMoe\): Llama 4") as e:
+    with pytest.raises(hf.UnsupportedBlockError,
+                       match=r"^model\.layers\.1\.mlp \(PhimoeSparseMoeBlock\): Phi-MoE") as e:
         hf.convert_model(model)
     assert "layers.0" not in str(e.value) and module_types(model) == before
 
@@ -160,12 +136,12 @@ def test_dense_models_are_left_alone(build):
 # ---- every supported family, expert-parallel on 2 ranks (spawned once; each test reports one family)
 
 
-def check_expert_parallel(build, groups):
+def check_expert_parallel(family, groups):
     """Same logits and gradients as the transformers model on each rank's own batch (the experts' gradients
     summed over the ranks), this rank holding half of the experts; then revert_model gives the model back."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # the same model on every rank
-    reference = build()
+    reference = test_hf.MODELS[family]()
     reference.set_experts_implementation("eager")
     original = copy.deepcopy(reference)
     model = copy.deepcopy(reference)
@@ -180,7 +156,7 @@ def check_expert_parallel(build, groups):
 
     theirs = dict(reference.named_parameters())
     for name, p in model.named_parameters():
-        other, transform = test_hf.hf_name(name, theirs)
+        other, transform = test_hf.hf_name(name, theirs, family)
         ref_grad = theirs[other].grad if theirs[other].grad is not None else torch.zeros_like(theirs[other])
         if transform is not None:  # an expert weight: every rank's tokens reach it; this rank holds some rows
             dist.all_reduce(ref_grad)
@@ -204,7 +180,7 @@ def check_uneven_split_is_refused_before_anything_is_replaced(groups):
 
 
 UNEVEN = "3 experts on 2 ranks"
-EXPERT_PARALLEL_CHECKS = [*test_hf.FAMILIES, UNEVEN]
+EXPERT_PARALLEL_CHECKS = [*test_hf.MODELS, UNEVEN]
 
 
 def expert_parallel_worker(rank, world, checks):
@@ -218,7 +194,7 @@ def expert_parallel_worker(rank, world, checks):
             if check == UNEVEN:
                 check_uneven_split_is_refused_before_anything_is_replaced(groups)
             else:
-                check_expert_parallel(test_hf.FAMILIES[check], groups)
+                check_expert_parallel(check, groups)
             results[check] = ("ok", None)
         except Exception:  # noqa: BLE001 - reported by this family's test
             results[check] = ("error", traceback.format_exc())

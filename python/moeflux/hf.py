@@ -28,21 +28,45 @@ Supported blocks (transformers >= 5 layouts):
   ``swiglu_alpha``; its interleaved gate/up columns are reordered to
   moeflux's ``[gate | up]`` and back). The converted layer
   (:class:`TupleOutputMoE`) returns ``(hidden states, None)`` as the block's
-  decoder layer unpacks it.
+  decoder layer unpacks it;
+* Ernie 4.5-MoE (``Ernie4_5_MoeSparseMoeBlock``): softmax over float32
+  logits, chosen by score plus ``e_score_correction_bias`` (kept ``[1, E]``
+  in transformers), renormalized, shared experts. transformers clamps the
+  divisor at ``moe_norm_min`` (1e-12), moeflux does not: the same unless the
+  chosen scores sum to less than that;
+* dots.llm1 (``Dots1MoE``): DeepSeek-V3's router and shared experts;
+* MiniMax-M2 (``MiniMaxM2SparseMoeBlock``): sigmoid scores, the block's
+  ``e_score_correction_bias``, renormalized; no shared expert;
+* HunYuan-MoE (``HunYuanMoEV1Moe``): softmax top-k renormalized, logits in
+  its router's dtype (float32 as built), an ungated shared MLP;
+* Granite-MoE (``GraniteMoeMoE``) and Granite-MoE-Shared
+  (``GraniteMoeSharedMoE``): softmax over the top-k logits. Granite-MoE-Shared's
+  shared MLP sits beside the block in the decoder layer and stays there as it is;
+* Llama 4 (``Llama4TextMoe``) with ``num_experts_per_tok=1``: sigmoid of the
+  top-1 logit scales the expert's input, not its output
+  (``weight_expert_input``), plus its ungated shared expert; a
+  :class:`TupleOutputMoE`, as for GPT-OSS. Top-k > 1 is refused (each expert
+  would see the token scaled by its own weight).
+
+Refused: Phi-MoE (its sparsemixer router: each expert weighted by a softmax
+over only the logits close to it, Gumbel-sampled choices while training and a
+custom gradient estimate), DBRX (its ``w1, v1, w2`` experts and p-norm weight
+normalization), Jamba, JetMoE (mixture of attention heads too), Qwen3-VL-MoE's
+text blocks and any other block moeflux does not know.
 
 A shared expert of width 0 (``n_shared_experts=0``,
 ``shared_expert_intermediate_size=0``) adds nothing: the layer gets none, and
 its empty weights (and Qwen's gate, which then scales zero) are kept as they
 are for the way back. Every parameter and buffer keeps its dtype, exact values
-and ``requires_grad`` both ways (an fp32 ``e_score_correction_bias`` in a
-bf16 model stays fp32).
+and ``requires_grad`` both ways (an fp32 ``e_score_correction_bias`` or router
+in a bf16 model stays fp32).
 
 :func:`convert_model` finds MoE blocks by what they hold (an ``experts``
 submodule or a child of an ``...Experts`` class) as well as by class name, and
-checks all of them before replacing anything: any other block (Llama 4,
-DBRX, HunYuan-MoE, Jamba, ...), an option moeflux cannot express
-(Mixtral's ``router_jitter_noise``, a non-SwiGLU activation, expert or shared
-expert biases outside GPT-OSS, DeepSeek-V2's other ``topk_method``, experts sharded by
+checks all of them before replacing anything: any other block, an option
+moeflux cannot express (Mixtral's and MiniMax-M2's ``router_jitter_noise``, a
+non-SwiGLU activation, expert or shared expert biases outside GPT-OSS,
+DeepSeek-V2's other ``topk_method``, Llama 4's top-k > 1, experts sharded by
 transformers' own tensor/expert parallelism) or ``config.output_router_logits``
 raises :class:`UnsupportedBlockError` naming each block (path and class) and
 the reason: nothing is converted silently wrong. ``transformers`` is only
@@ -78,28 +102,57 @@ class UnsupportedBlockError(ValueError):
 
 
 @dataclass(frozen=True)
+class _Link:
+    """A transformers tensor and its moeflux.MoE counterpart."""
+
+    hf: str  # name in the transformers block
+    ours: str  # name in moeflux.MoE
+    experts: bool = False  # stacked per expert: sliced to this rank's experts, gathered back
+    layout: str = "same"  # in transformers: "same", "transposed" or "interleaved" (experts), "row" ([1, N])
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     router_options: Callable[[nn.Module, Any], dict] | None  # MoE router options; raises UnsupportedBlockError
+    router: str = "gate.weight"  # the router's weight; the module it starts with holds top_k
+    correction_bias: _Link = _Link("gate.e_score_correction_bias", "router.expert_bias")  # with use_expert_bias
     shared: str | None = None  # attribute of the shared expert MLP
     shared_gate: str | None = None  # attribute of its sigmoid gate (Qwen2-MoE, Qwen3-Next)
+    experts_in_out: bool = False  # experts stored [E, in, out] (Llama 4), not [E, out, in]
+    module: type = MoE  # TupleOutputMoE where the block returns a tuple
     planner: Callable[[nn.Module, Any, "Family"], "_Plan"] | None = None  # a layout of its own (GPT-OSS)
 
 
 class TupleOutputMoE(MoE):
-    """A converted GPT-OSS MLP: its decoder layer unpacks ``(hidden states, router scores)`` and keeps the first;
-    the second is None (the scores are only read through ``output_router_logits``, which conversion refuses)."""
+    """A converted GPT-OSS MLP or Llama 4 MoE: its decoder layer unpacks ``(hidden states, router scores)`` and
+    keeps the first; the second is None (the scores are only read through ``output_router_logits``, which
+    conversion refuses)."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return super().forward(x), None
 
 
-def _mixtral_router(block: nn.Module, config: Any) -> dict:
+def _check_no_jitter(config: Any) -> None:
     if getattr(config, "router_jitter_noise", 0.0):
         raise UnsupportedBlockError(
             f"router_jitter_noise={config.router_jitter_noise} jitters the experts' input as well as the "
             "router's; moeflux jitters only the router (set it to 0 to convert)")
+
+
+def _softmax_top_k(block: nn.Module, config: Any) -> dict:
+    """Softmax over the top-k logits (or, the same, the top-k softmax scores renormalized)."""
     return dict(renormalize=True)
+
+
+def _softmax_scores(block: nn.Module, config: Any) -> dict:
+    """The top-k softmax scores as they are (Jamba)."""
+    return dict(renormalize=False)
+
+
+def _mixtral_router(block: nn.Module, config: Any) -> dict:
+    _check_no_jitter(config)
+    return _softmax_top_k(block, config)
 
 
 def _qwen_router(block: nn.Module, config: Any) -> dict:
@@ -148,6 +201,25 @@ def _deepseek_v3_router(block: nn.Module, config: Any) -> dict:
                 **_group_limit(gate, group_score_top=2))  # a group's score is the sum of its two best
 
 
+def _ernie_router(block: nn.Module, config: Any) -> dict:
+    # Softmax over float32 logits, chosen by score + correction bias, renormalized. transformers clamps the
+    # divisor at moe_norm_min (1e-12): the same unless the chosen scores sum to less.
+    return dict(renormalize=True, use_expert_bias=True, router_dtype=torch.float32)
+
+
+def _minimax_m2_router(block: nn.Module, config: Any) -> dict:
+    _check_no_jitter(config)  # sigmoid of the logits (in the router weight's dtype), bias for the choice only
+    return dict(renormalize=True, scoring="sigmoid", use_expert_bias=True)
+
+
+def _llama4_router(block: nn.Module, config: Any) -> dict:
+    top_k = int(block.router.top_k)
+    if top_k != 1:  # then each of a token's experts sees it scaled by its own weight: not one scaled token
+        raise UnsupportedBlockError(f"num_experts_per_tok={top_k}: Llama 4 scales each expert's input by its "
+                                    "sigmoid weight; moeflux's weight_expert_input needs num_experts_per_tok=1")
+    return dict(scoring="sigmoid", weight_expert_input=True)
+
+
 FAMILIES: dict[str, Family] = {
     "MixtralSparseMoeBlock": Family("Mixtral", _mixtral_router),
     "Qwen2MoeSparseMoeBlock": Family("Qwen2-MoE", _qwen_router, shared="shared_expert",
@@ -159,13 +231,35 @@ FAMILIES: dict[str, Family] = {
     "DeepseekV2Moe": Family("DeepSeek-V2", _deepseek_v2_router, shared="shared_experts"),
     "DeepseekV3MoE": Family("DeepSeek-V3", _deepseek_v3_router, shared="shared_experts"),
     "Glm4MoeMoE": Family("GLM-4-MoE", _deepseek_v3_router, shared="shared_experts"),
-    "GptOssMLP": Family("GPT-OSS", None, planner=lambda *args: _gpt_oss_plan(*args)),  # its own layout
+    "GptOssMLP": Family("GPT-OSS", None, router="router.weight", experts_in_out=True, module=TupleOutputMoE,
+                        planner=lambda *args: _gpt_oss_plan(*args)),  # its own layout
+    "Ernie4_5_MoeSparseMoeBlock": Family(
+        "Ernie-4.5-MoE", _ernie_router, shared="shared_experts",
+        correction_bias=_Link("gate.moe_statics.e_score_correction_bias", "router.expert_bias", layout="row")),
+    "Dots1MoE": Family("dots.llm1", _deepseek_v3_router, shared="shared_experts"),
+    "MiniMaxM2SparseMoeBlock": Family("MiniMax-M2", _minimax_m2_router,
+                                      correction_bias=_Link("e_score_correction_bias", "router.expert_bias")),
+    "HunYuanMoEV1Moe": Family("HunYuan-MoE", _softmax_top_k, router="gate.wg.weight", shared="shared_mlp"),
+    "GraniteMoeMoE": Family("Granite-MoE", _softmax_top_k, router="router.weight"),
+    # Its shared MLP is a sibling of the block in the decoder layer: it stays there, as it is.
+    "GraniteMoeSharedMoE": Family("Granite-MoE-Shared", _softmax_top_k, router="router.weight"),
+    "Llama4TextMoe": Family("Llama-4", _llama4_router, router="router.weight", shared="shared_expert",
+                            experts_in_out=True, module=TupleOutputMoE),
+    "JambaSparseMoeBlock": Family("Jamba", _softmax_scores, router="router.weight"),
+    "Qwen3VLMoeTextSparseMoeBlock": Family("Qwen3-VL-MoE", _softmax_top_k),
 }
 
 # Why some well-known blocks are not supported (others get the generic message).
 _UNSUPPORTED = {
-    "Llama4TextMoe": "Llama 4 is not supported: it scales the experts' input by sigmoid of the top-k logits, "
-                     "where moeflux weights the experts' output",
+    "PhimoeSparseMoeBlock": "Phi-MoE is not supported: its sparsemixer router weights each of its two experts by "
+                            "a softmax over only the logits within 2 * router_jitter_noise (relative) of that "
+                            "expert's, draws the experts by Gumbel sampling while training and backpropagates "
+                            "Heun's third-order estimate (PhimoeMultiplier); moeflux's top-k of one softmax or "
+                            "sigmoid reproduces none of these",
+    "JetMoeMoE": "JetMoE is not supported: its MLP block adds a bias to the experts' combined output, and its "
+                 "attention is a mixture of attention experts (JetMoeMoA); moeflux has neither",
+    "JetMoeAttention": "JetMoE's mixture of attention experts (JetMoeMoA) is not supported: moeflux's experts are "
+                       "FFNs",
     "DbrxFFN": "DBRX is not supported: its experts (w1, v1, w2) and its p-norm normalization of the weights "
                "(moe_normalize_expert_weights) have no moeflux counterpart",
 }
@@ -186,21 +280,13 @@ def _is_moe_block(module: nn.Module) -> bool:
 # ---- the plan: what a block becomes, checked before anything is built
 
 
-@dataclass(frozen=True)
-class _Link:
-    """A transformers tensor and its moeflux.MoE counterpart."""
-
-    hf: str  # name in the transformers block
-    ours: str  # name in moeflux.MoE
-    experts: bool = False  # stacked per expert: sliced to this rank's experts, gathered back
-    layout: str = "transposed"  # of an expert tensor in transformers: "transposed", "same" or "interleaved"
-
-
 def _to_ours(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":
         return t.transpose(1, 2)
     if layout == "interleaved":  # GPT-OSS: gate and up columns alternate; moeflux keeps [gate | up]
         return torch.cat((t[..., ::2], t[..., 1::2]), dim=-1)
+    if layout == "row":  # Ernie keeps its correction bias [1, E]
+        return t[0]
     return t
 
 
@@ -210,6 +296,8 @@ def _to_theirs(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "interleaved":
         gate, up = t.chunk(2, dim=-1)
         return torch.stack((gate, up), dim=-1).flatten(-2)
+    if layout == "row":
+        return t.unsqueeze(0)
     return t
 
 
@@ -217,7 +305,6 @@ def _to_theirs(t: torch.Tensor, layout: str) -> torch.Tensor:
 class _Plan:
     family: Family
     moe_kwargs: dict
-    module: type  # MoE, or TupleOutputMoE where the block returns a tuple
     links: tuple[_Link, ...]
     inert: tuple[str, ...]  # tensors without effect on the output (a shared expert of width 0), kept for reverting
 
@@ -231,14 +318,23 @@ class _Origin:
     family: str
     links: tuple[_Link, ...]
     inert: dict[str, bool]  # name -> requires_grad; the values are non-persistent buffers of the MoE (_inert_buffer)
+    buffered: dict[str, bool]  # name -> requires_grad of parameters the MoE holds as buffers (Ernie's correction bias)
 
 
-_EXPERT_LINKS = (_Link("experts.gate_up_proj", "experts.w_in", experts=True),  # [E, 2F, H] / [E, H, 2F]
-                 _Link("experts.down_proj", "experts.w_out", experts=True))  # [E, H, F] / [E, F, H]
 _SHARED_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def _check_experts(block: nn.Module, config: Any) -> None:
+def _expert_links(gate_up: str, down: str, biases: bool = False) -> list[_Link]:
+    """The experts' stacked weights (and biases: GPT-OSS), ``gate_up`` and ``down`` their layouts in transformers
+    (moeflux's w_in is [E, H, 2F], w_out [E, F, H])."""
+    names = [("gate_up_proj", "w_in", gate_up), ("down_proj", "w_out", down)]
+    if biases:
+        names += [("gate_up_proj_bias", "b_in", gate_up), ("down_proj_bias", "b_out", down)]
+    return [_Link(f"experts.{theirs}", f"experts.{ours}", experts=True, layout=layout)
+            for theirs, ours, layout in names]
+
+
+def _check_experts(block: nn.Module, config: Any, in_out: bool) -> None:
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UnsupportedBlockError(f"hidden_act={act!r} is not supported (moeflux experts are SwiGLU: "
@@ -249,11 +345,11 @@ def _check_experts(block: nn.Module, config: Any) -> None:
             raise UnsupportedBlockError(f"its experts have no stacked '{name}' weight (an older transformers layout?)")
     if getattr(experts, "has_bias", False) or getattr(experts, "gate_up_proj_bias", None) is not None:
         raise UnsupportedBlockError("expert biases are not supported")
-    if (getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True)
+    if (getattr(experts, "is_transposed", in_out) != in_out or not getattr(experts, "is_concatenated", True)
             or not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False)):
         raise UnsupportedBlockError("its experts' layout is not the [gate; up] stacked one moeflux reads")
     _check_unsharded(block)
-    _expert_dims(experts, in_out=False)
+    _expert_dims(experts, in_out)
 
 
 def _check_unsharded(block: nn.Module) -> None:
@@ -291,15 +387,20 @@ def _tensor_names(module: nn.Module) -> list[str]:
 def _shared_expert(block: nn.Module, family: Family) -> tuple[int, list[_Link], list[str]]:
     """The shared expert's width, its links, and its inert tensors (all of them when its width is 0: it then
     adds exactly zero, and Qwen's sigmoid gate scales that zero)."""
-    if family.shared is None:
+    shared = getattr(block, family.shared) if family.shared is not None else None
+    if shared is None:  # Ernie holds None without shared experts
         return 0, [], []
     pairs = [(f"{family.shared}.{p}.weight", f"shared_expert.{p}.weight") for p in _SHARED_PROJECTIONS]
     if family.shared_gate is not None:
         pairs.append((f"{family.shared_gate}.weight", "shared_expert.gate.weight"))
-    width = getattr(block, family.shared).gate_proj.out_features
+    width = shared.gate_proj.out_features
     if width == 0:
         return 0, [], [theirs for theirs, _ in pairs]
     return width, [_Link(theirs, ours) for theirs, ours in pairs], []
+
+
+def _top_k(block: nn.Module, family: Family) -> int:
+    return int(getattr(block, family.router.split(".")[0]).top_k)  # the router module's (HunYuan's: its gate's)
 
 
 def _gpt_oss_plan(block: nn.Module, config: Any, family: Family) -> _Plan:
@@ -307,18 +408,15 @@ def _gpt_oss_plan(block: nn.Module, config: Any, family: Family) -> _Plan:
     experts with biases and the clamped SwiGLU, gate and up columns interleaved, stored [E, in, out]."""
     experts = block.experts
     _check_unsharded(block)
-    num_experts, d_model, d_ffn = _expert_dims(experts, in_out=True)
-    links = [_Link("router.weight", "router.weight"), _Link("router.bias", "router.bias"),
-             _Link("experts.gate_up_proj", "experts.w_in", experts=True, layout="interleaved"),
-             _Link("experts.gate_up_proj_bias", "experts.b_in", experts=True, layout="interleaved"),
-             _Link("experts.down_proj", "experts.w_out", experts=True, layout="same"),
-             _Link("experts.down_proj_bias", "experts.b_out", experts=True, layout="same")]
+    num_experts, d_model, d_ffn = _expert_dims(experts, family.experts_in_out)
+    links = [_Link(family.router, "router.weight"), _Link("router.bias", "router.bias"),
+             *_expert_links("interleaved", "same", biases=True)]
     _check_all_linked(block, links, [])
-    moe_kwargs = dict(d_model=d_model, d_ffn=d_ffn, num_experts=num_experts, top_k=int(block.router.top_k),
+    moe_kwargs = dict(d_model=d_model, d_ffn=d_ffn, num_experts=num_experts, top_k=_top_k(block, family),
                       renormalize=True, router_bias=True, expert_bias=True,
                       activation="clamped_swiglu", swiglu_limit=float(experts.limit),
                       swiglu_alpha=float(experts.alpha))
-    return _Plan(family, moe_kwargs, TupleOutputMoE, tuple(links), ())
+    return _Plan(family, moe_kwargs, tuple(links), ())
 
 
 def _plan(block: nn.Module, config: Any) -> _Plan:
@@ -337,19 +435,20 @@ def _plan(block: nn.Module, config: Any) -> _Plan:
             "config.router_aux_loss_coef) to convert_model and add moeflux.aux_loss(model) to the loss")
     if family.planner is not None:
         return family.planner(block, config, family)
-    _check_experts(block, config)
+    _check_experts(block, config, family.experts_in_out)
     options = family.router_options(block, config)
-    links = [_Link("gate.weight", "router.weight"), *_EXPERT_LINKS]
+    layout = "same" if family.experts_in_out else "transposed"
+    links = [_Link(family.router, "router.weight"), *_expert_links(layout, layout)]
     if options.get("use_expert_bias"):
-        links.append(_Link("gate.e_score_correction_bias", "router.expert_bias"))
+        links.append(family.correction_bias)
     shared_ffn, shared_links, inert = _shared_expert(block, family)
     links += shared_links
     _check_all_linked(block, links, inert, " (biases are not supported)")
-    num_experts, d_model, d_ffn = _expert_dims(block.experts, in_out=False)
-    moe_kwargs = dict(d_model=d_model, d_ffn=d_ffn, num_experts=num_experts, top_k=int(block.gate.top_k),
+    num_experts, d_model, d_ffn = _expert_dims(block.experts, family.experts_in_out)
+    moe_kwargs = dict(d_model=d_model, d_ffn=d_ffn, num_experts=num_experts, top_k=_top_k(block, family),
                       shared_expert_ffn=int(shared_ffn),
                       shared_expert_gate=bool(shared_ffn) and family.shared_gate is not None, **options)
-    return _Plan(family, moe_kwargs, MoE, tuple(links), tuple(inert))
+    return _Plan(family, moe_kwargs, tuple(links), tuple(inert))
 
 
 # ---- moving tensors between the two modules
@@ -407,19 +506,22 @@ def _config_of(block: nn.Module, default: Any = None) -> Any:
 def _build(block: nn.Module, plan: _Plan, config: Any, ep_group: ExpertParallelGroups | dist.ProcessGroup | None,
            aux_loss_weight: float) -> MoE:
     # Built on the meta device: every tensor is then taken from the block, in the block's dtype.
-    moe = plan.module(**plan.moe_kwargs, aux_loss_weight=aux_loss_weight, ep_group=ep_group, device="meta",
-                      dtype=block.experts.gate_up_proj.dtype)
+    moe = plan.family.module(**plan.moe_kwargs, aux_loss_weight=aux_loss_weight, ep_group=ep_group, device="meta",
+                             dtype=block.experts.gate_up_proj.dtype)
     held = list(moe.placement.experts_of())  # the global experts this rank holds, in slot order
     for link in plan.links:
         theirs = _get(block, link.hf)
-        value = _to_ours(_rows(theirs.detach(), held), link.layout) if link.experts else theirs
-        _assign(moe, link.ours, _copy(value), theirs.requires_grad)
+        value = _rows(theirs.detach(), held) if link.experts else theirs.detach()
+        _assign(moe, link.ours, _copy(_to_ours(value, link.layout)), theirs.requires_grad)
     for name in plan.inert:
         moe.register_buffer(_inert_buffer(name), _copy(_get(block, name)), persistent=False)
     _check_materialized(moe, type(block).__name__)
     moe.train(block.training)
+    buffers = {name for name, _ in moe.named_buffers()}
     moe.hf_origin = _Origin(type(block), config, plan.family.name, plan.links,
-                            {name: _get(block, name).requires_grad for name in plan.inert})
+                            {name: _get(block, name).requires_grad for name in plan.inert},
+                            {link.hf: _get(block, link.hf).requires_grad
+                             for link in plan.links if link.ours in buffers})
     return moe
 
 
@@ -461,8 +563,8 @@ def to_hf_block(moe: MoE) -> nn.Module:
         block = origin.cls(origin.config)
     for link in origin.links:
         ours = _get(moe, link.ours)
-        value = _to_theirs(_gather_experts(moe, ours), link.layout) if link.experts else ours
-        _assign(block, link.hf, _copy(value), ours.requires_grad)
+        value = _gather_experts(moe, ours) if link.experts else ours.detach()
+        _assign(block, link.hf, _copy(_to_theirs(value, link.layout)), origin.buffered.get(link.hf, ours.requires_grad))
     for name, requires_grad in origin.inert.items():
         _assign(block, name, _copy(getattr(moe, _inert_buffer(name))), requires_grad)
     _check_materialized(block, origin.cls.__name__)
