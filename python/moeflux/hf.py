@@ -11,7 +11,9 @@ Supported blocks (transformers >= 5 layouts):
 
 * Mixtral (``MixtralSparseMoeBlock``; top-k weights renormalized), Qwen3-MoE
   (``Qwen3MoeSparseMoeBlock``), OLMoE (``OlmoeSparseMoeBlock``): softmax
-  top-k, ``norm_topk_prob``;
+  top-k, ``norm_topk_prob``; Qwen3-VL-MoE's text blocks
+  (``Qwen3VLMoeTextSparseMoeBlock``; always renormalized) and Jamba
+  (``JambaSparseMoeBlock``; never renormalized) too;
 * Qwen2-MoE (``Qwen2MoeSparseMoeBlock``) and Qwen3-Next
   (``Qwen3NextSparseMoeBlock``): the same plus a shared expert scaled by its
   sigmoid gate;
@@ -51,8 +53,8 @@ Supported blocks (transformers >= 5 layouts):
 Refused: Phi-MoE (its sparsemixer router: each expert weighted by a softmax
 over only the logits close to it, Gumbel-sampled choices while training and a
 custom gradient estimate), DBRX (its ``w1, v1, w2`` experts and p-norm weight
-normalization), Jamba, JetMoE (mixture of attention heads too), Qwen3-VL-MoE's
-text blocks and any other block moeflux does not know.
+normalization), JetMoE (a bias on the experts' combined output, and a mixture
+of attention experts) and any other block moeflux does not know.
 
 A shared expert of width 0 (``n_shared_experts=0``,
 ``shared_expert_intermediate_size=0``) adds nothing: the layer gets none, and
