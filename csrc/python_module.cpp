@@ -2,10 +2,14 @@
 // (registration.cpp) linked into this module; the ops are reached as
 // torch.ops.moeflux.*. The module also binds the gradient bucketer (a C++
 // class with Python communication hooks) and the collective counters.
+#include <optional>
+#include <tuple>
+
 #include <torch/csrc/distributed/c10d/python_comm_hook.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "csrc/bucketer/bucketer.h"
+#include "csrc/distributed/agreement.h"
 #include "csrc/distributed/all_to_all.h"
 #include "csrc/distributed/comm_scheduler.h"
 #include "csrc/cpu/workspace.h"
@@ -80,6 +84,20 @@ PYBIND11_MODULE(_C, m) {
           },
           py::call_guard<py::gil_scoped_release>());
   m.def("group_timeout_ms", &moeflux::group_timeout_ms, py::arg("group_name"));
+  // The ops' agreement exchange (agreement.h), for moeflux.distributed.exchange_checked: every rank's fields
+  // and the error this rank must raise (None: every rank's checks passed).
+  m.def(
+      "exchange_checks",
+      [](const std::string& group_name, const std::vector<int64_t>& fields, const std::string& op,
+         const std::string& device, const std::string& error) {
+        const auto group = moeflux::resolve_group(group_name, op.c_str());
+        moeflux::CheckedFields checked = moeflux::exchange_checks(
+            *group, fields, op.c_str(), moeflux::exchange_device(c10::Device(device)), error);
+        return std::make_tuple(checked.fields,
+                               checked.error.empty() ? std::nullopt : std::optional<std::string>(checked.error));
+      },
+      py::arg("group_name"), py::arg("fields"), py::arg("op"), py::arg("device"), py::arg("error"),
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "scheduled_all_reduce",
       [](const at::Tensor& flat, const std::string& group_name, int64_t micro_op_bytes) {

@@ -70,6 +70,18 @@ def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = PROCESS_TIM
     return [collected[r][1] for r in range(world)]
 
 
+MAX_ERROR_BYTES = 512  # of a failing rank's error, what reaches the others (csrc/distributed/agreement.h)
+
+
+def carried(own: str, rank: int) -> str:
+    """What every other rank raises when rank ``rank``'s own check failed with ``own`` ("moeflux.<op>: <what is
+    wrong>"): what is wrong, its first MAX_ERROR_BYTES (cut at a character boundary and marked "...")."""
+    what, message = own.split(": ", 1)
+    if len(message.encode()) > MAX_ERROR_BYTES:
+        message = message.encode()[:MAX_ERROR_BYTES - 3].decode(errors="ignore") + "..."
+    return f"{what}: rank {rank} of the process group failed its check: {message}"
+
+
 def distributed_gradcheck(fn: Callable, inputs: tuple, eps: float = 1e-6, atol: float = 1e-7) -> None:
     """gradcheck for collectives: every rank's output depends on every rank's inputs, so
     the per-rank gradcheck of torch does not apply. Checks the gradient of the global

@@ -10,9 +10,24 @@ import torch
 import torch.distributed as dist
 
 from moeflux import ops
-from multiprocess import run_ranks
+from moeflux.distributed import exchange_checked
+from multiprocess import MAX_ERROR_BYTES, carried, run_ranks
 
 HIDDEN, EXPERTS = 6, 8
+
+
+class Own(str):
+    """The pattern of rank 0's own failed check: its message; every other rank raises it too, carried."""
+
+
+def check_outcome(name, pattern, messages, op):
+    """Every rank's first line of a case (``pattern``: each rank's, or Own: rank 0's, carried to the others)."""
+    for rank, message in enumerate(messages):
+        if isinstance(pattern, Own) and rank > 0:
+            assert message == carried(messages[0], 0), (name, rank, message, messages[0])
+        else:
+            assert re.search(pattern, message), (name, rank, message)
+        assert pattern == "no error" or op in message, (name, rank, message)
 
 
 def args(rank, tokens=5, hidden=HIDDEN, experts=EXPERTS, dtype=torch.float32, k=2, ids_dtype=torch.int32):
@@ -30,15 +45,15 @@ CASES = {
     "dtype differs": (dict(dtype=torch.float64), dict(), "disagree"),
     "capacity differs": (dict(capacity=3), dict(capacity=4), "disagree"),
     "dropless vs capacity": (dict(capacity=3), dict(), "disagree"),
-    "ids int64 on one rank": (dict(ids_dtype=torch.int64), dict(), "invalid arguments|expert_ids must be Int"),
-    "id out of range on one rank": (dict(bad_id=EXPERTS), dict(), "invalid arguments|must be in \\[0"),
+    "ids int64 on one rank": (dict(ids_dtype=torch.int64), dict(), Own("expert_ids must be Int")),
+    "id out of range on one rank": (dict(bad_id=EXPERTS), dict(), Own("must be in \\[0")),
     "num_experts not a multiple of the group": (dict(num_experts=EXPERTS + 1), dict(),
-                                                "invalid arguments|positive multiple"),
-    "3-D tokens on one rank": (dict(three_d=True), dict(), "invalid arguments|must be 2-D"),
+                                                Own("positive multiple")),
+    "3-D tokens on one rank": (dict(three_d=True), dict(), Own("must be 2-D")),
     "float16 tokens on one rank": (dict(dtype=torch.float16), dict(), "disagree"),
     "k differs": (dict(k=3), dict(), "no error"),  # k is per rank: slots, not rows, differ
-    "ids rows differ from tokens": (dict(short_ids=True), dict(), "invalid arguments|expert_ids.size\\(0\\)"),
-    "negative capacity on one rank": (dict(capacity=-1), dict(capacity=2), "invalid arguments|capacity must be"),
+    "ids rows differ from tokens": (dict(short_ids=True), dict(), Own("expert_ids.size\\(0\\)")),
+    "negative capacity on one rank": (dict(capacity=-1), dict(capacity=2), Own("capacity must be")),
 }
 
 # Cases that are not errors: capacity mode with a different number of tokens per rank, or none (the capacity is
@@ -95,11 +110,8 @@ def fault_worker(rank, world):
 def test_every_rank_raises_the_same_clear_error(world):
     results = run_ranks(world, fault_worker, timeout=240)
     for name, (_, _, pattern) in CASES.items():
-        for rank, outcomes in enumerate(results):
-            message, seconds = outcomes[name]
-            assert re.search(pattern, message), (name, rank, message)
-            assert pattern == "no error" or "moeflux.dispatch" in message, (name, rank, message)
-            assert seconds < 15, (name, rank, seconds)
+        check_outcome(name, pattern, [outcomes[name][0] for outcomes in results], "moeflux.dispatch")
+        assert all(outcomes[name][1] < 15 for outcomes in results), name
 
 
 # ---- moeflux.ops.all_to_all: splits are the caller's, so ranks can pass splits that do not match each other.
@@ -114,11 +126,10 @@ ALL_TO_ALL_CASES = {
     "rank 0 expects one row more from rank 1": (dict(expect_from_1=3), "rank 1 sends 2 rows to rank 0, which expects 3"),
     "row width differs": (dict(width=5), "disagree on the rows: rank 0 sends 2-D rows of 5 elements"),
     "dtype differs": (dict(dtype=torch.float64), "disagree on the rows: rank 0 sends 2-D rows of 4 elements of dtype Double"),
-    "one split too many on one rank": (dict(extra_split=True), "rank 0 of the process group passed invalid arguments|"
-                                                               "must have one entry per rank"),
-    "a negative split on one rank": (dict(negative=True), "passed invalid arguments|must be >= 0"),
-    "splits do not sum to the rows on one rank": (dict(rows_off=1), "passed invalid arguments|must sum to input.size"),
-    "a 0-D input on one rank": (dict(scalar=True), "passed invalid arguments|must sum to input.size"),
+    "one split too many on one rank": (dict(extra_split=True), Own("must have one entry per rank")),
+    "a negative split on one rank": (dict(negative=True), Own("must be >= 0")),
+    "splits do not sum to the rows on one rank": (dict(rows_off=1), Own("must sum to input.size")),
+    "a 0-D input on one rank": (dict(scalar=True), Own("must sum to input.size")),
 }
 
 
@@ -151,14 +162,59 @@ def all_to_all_worker(rank, world):
     out.sum().backward()
     expected = torch.cat([torch.full((2, 4), float(src)) for src in range(world)])
     torch.testing.assert_close(out, expected)
-    return outcomes
+    return outcomes, failed_check_outcomes(rank, world)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_all_to_all_with_splits_that_do_not_match_raises_on_every_rank(world):
-    results = run_ranks(world, all_to_all_worker, timeout=120)
+# ---- the agreement exchange itself (moeflux.distributed.exchange_checked, the ops' exchange_checked): what a
+# failing rank's error becomes on the others. Run in the all-to-all's ranks.
+
+LONG_ERROR = "é" * 300  # 600 bytes of 2-byte characters: the cut (509 bytes, then "...") falls inside one
+
+
+def failed_check_outcomes(rank, world):
+    def attempt(error, fields=(), op=exchange_checked):
+        try:
+            return op(dist.group.WORLD, "moeflux.check", error, fields).tolist()
+        except (ValueError, RuntimeError) as e:
+            return str(e).splitlines()[0]
+
+    # a C++ op's error over the bound: move_expert_rows prints the whole bad table
+    identity = list(range(150 * world))
+    duplicate = identity[:-1] + [0] if rank == 1 else identity
+    return {
+        "fields": attempt(None, [rank, 10 * rank]),
+        "long": attempt(LONG_ERROR if rank == 1 else None),
+        "ranks 1 and 3 fail": attempt(f"bad on rank {rank}" if rank % 2 else None),
+        "long op error": attempt(None, op=lambda *_: ops.move_expert_rows(torch.zeros(150, 1), identity,
+                                                                           duplicate)),
+    }
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def all_to_all_results(request):
+    return run_ranks(request.param, all_to_all_worker, timeout=120)
+
+
+def test_all_to_all_with_splits_that_do_not_match_raises_on_every_rank(all_to_all_results):
     for name, (_, pattern) in ALL_TO_ALL_CASES.items():
-        for rank, outcomes in enumerate(results):
-            message, seconds = outcomes[name]
-            assert re.search(pattern, message) and "moeflux.all_to_all" in message, (name, rank, message)
-            assert seconds < 15, (name, rank, seconds)
+        check_outcome(name, pattern, [outcomes[name][0] for outcomes, _ in all_to_all_results], "moeflux.all_to_all")
+        assert all(outcomes[name][1] < 15 for outcomes, _ in all_to_all_results), name
+
+
+def test_every_rank_raises_with_the_failing_ranks_own_error_bounded(all_to_all_results):
+    results = [outcomes for _, outcomes in all_to_all_results]
+    world = len(results)
+    assert all(r["fields"] == [[rank, 10 * rank] for rank in range(world)] for r in results)
+    for rank, r in enumerate(results):
+        # the error at most 512 bytes, cut between two characters, marked: truncated, not dropped
+        assert r["long"] == ("moeflux.check: " + LONG_ERROR if rank == 1 else
+                             "moeflux.check: rank 1 of the process group failed its check: " + "é" * 254 + "...")
+        assert rank == 1 or len(r["long"].split("check: ")[-1].encode()) == 508 + 3 <= MAX_ERROR_BYTES
+        assert r["ranks 1 and 3 fail"] == (f"moeflux.check: bad on rank {rank}" if rank % 2 else
+                                           "moeflux.check: rank 1 of the process group failed its check"
+                                           + (" (so did rank 3)" if world == 4 else "") + ": bad on rank 1")
+        own = results[1]["long op error"]
+        assert own.startswith("moeflux.move_expert_rows: expert tables must be permutations of range")
+        assert len(own.encode()) > 2 * MAX_ERROR_BYTES
+        assert r["long op error"] == (own if rank == 1 else carried(own, 1))
+        assert rank == 1 or len(r["long op error"].split("check: ")[1].encode()) == MAX_ERROR_BYTES  # ASCII: 509 + 3

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import moeflux
 from moeflux import _C
-from multiprocess import GROUP_TIMEOUT, run_ranks
+from multiprocess import GROUP_TIMEOUT, carried, run_ranks
 
 D_MODEL, D_FFN, EXPERTS = 8, 12, 8
 
@@ -134,17 +134,17 @@ CONSTRUCTION = {
     "init_expert_parallel: invalid ep_size on one rank":
         (lambda rank, world, groups: moeflux.init_expert_parallel(_ep_size(rank, world, "invalid on one rank")),
          r"init_expert_parallel: ep_size must be a positive divisor of the world size \d, got 3",
-         r"init_expert_parallel: rank \d of the process group failed its own check \(ep_size must be"),
+         r"init_expert_parallel: rank \d of the process group failed its check: ep_size must be"),
     "MoE: num_experts not a multiple on one rank":
         (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN, EXPERTS + (1 if rank == world - 1 else 0),
                                                  ep_group=groups),
          r"moeflux.MoE: num_experts \(9\) must be a multiple of the expert-parallel size",
-         r"moeflux.MoE: rank \d of the process group failed its own check \(num_experts \(9\)"),
+         r"moeflux.MoE: rank \d of the process group failed its check: num_experts \(9\)"),
     "MoE: top_k out of range on one rank":
         (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN, EXPERTS, top_k=0 if rank == world - 1 else 2,
                                                  ep_group=groups),
          r"moeflux.MoE: top_k must be an int in \[1, num_experts=8\], got 0",
-         r"rank \d of the process group failed its own check \(top_k must be"),
+         r"rank \d of the process group failed its check: top_k must be"),
     "MoE: d_ffn differs":
         (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN + rank, EXPERTS, ep_group=groups),
          r"moeflux.MoE: ranks of the process group disagree on d_ffn", None),
@@ -159,11 +159,11 @@ CONSTRUCTION = {
     "MoE: infinite capacity factor on one rank":
         (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups,
                                                  capacity_factor=float("inf") if rank == world - 1 else 1.0),
-         r"capacity_factor must be a finite number > 0", r"failed its own check \(capacity_factor must be"),
+         r"capacity_factor must be a finite number > 0", r"failed its check: capacity_factor must be"),
     "MoE: a capacity factor of the wrong type on one rank (TypeError)":
         (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups,
                                                  capacity_factor="1.5" if rank == world - 1 else 1.5),
-         r"moeflux.MoE: '>' not supported", r"failed its own check \('>' not supported"),
+         r"moeflux.MoE: '>' not supported", r"failed its check: '>' not supported"),
     "DataParallel: a parameter's shape differs":
         (lambda rank, world, groups: moeflux.DataParallel(_model(rank, world, groups, wider_on_last=True)),
          r"moeflux.DataParallel: ranks hold different parameters: parameter 0 is '0.weight' \[\d, 8\] float32", None),
@@ -176,8 +176,8 @@ CONSTRUCTION = {
          r"moeflux.DataParallel: ranks hold different parameters: parameter 0 is '0.weight' \[8, 8\] float", None),
     "DataParallel: a bare ep_group on one rank":
         (lambda rank, world, groups: moeflux.DataParallel(_model(rank, world, groups, bare_on_last=True)),
-         r"MoE layer '\d' was built with a bare ep_group", r"rank \d of the process group failed its own check "
-                                                          r"\(MoE layer '\d' was built with a bare ep_group"),
+         r"MoE layer '\d' was built with a bare ep_group", r"rank \d of the process group failed its check: "
+                                                          r"MoE layer '\d' was built with a bare ep_group"),
     "DataParallel: bucket sizes differ":
         (lambda rank, world, groups: moeflux.DataParallel(_model(rank, world, groups), bucket_cap_mb=1 + rank),
          r"moeflux.DataParallel: ranks of the process group disagree on bucket_cap_mb", None),
@@ -213,6 +213,8 @@ def test_construction_faults_raise_on_every_rank(world):
             odd_rank = world - 1
             pattern = odd if others is None or rank == odd_rank else others
             assert re.search(pattern, message), (name, rank, message)
+            if others is not None and rank != odd_rank:  # the odd rank's own error, carried
+                assert message == carried(results[odd_rank][name][0], odd_rank), (name, rank, message)
             assert seconds < 15, (name, rank, seconds)
         world_ms = int(GROUP_TIMEOUT.total_seconds() * 1000)
         assert outcomes["timeouts"] == [world_ms, world_ms, 7_000, 7_000]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import moeflux
 from moeflux import ExpertPlacement, ops
 from moeflux.balance import greedy_placement, imbalance, moved_experts, rank_loads
-from multiprocess import GROUP_TIMEOUT, run_ranks
+from multiprocess import GROUP_TIMEOUT, carried, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from moe_lm import checkpoint  # noqa: E402
@@ -166,11 +166,12 @@ def check_move_errors(group):
            shuffled, group)
     raises("rows differ", r"ranks of the process group disagree", torch.zeros(local, 4) if last else x, identity,
            shuffled, group)
-    # A rank whose own checks fail raises its own error; the others say which rank failed.
-    failed = rf"must list world \* E_local|rank {world - 1} of the process group passed invalid arguments"
-    raises("experts differ", failed, torch.zeros(local + 1, 3) if last else x, identity, shuffled, group)
-    raises("bad table on one rank", rf"permutations of range|rank {world - 1} of the process group passed invalid",
-           x, identity, duplicate if last else identity, group)
+    # A rank whose own checks fail raises its own error; the others name that rank and quote it.
+    failed = "" if last else f"rank {world - 1} of the process group failed its check: "
+    raises("experts differ", rf"{failed}old_expert_at and new_expert_at must list world \* E_local",
+           torch.zeros(local + 1, 3) if last else x, identity, shuffled, group)
+    raises("bad table on one rank", f"{failed}expert tables must be permutations of range", x, identity,
+           duplicate if last else identity, group)
     # The group is still in step: a good call moves the rows.
     full = torch.cat([torch.arange(local * 3, dtype=torch.float32).reshape(local, 3) + 100 * r for r in range(world)])
     out = ops.move_expert_rows(x, identity, shuffled, group)
@@ -527,10 +528,12 @@ def test_move_expert_rows_matches_brute_force(world, request):
 @pytest.mark.parametrize("world", [2, 4])
 def test_move_expert_rows_bad_or_disagreeing_tables_raise_on_every_rank(world, request):
     messages = outcome(request.getfixturevalue(f"world{world}"), "move_errors")
-    own_error = {"experts differ", "bad table on one rank"}  # the failing rank reports its own check
+    own_error = {"experts differ", "bad table on one rank"}  # the failing rank (the last) reports its own check
     for name in set(messages[0]) - own_error:  # the same error on every rank (up to the rank that reports it)
         firsts = {m[name].split(":")[1] for m in messages}
         assert len(firsts) == 1, (name, [m[name] for m in messages])
+    for name in own_error:  # the others quote it
+        assert all(m[name] == carried(messages[-1][name], world - 1) for m in messages[:-1]), name
 
 
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2)])

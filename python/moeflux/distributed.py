@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from . import _C
 
@@ -85,9 +86,10 @@ def new_groups(member_lists: list[list[int]], timeout: timedelta) -> dist.Proces
 
 def check_agreement(group: dist.ProcessGroup, what: str, local_error: str | None = None, **values: object) -> None:
     """Raise the same clear error on every rank of ``group`` if any rank's ``local_error`` is set (its own
-    check failed: that rank raises its message, the others name it) or the ranks pass different ``values``.
+    check failed: that rank raises its message, the others name it and quote it, as :func:`exchange_checked`)
+    or the ranks pass different ``values``.
 
-    One small all-gather; meant for construction time, not for every step.
+    Two small collectives; meant for construction time, not for every step.
     """
     gathered = _gather_checked(group, what, local_error, values)
     differing = sorted(k for k in values if len({repr(g[k]) for g in gathered}) > 1)
@@ -117,14 +119,26 @@ def check_same_parameters(group: dist.ProcessGroup, what: str, parameters: list[
                          f"{rank} and {show(mine[i])} on rank {me}")
 
 
+def exchange_checked(group: dist.ProcessGroup, what: str, local_error: str | None,
+                     fields: list[int] | tuple[int, ...] = ()) -> Tensor:
+    """Every rank's ``fields`` (``[world, len(fields)]`` int64 on the CPU; as many on every rank), after raising
+    a ``ValueError`` on every rank if any rank's own check failed: that rank with ``"moeflux.<what>:
+    <local_error>"``, the others with ``"moeflux.<what>: rank r of the process group failed its check: <r's
+    local_error>"`` (its first 512 bytes). The C++ ops' agreement exchange (``csrc/distributed/agreement.cpp``):
+    one fixed-size collective, so a failure reads the same from the ops and from Python."""
+    op = what.removeprefix("moeflux.")
+    error = "" if local_error is None else f"moeflux.{op}: {local_error}"
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    everyone, failure = _C.exchange_checks(group.group_name, list(fields), op, str(device), error)
+    if failure is not None:
+        raise ValueError(failure)
+    return everyone
+
+
 def _gather_checked(group: dist.ProcessGroup, what: str, local_error: str | None, payload: object) -> list:
-    """Every rank's ``payload`` (one all-gather), after raising on every rank if any rank's own check failed:
-    that rank with its ``local_error``, the others naming it."""
+    """Every rank's ``payload`` (one all-gather), after raising on every rank if any rank's own check failed
+    (:func:`exchange_checked`)."""
+    exchange_checked(group, what, local_error)
     gathered: list[object] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (local_error, payload), group=group)
-    if local_error is not None:
-        raise ValueError(f"{what}: {local_error}")
-    for rank, (error, _) in enumerate(gathered):
-        if error is not None:
-            raise ValueError(f"{what}: rank {rank} of the process group failed its own check ({error})")
-    return [theirs for _, theirs in gathered]
+    dist.all_gather_object(gathered, payload, group=group)
+    return gathered

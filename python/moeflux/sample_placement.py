@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from .distributed import ExpertParallelGroups, dtype_code, dtype_name
+from .distributed import ExpertParallelGroups, dtype_code, dtype_name, exchange_checked
 from .instrumentation import layer_scope
 from .placement import ExpertPlacement
 from .topology import NodeGroups, launcher_ranks_per_node, node_layout
@@ -279,18 +279,12 @@ class SamplePlacement:
         return x
 
     def _agree(self, what: str, x: Tensor, error: str | None) -> int:
-        """Every rank's check, sample count, sample size and dtype, compared on every rank (one all-gather);
-        raises on every rank if any rank's check failed or the ranks differ. Returns the samples per rank."""
-        fine = error is None
-        device = x.device if isinstance(x, Tensor) else torch.device("cpu")
-        header = torch.tensor([0 if fine else 1, x.shape[0] if fine else -1, math.prod(x.shape[1:]) if fine else -1,
-                               dtype_code(x.dtype) if fine else -1], dtype=torch.int64, device=device)
-        failed, b, size, dtype = (list(column) for column in self._all_gather(header).cpu().T.tolist())
-        if error is not None:
-            raise ValueError(f"SamplePlacement.{what}: {error}")
-        if any(failed):
-            bad = [r for r, f in enumerate(failed) if f]
-            raise ValueError(f"SamplePlacement.{what}: rank(s) {bad} of the group failed their own input check")
+        """Every rank's check, sample count, sample size and dtype, compared on every rank (one agreement
+        exchange); raises on every rank if any rank's check failed or the ranks differ. Returns the samples per
+        rank."""
+        mine = [x.shape[0], math.prod(x.shape[1:]), dtype_code(x.dtype)] if error is None else [-1, -1, -1]
+        b, size, dtype = (list(column) for column in
+                          exchange_checked(self.group, f"SamplePlacement.{what}", error, mine).T.tolist())
         if len(set(b)) > 1 or len(set(size)) > 1 or len(set(dtype)) > 1:
             per_rank = ", ".join(f"rank {r}: {b[r]} samples of {size[r]} elements, {dtype_name(dtype[r])}"
                                  for r in range(self.size))
