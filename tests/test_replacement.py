@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -176,6 +177,43 @@ def check_move_errors(group):
     full = torch.cat([torch.arange(local * 3, dtype=torch.float32).reshape(local, 3) + 100 * r for r in range(world)])
     out = ops.move_expert_rows(x, identity, shuffled, group)
     assert torch.equal(out, full[shuffled[me * local:(me + 1) * local]])
+    return messages
+
+
+class KeepPlacement:
+    """A policy object that never re-places (its repr, with no address, is its class)."""
+
+    def __call__(self, load, placement):
+        return None
+
+
+def check_replacement_config(groups):
+    """ExpertReplacement agrees on its configuration at construction: ranks that would re-place at other steps,
+    by another policy or over other layers all raise at once (instead of waiting in step()'s all-reduce), and so
+    do all ranks when one rank's arguments are invalid (the others quote its error)."""
+    torch.manual_seed(0)
+    lm = ByteLM(CONFIG, groups)
+    last = dist.get_rank() == dist.get_world_size() - 1
+    cases = {  # name: ExpertReplacement arguments
+        "every": dict(every=4 if last else 3, window=5),
+        "window": dict(every=3, window=2 if last else 3),
+        "policy": dict(policy=KeepPlacement() if last else greedy_placement),
+        "policy's arguments": dict(policy=functools.partial(greedy_placement, min_improvement=0.5 if last else 0.0)),
+        "experts_per_layer": dict(model=lm.moe_layers()[0] if last else lm),
+        "invalid every on one rank": dict(every=0 if last else 3),
+        "invalid window on one rank": dict(every=3, window="3" if last else 3),
+    }
+    messages = {}
+    for name, kwargs in cases.items():
+        start = time.monotonic()
+        try:
+            moeflux.ExpertReplacement(kwargs.pop("model", lm), **kwargs).remove()
+            messages[name] = "no error"
+        except ValueError as e:
+            messages[name] = str(e)
+        assert time.monotonic() - start < 15, name
+    same = functools.partial(greedy_placement, min_improvement=0.0)  # equal partials on every rank agree
+    assert len(moeflux.ExpertReplacement(lm, every=3, window=5, policy=same).layers) == CONFIG.layers
     return messages
 
 
@@ -472,6 +510,7 @@ def world2_worker(rank, world, tmp):
     return run_checks([
         ("move_rows", lambda: check_move_rows(dist.group.WORLD, seed=1)),
         ("move_errors", lambda: check_move_errors(dist.group.WORLD)),
+        ("replacement_config", lambda: check_replacement_config(groups)),
         ("equivalence", lambda: check_equivalence(groups, ctx)),
         ("save", lambda: check_save_after_replacement(ctx, tmp)),
         ("state_dict", lambda: check_state_dict_after_replacement(groups, ctx)),
@@ -490,6 +529,7 @@ def world4_worker(rank, world, tmp):
         # two groups of 2 at once, each with its own tables
         ("move_rows_subgroups", lambda: check_move_rows(ep2.ep_group, seed=10 + rank // 2)),
         ("move_errors", lambda: check_move_errors(dist.group.WORLD)),
+        ("replacement_config", lambda: check_replacement_config(ep4)),
         ("equivalence", lambda: check_equivalence(ep4, {})),
         ("equivalence_ep2", lambda: check_equivalence(ep2, {})),
         ("load", lambda: load_and_compare(tmp, ep4)),
@@ -534,6 +574,25 @@ def test_move_expert_rows_bad_or_disagreeing_tables_raise_on_every_rank(world, r
         assert len(firsts) == 1, (name, [m[name] for m in messages])
     for name in own_error:  # the others quote it
         assert all(m[name] == carried(messages[-1][name], world - 1) for m in messages[:-1]), name
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_replacement_configuration_agreed_at_construction(world, request):
+    messages = outcome(request.getfixturevalue(f"world{world}"), "replacement_config")
+    disagreements = {"every": "every", "window": "window", "policy": "policy", "policy's arguments": "policy",
+                     "experts_per_layer": "experts_per_layer"}  # case: what the ranks disagree on
+    for name, field in disagreements.items():
+        assert len({m[name] for m in messages}) == 1, (name, messages)  # the same error on every rank
+        assert messages[0][name].startswith(
+            f"moeflux.ExpertReplacement: ranks of the process group disagree on {field} ("), messages[0][name]
+    assert "policy='<function greedy_placement>'" in messages[0]["policy"] and "KeepPlacement object" in \
+        messages[0]["policy"]
+    assert "min_improvement=0.5" in messages[0]["policy's arguments"]
+    assert "experts_per_layer=[8, 8]" in messages[0]["experts_per_layer"]
+    for name, own in (("invalid every on one rank", "every must be an int >= 1, got 0"),
+                      ("invalid window on one rank", "window must be an int >= 1, got '3'")):
+        assert messages[-1][name] == f"moeflux.ExpertReplacement: {own}"
+        assert all(m[name] == carried(messages[-1][name], world - 1) for m in messages[:-1]), (name, messages)
 
 
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .balance import greedy_placement, imbalance, moved_experts
+from .distributed import check_agreement
 from .moe import MoE
 from .placement import ExpertPlacement
 
@@ -46,19 +48,26 @@ class ExpertReplacement:
     new placement. Training is unchanged: a token meets the same expert, with the same weights and state.
 
     ``group`` (default: the world) must hold every replica of the experts (all expert-parallel groups),
-    so that every replica makes the same choice. Checkpoints name experts by global index
+    so that every replica makes the same choice. Construction is collective over ``group`` once
+    ``torch.distributed`` is initialised: ranks that pass another ``every``, ``window`` or ``policy`` (as
+    :func:`policy_identity` tells them), or hold other MoE layers, all raise, as do all of them when one rank's
+    arguments are invalid (the others quote its error). Checkpoints name experts by global index
     (:class:`moeflux.GroupedExperts`), so they load under any placement and rank count.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, every: int = 50,
                  window: int | None = None, policy: PlacementPolicy = greedy_placement,
                  group: dist.ProcessGroup | None = None) -> None:
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"ExpertReplacement: every must be an int >= 1, got {every!r}")
         window = every if window is None else window
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"ExpertReplacement: window must be an int >= 1, got {window!r}")
         self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE) and m.ep_size > 1]
+        error = _config_error(every, window)
+        if dist.is_initialized():
+            # Ranks that re-place at other steps, or sum loads of other shapes, would wait in the all-reduce.
+            check_agreement(group or dist.group.WORLD, "moeflux.ExpertReplacement", local_error=error, every=every,
+                            window=window, policy=policy_identity(policy),
+                            experts_per_layer=[layer.num_experts for _, layer in self.layers])
+        elif error is not None:
+            raise ValueError(f"moeflux.ExpertReplacement: {error}")
         self.optimizer, self.every, self.window, self.policy, self.group = optimizer, every, window, policy, group
         self.steps = 0
         self.history: list[Replacement] = []
@@ -135,6 +144,20 @@ class ExpertReplacement:
             for t, part in zip(group, rows.split([t[0].numel() for t in group], dim=1)):
                 t.copy_(part.view(t.shape))
         layer.set_placement(new)
+
+
+def _config_error(every: object, window: object) -> str | None:
+    for name, value in (("every", every), ("window", window)):
+        if not isinstance(value, int) or value < 1:
+            return f"{name} must be an int >= 1, got {value!r}"
+    return None
+
+
+def policy_identity(policy: object) -> str:
+    """What tells ``policy`` from another on every rank: its repr without memory addresses (a function's name,
+    a ``functools.partial``'s function and arguments, a dataclass's fields; instances of a class without a repr
+    are told apart by class only)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(policy))
 
 
 __all__ = ["ExpertReplacement", "Replacement"]
