@@ -258,7 +258,7 @@ def assert_same_tensors(got, expected):
 
 TOLERANCES = {  # logits, gradients (HF routers compute their weights in float32, even for float64 models)
     torch.float64: (dict(atol=1e-6, rtol=1e-6), dict(atol=1e-6, rtol=1e-5)),
-    torch.float32: (dict(atol=2e-5, rtol=2e-5), dict(atol=2e-5, rtol=1e-3)),
+    torch.float32: (dict(atol=1e-6, rtol=1e-5), dict(atol=1e-6, rtol=1e-5)),
     torch.bfloat16: (dict(atol=3e-2, rtol=3e-2), dict(atol=2e-2, rtol=5e-2)),
 }
 

@@ -21,8 +21,8 @@ from moeflux import hf  # noqa: E402
 from multiprocess import GROUP_TIMEOUT, run_ranks  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
-GRAD_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-3), torch.bfloat16: dict(atol=2e-2, rtol=5e-2)}
-LOGIT_TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+GRAD_TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=5e-2)}
+LOGIT_TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
 def load(path, dtype):
