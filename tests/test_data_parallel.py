@@ -20,9 +20,10 @@ class Dense(nn.Module):
         self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 4)
         self.scale = nn.Parameter(torch.ones(4, dtype=torch.float64))  # a second dtype: its own bucket
         self.unused = nn.Linear(3, 3) if unused else None
+        self.register_buffer("shift", torch.zeros(4))  # a buffer: broadcast too
 
     def forward(self, x):
-        return self.c(torch.tanh(self.b(torch.tanh(self.a(x))))) * self.scale.float()
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x))))) * self.scale.float() + self.shift
 
 
 def batch(rank, step, n=8):
@@ -41,10 +42,25 @@ def assert_same_grads(ours, theirs, atol=1e-6, skip=()):
         torch.testing.assert_close(ours[name], g, atol=atol, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def gathered_state(module):
+    """Every rank's state dict (parameters and buffers)."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {k: v.detach().clone() for k, v in module.state_dict().items()})
+    return everyone
+
+
 def dense_worker(rank, world, view):
     torch.manual_seed(rank)  # different initial weights: DataParallel and DDP broadcast rank 0's
-    ours = moeflux.DataParallel(Dense(), bucket_cap_mb=TINY, first_bucket_cap_mb=TINY / 4,
-                                gradient_as_bucket_view=view)
+    dense = Dense()
+    with torch.no_grad():
+        dense.scale.add_(rank)
+        dense.shift.fill_(rank)
+    before = gathered_state(dense)
+    assert all(not torch.equal(before[0][k], before[r][k]) for r in range(1, world) for k in before[0])
+    ours = moeflux.DataParallel(dense, bucket_cap_mb=TINY, first_bucket_cap_mb=TINY / 4, gradient_as_bucket_view=view)
+    for r, state in enumerate(gathered_state(ours.module)):
+        for k, v in state.items():
+            assert torch.equal(v, before[0][k]), f"rank {r} holds its own {k}, not rank 0's"
     reference = DDP(Dense())
     reference.module.load_state_dict(ours.module.state_dict())
     assert len(ours.bucket_indices()) > 2
@@ -127,7 +143,11 @@ def moe_worker(rank, world, ep_size, view):
     torch.manual_seed(3)
     reference = MoEModel()
     torch.manual_seed(3)
-    model = moeflux.DataParallel(MoEModel(groups), bucket_cap_mb=TINY, gradient_as_bucket_view=view)
+    module = MoEModel(groups)
+    with torch.no_grad():  # replicas that differ: each must start from the first rank of its group, rank % ep_size
+        for name, p in module.named_parameters():  # for experts (their expert-data-parallel group), 0 for the rest
+            p.add_(rank - (rank % ep_size if ".experts." in name else 0))
+    model = moeflux.DataParallel(module, bucket_cap_mb=TINY, gradient_as_bucket_view=view)
     first, local = model.module.moe.experts.global_experts[0], model.module.moe.experts.num_experts
     inputs = [batch(r, 0, n=5) for r in range(world)]  # the same number of tokens on every rank
     for step in range(2):
