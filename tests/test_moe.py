@@ -135,15 +135,58 @@ def test_moe_state_dict_round_trip(device):
     torch.testing.assert_close(other(x), moe(x), atol=0, rtol=0)
 
 
+def identity_router(device, **noise):
+    """A router over 4 experts of a 4-wide input with the identity as its weight: its logits are its input,
+    so the noise it adds can be read back from them."""
+    router = make_moe(device, d_model=4, num_experts=4, **noise).router
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4))
+    return router
+
+
+def noisy_logits(router, x, seed):
+    """The training-mode logits for `x` with the global generator at `seed` (the noise's draw)."""
+    router.train()
+    torch.manual_seed(seed)
+    return router(x).logits.detach()
+
+
+def test_router_jitter_multiplies_the_input_by_uniform_noise(device):
+    jitter = 0.1
+    router = identity_router(device, router_jitter=jitter)
+    x = torch.randn(2000, 4, dtype=torch.float64, device=device)
+    logits = noisy_logits(router, x, seed=5)
+    torch.manual_seed(5)  # the same draw: x * U(1 - j, 1 + j), element by element
+    expected = x * torch.empty_like(x).uniform_(1 - jitter, 1 + jitter)
+    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=0)
+    factor = logits / x  # the multiplier itself: uniform on [1 - j, 1 + j]
+    assert factor.min() >= 1 - jitter and factor.max() <= 1 + jitter
+    assert factor.min() < 1 - 0.95 * jitter and factor.max() > 1 + 0.95 * jitter
+    assert abs(float(factor.mean()) - 1) < 0.01 and abs(float(factor.std()) - jitter / 3**0.5) < 0.005
+
+
+def test_noisy_gating_adds_gaussian_noise_scaled_by_softplus(device):
+    router = identity_router(device, noisy_gating=True)
+    with torch.no_grad():
+        router.noise_weight.copy_(torch.randn(4, 4, dtype=torch.float64))
+    x = torch.randn(2000, 4, dtype=torch.float64, device=device)
+    logits = noisy_logits(router, x, seed=6)
+    scale = torch.nn.functional.softplus(x @ router.noise_weight.detach().t())
+    torch.manual_seed(6)  # the same draw: x @ W + N(0, 1) * softplus(x @ W_noise)
+    torch.testing.assert_close(logits, x + torch.randn_like(x) * scale, rtol=1e-12, atol=1e-12)
+    noise = (logits - x) / scale  # standard normal
+    assert abs(float(noise.mean())) < 0.05 and abs(float(noise.std()) - 1) < 0.05
+
+
 def test_moe_training_noise_only_in_training(device):
     moe = make_moe(device, router_jitter=0.1, noisy_gating=True)
     with torch.no_grad():
         moe.router.noise_weight.fill_(0.5)
     x = torch.randn(20, 12, dtype=torch.float64, device=device)
+    plain = x @ moe.router.weight.t()
+    assert not torch.equal(noisy_logits(moe.router, x, seed=7), plain)
     moe.eval()
-    assert torch.equal(moe(x), moe(x))
-    moe.train()
-    assert not torch.equal(moe(x), moe(x))
+    assert torch.equal(moe.router(x).logits, plain) and torch.equal(moe(x), moe(x))
 
 
 def test_moe_works_as_mlp_in_a_transformer_layer(device):
