@@ -1,18 +1,35 @@
 #include "csrc/host_sync.h"
 
-#include <atomic>
+#include <mutex>
 
 namespace moeflux {
 namespace {
-std::atomic<int64_t> reads{0};
+std::mutex mutex;  // reads are few (a handful per layer step): a lock costs nothing next to them
+std::map<std::string, int64_t> reads;
 }  // namespace
 
-at::Tensor counts_to_host(const at::Tensor& counts) {
-  ++reads;
-  return counts.to(at::kCPU);
+at::Tensor to_host(const at::Tensor& t, const std::string& site) {
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    ++reads[site];
+  }
+  return t.to(at::kCPU);
 }
 
-int64_t host_count_reads() { return reads.load(); }
-void reset_host_count_reads() { reads = 0; }
+std::map<std::string, int64_t> host_reads() {
+  const std::lock_guard<std::mutex> lock(mutex);
+  return reads;
+}
+
+int64_t host_count_reads() {
+  int64_t total = 0;
+  for (const auto& [site, n] : host_reads()) total += site.starts_with("counts:") ? n : 0;
+  return total;
+}
+
+void reset_host_reads() {
+  const std::lock_guard<std::mutex> lock(mutex);
+  reads.clear();
+}
 
 }  // namespace moeflux

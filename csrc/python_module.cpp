@@ -42,8 +42,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("release_cpu_workspace", &moeflux::cpu::workspace_release);
   m.def("reset_collective_counts", [] {
     moeflux::reset_collective_counts();
-    moeflux::reset_host_count_reads();
+    moeflux::reset_host_reads();
   });
+  // The one funnel of device->host reads (host_sync.h), for the Python ones, and its counts by site.
+  m.def("to_host", &moeflux::to_host, py::arg("tensor"), py::arg("site"));
+  m.def("host_reads", &moeflux::host_reads);
 
   namespace stats = moeflux::comm_stats;
   m.def("comm_stats_enabled", &stats::enabled);

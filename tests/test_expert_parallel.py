@@ -1,12 +1,14 @@
 """moeflux.MoE with expert parallelism on 2 and 4 gloo ranks against one process
-holding all experts and seeing every rank's tokens."""
+holding all experts and seeing every rank's tokens. The capacity scenarios run twice: as the CPU sends them
+(the kept tokens packed, after a count exchange) and on the GPUs' fixed splits (``capacity`` rows per expert
+on the wire, ``capacity * ep_size`` per local expert; the test-only exchange.FIXED_SPLITS_ON_CPU)."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import moeflux
-from moeflux import ops
+from moeflux import exchange, ops
 from multiprocess import GROUP_TIMEOUT, run_ranks
 
 D_MODEL, D_FFN, EXPERTS = 6, 5, 8
@@ -18,6 +20,8 @@ SCENARIOS = [
     dict(top_k=2, tokens=[6, 6, 6, 6], capacity_factor=1.0),  # capacity with drops
     dict(top_k=1, tokens=[8, 8, 8, 8], capacity_factor=0.5, drop_policy="probability"),
 ]
+# Fixed splits need every rank to route the same number of tokens: the capacity scenarios do.
+FIXED_SPLIT_SCENARIOS = [s for s in SCENARIOS if "capacity_factor" in s]
 
 
 def make_pair(groups, **config):
@@ -30,7 +34,7 @@ def make_pair(groups, **config):
     return reference, model
 
 
-def check_scenario(rank, world, groups, tokens, **config):
+def check_scenario(rank, world, groups, tokens, fixed_splits=False, **config):
     tokens = tokens[:world]
     reference, model = make_pair(groups, **config)
     local, first = model.experts.num_experts, model.experts.global_experts[0]
@@ -49,8 +53,11 @@ def check_scenario(rank, world, groups, tokens, **config):
     after = ops.collective_counts()
     assert after["token_all_to_alls"] - before["token_all_to_alls"] == 4
     dropless = config.get("capacity_factor") is None
-    # One count exchange with a capacity too: on the CPU the kept tokens travel packed (no padding rows).
-    assert after["count_exchanges"] - before["count_exchanges"] == 1
+    # One count exchange with a capacity too: on the CPU the kept tokens travel packed (no padding rows);
+    # none on fixed splits, where every local expert holds capacity * ep_size rows (padding included).
+    assert after["count_exchanges"] - before["count_exchanges"] == (0 if fixed_splits else 1)
+    if fixed_splits:
+        assert model.tokens_per_expert.tolist() == [model.capacity(tokens[rank]) * groups.ep_size] * local
 
     # Reference: dropless routing does not depend on the batch, so one pass over the concatenated
     # batch; capacity applies per source rank, so one pass per rank's tokens.
@@ -92,6 +99,12 @@ def ep_worker(rank, world, ep_size):
     assert groups.ep_size == ep_size and dist.get_world_size(groups.edp_group) == world // ep_size
     for scenario in SCENARIOS:
         check_scenario(rank, world, groups, **scenario)
+    exchange.FIXED_SPLITS_ON_CPU = True
+    try:
+        for scenario in FIXED_SPLIT_SCENARIOS:
+            check_scenario(rank, world, groups, fixed_splits=True, **scenario)
+    finally:
+        exchange.FIXED_SPLITS_ON_CPU = False
     check_state_dict(rank, world, groups)
     return True
 

@@ -12,6 +12,7 @@
 
 #include "csrc/distributed/all_to_all.h"
 #include "csrc/distributed/comm_scheduler.h"
+#include "csrc/host_sync.h"
 #include "csrc/profiling/comm_stats.h"
 
 namespace moeflux {
@@ -234,6 +235,7 @@ void GradientBucketer::launch_ready_buckets() {
                                  std::move(offsets), std::move(lengths), std::move(sizes), std::move(params),
                                  std::nullopt);
     bucket.future = hooks_[bucket.group]->runHook(grad_bucket);
+    comm_scheduler::instance().trace_unscheduled(bucket.future);  // what priority would have held back
     bucket.launched = true;
     launch_log_.push_back({next_to_launch_, static_cast<int64_t>(params_.size()) - ready_count_});
     ++next_to_launch_;
@@ -308,7 +310,7 @@ void GradientBucketer::finalize_backward() {
     at::Tensor on_device = order.to(buckets_.front().buffer.device());
     std::vector<at::Tensor> tensors{on_device};
     groups_.front()->broadcast(tensors)->wait();
-    order = on_device.cpu();
+    order = to_host(on_device, "bucket_order");
     ready_order_.assign(order.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>() + order.numel());
     build_buckets(ready_order_);
     rebuilt_ = true;

@@ -81,7 +81,7 @@ ExchangedCounts exchange_counts(const at::Tensor& tokens, const at::Tensor& toke
   const std::vector<int64_t> ones(world, 1);
   count_count_exchange();
   const at::Tensor recv_msg = exchange_rows(send_msg, ones, ones, group, op, "count_exchange");
-  const at::Tensor both = counts_to_host(at::cat({send_msg, recv_msg}));  // the one host synchronisation
+  const at::Tensor both = to_host(at::cat({send_msg, recv_msg}), "counts:dispatch");  // the one host synchronisation
   const auto* h = both.const_data_ptr<int64_t>();
   const int64_t width = local_experts + kHeader;
   for (int64_t src = 0; src < world; ++src) {

@@ -106,8 +106,8 @@ at::Tensor routing_counts(const at::Tensor& tokens, const at::Tensor& expert_ids
   header.mutable_data_ptr<int64_t>()[1] = fields[1];
   const at::Tensor row = at::cat({bins.narrow(0, 1, num_experts + 1), header.to(bins.device())}).view({1, width});
   const std::vector<int64_t> ones(world, 1);
-  const at::Tensor all =
-      counts_to_host(exchange_rows(row.expand({world, width}), ones, ones, *group, op, "count_exchange"));
+  const at::Tensor all = to_host(exchange_rows(row.expand({world, width}), ones, ones, *group, op, "count_exchange"),
+                                 "counts:routing_counts");
   const int64_t* h = all.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < world; ++r) {
     const int64_t* theirs = h + r * width + num_experts;

@@ -1,9 +1,10 @@
 // C++ autograd functions of grouped_mm and expert_ffn (registered at the Autograd key). Forward and backward
 // call the ops through the dispatcher, so fake tensors and torch.compile see them like any ATen op.
 //
-// The counts: when the GEMMs must run per segment and the counts live on a GPU, forward reads them on the
-// host once (counts_to_host) and passes the host copy to the op and, saved, to its backward, so backward
-// never reads them again. Where torch._grouped_mm does the work nothing is read on the host.
+// The counts: when the GEMMs must run per segment and the counts live on the rows' device, forward reads them
+// on the host once (to_host, counted on the CPU too, where a GPU would synchronise) and passes the host copy to
+// the op and, saved, to its backward, so backward never reads them again. Host counts with device rows are
+// used as they are; where torch._grouped_mm does the work nothing is read on the host.
 #include "csrc/autograd_function.h"
 #include "csrc/experts/grouped_gemm.h"
 #include "csrc/host_sync.h"
@@ -17,9 +18,9 @@ using GroupedMmBackwardOp = decltype(grouped_mm_backward);
 using ExpertFfnForwardOp = decltype(expert_ffn_forward);
 using ExpertFfnBackwardOp = decltype(expert_ffn_backward);
 
-at::Tensor counts_for_gemms(const at::Tensor& tokens_per_expert, bool use_aten) {
-  if (use_aten || tokens_per_expert.is_cpu()) return tokens_per_expert;
-  return counts_to_host(tokens_per_expert).to(at::kInt);
+at::Tensor counts_for_gemms(const at::Tensor& tokens_per_expert, const at::Tensor& rows, bool use_aten) {
+  if (use_aten || tokens_per_expert.device() != rows.device()) return tokens_per_expert;
+  return to_host(tokens_per_expert, "counts:expert_gemms").to(at::kInt);
 }
 
 at::Tensor zeros_if_undefined(const at::Tensor& grad, const at::Tensor& like) {
@@ -34,7 +35,7 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
     static const auto op = find_op<GroupedMmOp>("moeflux::grouped_mm");
     const bool use_aten = input.dim() == 2 && weight.dim() == 3 &&
                           aten_grouped_mm_usable(input, weight.size(1), weight.size(2));
-    const at::Tensor counts = counts_for_gemms(tokens_per_expert, use_aten);
+    const at::Tensor counts = counts_for_gemms(tokens_per_expert, input, use_aten);
     at::Tensor out = op.call(input, weight, counts);
     ctx->save_for_backward({input, weight, counts});
     return {out};
@@ -62,7 +63,7 @@ class ExpertFfnFunction : public torch::autograd::Function<ExpertFfnFunction> {
     static const auto op = find_op<ExpertFfnForwardOp>("moeflux::expert_ffn_forward");
     const bool use_aten = capacity.has_value() || (rows.dim() == 2 && w_in.dim() == 3 && w_out.dim() == 3 &&
                                                    aten_grouped_mm_usable(rows, w_in, w_out));
-    const at::Tensor counts = counts_for_gemms(tokens_per_expert, use_aten);
+    const at::Tensor counts = counts_for_gemms(tokens_per_expert, rows, use_aten);
     auto [out, pre_activation, activated] = op.call(rows, w_in, w_out, counts, activation, capacity, b_in, b_out);
     ctx->save_for_backward({rows, w_in, w_out, counts, pre_activation, activated});
     ctx->saved_data["activation"] = std::string(activation);

@@ -88,7 +88,7 @@ Segments plan_segments(const at::Tensor& tokens_per_expert, const at::Tensor& ro
   if (use_aten) {
     seg.offsets = on_host ? offsets_on(seg.host_counts, rows.device()) : at::cumsum(tokens_per_expert, 0, at::kInt);
   } else if (!on_host) {
-    seg.host_counts = counts_to_host(tokens_per_expert).to(at::kLong);
+    seg.host_counts = to_host(tokens_per_expert, "counts:expert_gemms").to(at::kLong);
   }
   if (seg.host_counts.defined()) {
     seg.used_rows = check_host_counts(seg.host_counts, rows.size(0), op);

@@ -41,7 +41,7 @@ bool aten_grouped_mm_usable(const at::Tensor& rows, int64_t k_dim, int64_t n_dim
 bool aten_grouped_mm_usable(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out);
 
 // The segments of `tokens_per_expert` (int32 [E], on the rows' device or on the host) for GEMMs that
-// torch._grouped_mm can (use_aten) or cannot do. Reads the counts on the host (counts_to_host) only when they
+// torch._grouped_mm can (use_aten) or cannot do. Reads the counts on the host (to_host) only when they
 // are on a device and it cannot. Checks them against rows.size(0) when they are on the host.
 Segments plan_segments(const at::Tensor& tokens_per_expert, const at::Tensor& rows, bool use_aten, const char* op);
 // With a capacity: counts on the host (the CPU) let the GEMMs skip each expert's padding; counts on a device

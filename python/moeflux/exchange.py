@@ -42,6 +42,12 @@ from .topology import NodeGroups
 if TYPE_CHECKING:
     from .experts import GroupedExperts
 
+# Test-only: with a capacity, the flat and pipelined exchanges take the GPUs' fixed-split path (``capacity``
+# rows per expert on the wire, ``capacity * ep_size`` rows per local expert) on the CPU too, so that CPU tests
+# (tests/test_expert_parallel.py, the GPU suite's dry run) check it. Read in one place,
+# :meth:`AllToAllExchange._wire_capacity`; not for use: on the CPU the packed path gives the same results faster.
+FIXED_SPLITS_ON_CPU = False
+
 
 @dataclass(frozen=True)
 class ExpertBatch:
@@ -155,8 +161,9 @@ class AllToAllExchange(Exchange):
     @staticmethod
     def _wire_capacity(tokens: Tensor, capacity: int | None) -> int | None:
         """The capacity the exchange pads to: none on the CPU, where the ids already mark the dropped slots
-        (-1) and the kept tokens travel packed; the layer's on a GPU (fixed splits, no host sync)."""
-        return None if tokens.device.type == "cpu" else capacity
+        (-1) and the kept tokens travel packed; the layer's on a GPU (fixed splits, no host sync), and on the
+        CPU too under the test-only :data:`FIXED_SPLITS_ON_CPU`."""
+        return None if tokens.device.type == "cpu" and not FIXED_SPLITS_ON_CPU else capacity
 
     def dispatch(self, tokens: Tensor, expert_ids: Tensor,
                  capacity: int | None) -> tuple[ExpertBatch, ops.DispatchPlan]:

@@ -85,7 +85,7 @@ class HierarchicalExchange(Exchange):
         header[rail_peers, 0] = copies_per_node.long()
         ones = [1] * ep
         received = ops.all_to_all(header, ones, ones, self.group, agree_first=False)
-        both = torch.cat([header[rail_peers, 0], received.reshape(-1)]).tolist()
+        both = ops.to_host(torch.cat([header[rail_peers, 0], received.reshape(-1)]), "counts:hierarchical").tolist()
         sent, received = both[:nodes.num_nodes], both[nodes.num_nodes:]
         for src in range(ep):
             hidden, dtype = received[3 * src + 1], received[3 * src + 2]

@@ -333,12 +333,25 @@ def move_expert_rows(local: Tensor, old_expert_at: list[int], new_expert_at: lis
 
 def collective_counts() -> dict[str, int]:
     """Collectives this process has issued through moeflux ops, and its reads of routing counts on the host
-    (each a host synchronisation on a GPU): ``{"token_all_to_alls": ..., "count_exchanges": ...,
-    "host_count_reads": ...}``."""
+    (each a host synchronisation on a GPU; the ``"counts:"`` sites of :func:`host_reads`):
+    ``{"token_all_to_alls": ..., "count_exchanges": ..., "host_count_reads": ...}``."""
     return _C.collective_counts()
 
 
+def to_host(tensor: Tensor, site: str) -> Tensor:
+    """``tensor`` on the host (a host synchronisation when it lives on a GPU), counted under ``site`` on every
+    device: moeflux reads device data on the host only through this (and its C++ twin), so that
+    :func:`host_reads` sees every read, on the CPU too. Sites reading routing counts are ``"counts:<where>"``."""
+    return _C.to_host(tensor, site)
+
+
+def host_reads() -> dict[str, int]:
+    """Device->host reads by site since the last :func:`reset_collective_counts` (see :func:`to_host`)."""
+    return _C.host_reads()
+
+
 def reset_collective_counts() -> None:
+    """Zero :func:`collective_counts` and :func:`host_reads`."""
     _C.reset_collective_counts()
 
 

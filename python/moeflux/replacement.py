@@ -104,7 +104,7 @@ class ExpertReplacement:
             return []
         total = torch.stack(list(self._loads)).sum(0)
         dist.all_reduce(total, group=self.group)
-        loads = total.cpu().double().numpy()
+        loads = ops.to_host(total, "replacement_loads").double().numpy()
         made = []
         for (name, layer), load in zip(self.layers, loads):
             new = self.policy(load, layer.placement)

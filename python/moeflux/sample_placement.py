@@ -245,7 +245,7 @@ class SamplePlacement:
         if expert_ids is None:
             expert_ids = layer.router.predict(router_input.reshape(-1, router_input.shape[-1]))
         traffic = sample_traffic(expert_ids, b, layer.placement, self.ranks_per_node)
-        counts = self._all_gather(traffic).reshape(self.size * b, -1).cpu().numpy()
+        counts = ops.to_host(self._all_gather(traffic).reshape(self.size * b, -1), "sample_traffic").numpy()
         tokens = math.prod(x.shape[1:-1])  # a sample's token vectors
         start = time.perf_counter()
         dest_rank = solve_sample_placement(counts, b, self.ranks_per_node, tokens, self.objective, self.move_cost)
