@@ -22,5 +22,9 @@ def test_gpu_suite_dry_run(tmp_path):
     for section in ("ceilings", "route", "grouped_gemm", "layer", "nccl"):
         assert "error" not in results[section], (section, results[section])
     assert results["nccl"]["max_abs_out"] == 0 and results["nccl"]["max_abs_grad"] == 0
+    # The GPUs' fixed-split capacity path (the dry run takes it by the test-only switch): no count exchange.
+    nccl = results["nccl"]
+    assert nccl["capacity_max_abs_out"] == 0 and nccl["capacity_max_abs_grad"] == 0, nccl
+    assert nccl["count_exchanges"] == 1 and nccl["capacity_count_exchanges"] == 0, nccl
     assert (tmp_path / "out" / "suite.tar.gz").stat().st_size > 0
     assert "layer qwen3-30b-a3b" in run.stdout  # the summary table comes last
