@@ -74,6 +74,17 @@ PYBIND11_MODULE(_C, m) {
                     py::arg("max_micro_ops_in_flight") = s.max_micro_ops_in_flight);
   });
   m.def("reset_comm_scheduler_stats", [] { sched::instance().reset_stats(); });
+  m.def("set_comm_scheduler_tracing", [](bool on) { sched::instance().set_tracing(on); }, py::arg("on"));
+  // The trace as (kind, begins, id, t_ns) tuples, oldest first, and how many older events the ring dropped.
+  m.def("comm_scheduler_trace", [] {
+    static const char* const kinds[] = {"all_to_all", "micro_op", "flushed_micro_op", "unscheduled"};
+    py::list events;
+    for (const sched::TraceEvent& e : sched::instance().trace()) {
+      events.append(py::make_tuple(kinds[static_cast<int>(e.kind)], e.begins, e.id, e.t_ns));
+    }
+    return py::make_tuple(events, sched::instance().trace_dropped());
+  });
+
 
   // An all-reduce (sum, in place) submitted as scheduled micro-ops, as the bucketer does with priority.
   struct ScheduledAllReduce {

@@ -31,13 +31,17 @@ void Scheduler::all_to_all_enqueued() {
   std::lock_guard<std::mutex> lock(mutex_);
   ++all_to_alls_in_flight_;
   ++stats_.all_to_alls;
+  record_locked(TraceEvent::Kind::all_to_all, true, 0);
 }
 
 void Scheduler::all_to_all_completed() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     // Unpaired calls are a caller's bug; never go negative (this may run in a destructor or a callback).
-    if (all_to_alls_in_flight_ > 0) --all_to_alls_in_flight_;
+    if (all_to_alls_in_flight_ > 0) {
+      --all_to_alls_in_flight_;
+      record_locked(TraceEvent::Kind::all_to_all, false, 0);
+    }
     if (all_to_alls_in_flight_ > 0) return;
   }
   pump();
@@ -94,15 +98,17 @@ void Scheduler::pump() {
     ++micro_ops_in_flight_;
     ++stats_.micro_ops_launched;
     if (!way_free) ++stats_.micro_ops_flushed;
-    if (!flushed) stats_.max_micro_ops_in_flight = std::max(stats_.max_micro_ops_in_flight, micro_ops_in_flight_);
+    stats_.max_micro_ops_in_flight = std::max(stats_.max_micro_ops_in_flight, micro_ops_in_flight_);
+    const auto kind = way_free ? TraceEvent::Kind::micro_op : TraceEvent::Kind::flushed_micro_op;
+    record_locked(kind, true, op.seq);
     lock.unlock();
-    launch_one(std::move(op));
+    launch_one(std::move(op), kind);
     lock.lock();
   }
   pumping_ = false;
 }
 
-void Scheduler::launch_one(MicroOp op) {
+void Scheduler::launch_one(MicroOp op, TraceEvent::Kind kind) {
   FuturePtr future;
   try {
     c10::MultiStreamGuard streams(op.streams);
@@ -110,7 +116,7 @@ void Scheduler::launch_one(MicroOp op) {
     TORCH_CHECK(future, "moeflux comm scheduler: a micro-op's launch returned no future");
   } catch (...) {
     op.result->setErrorIfNeeded(std::current_exception());
-    micro_op_done();
+    micro_op_done(kind, op.seq);
     return;
   }
   // Runs with streams that wait for the collective (device futures), so the
@@ -122,13 +128,14 @@ void Scheduler::launch_one(MicroOp op) {
       result->markCompleted(done.value());
     }
   });
-  when_done(future, [this] { micro_op_done(); });
+  when_done(future, [this, kind, seq = op.seq] { micro_op_done(kind, seq); });
 }
 
-void Scheduler::micro_op_done() {
+void Scheduler::micro_op_done(TraceEvent::Kind kind, uint64_t seq) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (micro_ops_in_flight_ > 0) --micro_ops_in_flight_;
+    record_locked(kind, false, seq);
   }
   pump();
 }
@@ -199,6 +206,59 @@ Stats Scheduler::stats() const {
 void Scheduler::reset_stats() {
   std::lock_guard<std::mutex> lock(mutex_);
   stats_ = Stats{};
+}
+
+// Called with mutex_ held, so the trace's order is the order of the scheduler's state changes; the stamps
+// are made strictly increasing along it, so that two clock reads that tie cannot blur that order.
+void Scheduler::record_locked(TraceEvent::Kind kind, bool begins, uint64_t id) {
+  if (!tracing_) return;
+  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch()).count();
+  last_trace_ns_ = std::max(now, last_trace_ns_ + 1);
+  const TraceEvent event{kind, begins, id, last_trace_ns_};
+  if (trace_.size() < kTraceCapacity) {
+    trace_.push_back(event);
+    return;
+  }
+  trace_[trace_head_] = event;
+  trace_head_ = (trace_head_ + 1) % kTraceCapacity;
+  ++trace_dropped_;
+}
+
+void Scheduler::set_tracing(bool on) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  tracing_ = on;
+  if (!on) return;
+  trace_.clear();
+  trace_.reserve(kTraceCapacity);
+  trace_head_ = 0;
+  trace_dropped_ = 0;
+}
+
+std::vector<TraceEvent> Scheduler::trace() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<TraceEvent> out(trace_.begin() + static_cast<std::ptrdiff_t>(trace_head_), trace_.end());
+  out.insert(out.end(), trace_.begin(), trace_.begin() + static_cast<std::ptrdiff_t>(trace_head_));
+  return out;
+}
+
+int64_t Scheduler::trace_dropped() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return trace_dropped_;
+}
+
+void Scheduler::trace_unscheduled(const FuturePtr& future) {
+  uint64_t id;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!tracing_ || !future) return;
+    id = next_unscheduled_++;
+    record_locked(TraceEvent::Kind::unscheduled, true, id);
+  }
+  when_done(future, [this, id] {
+    std::lock_guard<std::mutex> lock(mutex_);
+    record_locked(TraceEvent::Kind::unscheduled, false, id);
+  });
 }
 
 Scheduler& instance() {

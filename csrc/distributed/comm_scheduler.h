@@ -42,6 +42,11 @@
 // Launch functions run on whichever thread frees the way (the caller of
 // submit(), a backend's completion thread, the poller): they must not need the
 // GIL, and they run with the streams that were current at submit().
+//
+// Tracing (opt-in, set_tracing): the scheduler logs when each micro-op and each
+// all-to-all goes in flight and comes out, in a bounded ring, so that tests
+// judge the rules above from the intervals rather than from the scheduler's own
+// counters. Off, an event costs one branch under a lock already held.
 #pragma once
 
 #include <condition_variable>
@@ -74,7 +79,21 @@ struct Stats {
   int64_t micro_ops_launched = 0;
   int64_t micro_ops_held = 0;             // waited for an all-to-all when it was their turn
   int64_t micro_ops_flushed = 0;          // launched by flush() while the way was not free
-  int64_t max_micro_ops_in_flight = 0;    // outside flush(): at most 1
+  int64_t max_micro_ops_in_flight = 0;    // right after any launch, flushed ones included
+};
+
+// One edge of an interval in the trace.
+struct TraceEvent {
+  enum class Kind : uint8_t {
+    all_to_all,        // registered .. completed; counted, not paired (completions do not say which)
+    micro_op,          // launched with the way free .. done
+    flushed_micro_op,  // launched by flush() past what was in flight .. done
+    unscheduled,       // an all-reduce issued without the scheduler (priority off), see trace_unscheduled
+  };
+  Kind kind = Kind::all_to_all;
+  bool begins = true;  // in flight from here (launch, registration) or done
+  uint64_t id = 0;     // pairs a micro-op's edges: its submission number (unscheduled: their own count)
+  int64_t t_ns = 0;    // steady clock; strictly increasing along the trace, which is the scheduler's order
 };
 
 class Scheduler {
@@ -104,6 +123,16 @@ class Scheduler {
   Stats stats() const;
   void reset_stats();
 
+  // Turning tracing on clears the trace. trace(): the events, oldest first (the last kTraceCapacity);
+  // trace_dropped(): how many older ones the ring overwrote.
+  static constexpr size_t kTraceCapacity = size_t{1} << 16;
+  void set_tracing(bool on);
+  std::vector<TraceEvent> trace() const;
+  int64_t trace_dropped() const;
+  // Traces an all-reduce that does not go through the scheduler, from now until `future` is done: the
+  // counterpart of micro-ops with priority off, to show what the rules prevent. Nothing when not tracing.
+  void trace_unscheduled(const FuturePtr& future);
+
  private:
   struct MicroOp {
     LaunchFn launch;
@@ -118,9 +147,10 @@ class Scheduler {
   };
 
   void pump();
-  void launch_one(MicroOp op);
-  void micro_op_done();
+  void launch_one(MicroOp op, TraceEvent::Kind kind);
+  void micro_op_done(TraceEvent::Kind kind, uint64_t seq);
   void poll_loop();
+  void record_locked(TraceEvent::Kind kind, bool begins, uint64_t id);
 
   mutable std::mutex mutex_;
   std::deque<MicroOp> queue_;
@@ -130,6 +160,11 @@ class Scheduler {
   int64_t micro_ops_in_flight_ = 0;
   bool pumping_ = false;  // one thread launches at a time, so launches keep their order
   Stats stats_;
+  bool tracing_ = false;
+  std::vector<TraceEvent> trace_;  // a ring once full: trace_head_ is the oldest
+  size_t trace_head_ = 0;
+  int64_t trace_dropped_ = 0, last_trace_ns_ = 0;
+  uint64_t next_unscheduled_ = 0;
 
   std::mutex poll_mutex_;
   std::condition_variable poll_cv_;
