@@ -57,7 +57,7 @@ PYBIND11_MODULE(_C, m) {
     for (const stats::Record& r : stats::drain()) {
       out.append(py::dict(py::arg("layer") = r.layer, py::arg("phase") = r.phase, py::arg("group") = r.group,
                           py::arg("rank") = r.rank, py::arg("start_s") = r.start_s, py::arg("seconds") = r.seconds, py::arg("wait_seconds") = r.wait_seconds,
-                          py::arg("bytes_to_rank") = r.bytes_to_rank));
+                          py::arg("bytes_to_rank") = r.bytes_to_rank, py::arg("stage") = r.stage));
     }
     return out;
   });
@@ -84,7 +84,6 @@ PYBIND11_MODULE(_C, m) {
     }
     return py::make_tuple(events, sched::instance().trace_dropped());
   });
-
 
   // An all-reduce (sum, in place) submitted as scheduled micro-ops, as the bucketer does with priority.
   struct ScheduledAllReduce {

@@ -69,7 +69,25 @@ def test_pipelined_schedules_equal_bulk(world, ep_size):
     assert all(run_ranks(world, equivalence_worker, ep_size))
 
 
+def assert_stages_overlap(records, out_phase, stages):
+    """From the engine's stage trace (its comm_stats records, each with its stage): stage s + 1's outgoing
+    all-to-all was issued before stage s's experts finished, and each stage's experts ran after its own
+    all-to-all was waited for."""
+    issued, waited, experts = {}, {}, {}
+    for r in records:
+        if r.phase == out_phase:
+            issued[r.stage], waited[r.stage] = r.start_s, r.start_s + r.seconds
+        elif r.phase == "experts":
+            experts[r.stage] = (r.start_s, r.start_s + r.seconds)
+    assert sorted(issued) == sorted(experts) == list(range(stages)), (out_phase, issued, experts)
+    for s in range(stages):
+        assert waited[s] <= experts[s][0], (out_phase, s, waited[s], experts[s])
+    for s in range(stages - 1):
+        assert issued[s + 1] < experts[s][1], f"{out_phase} of stage {s + 1} issued after stage {s}'s experts ended"
+
+
 def counts_worker(rank, world):
+    """Collective counts per schedule and, from the pipelined schedules' stage trace, that stages overlap."""
     groups = moeflux.init_expert_parallel(world)
     x = torch.randn(10, H, dtype=torch.float64, requires_grad=True)
     seen = {}
@@ -77,15 +95,21 @@ def counts_worker(rank, world):
                                       ("pairwise", dict(pairwise_group_size=1), world)]:
         layer = make(groups, 3, schedule=schedule, **options)
         ops.reset_collective_counts()
-        out = layer(x)
-        forward = ops.collective_counts()
-        out.sum().backward()
+        with moeflux.comm_stats() as trace:
+            out = layer(x)
+            forward = ops.collective_counts()
+            trace.step()
+            out.sum().backward()
+            trace.step()
         total = ops.collective_counts()
         seen[schedule] = (forward, total, stages)
+        if schedule != "bulk":
+            assert_stages_overlap(trace.records[0], "dispatch", stages)
+            assert_stages_overlap(trace.records[1], "combine_backward", stages)
     return seen
 
 
-def test_collectives_per_step_follow_the_schedule():
+def test_collectives_and_stage_overlap_follow_the_schedule():
     for seen in run_ranks(2, counts_worker):
         for schedule, (forward, total, stages) in seen.items():
             # One count exchange and one read of the counts on the host per step, forward only.

@@ -194,6 +194,7 @@ void run_stages(const Layer& layer, const at::Tensor& rows, at::Tensor& landed, 
   const int64_t num_stages = static_cast<int64_t>(layer.stages.size()), rank = layer.group->getRank();
   std::vector<PendingExchange> out, back;
   auto start_out = [&](int64_t s) {
+    const comm_stats::StageScope stage(s);
     const Stage& st = layer.stages[s];
     count_token_all_to_all();
     out.push_back(start_exchange(rows.index_select(0, st.send_index), st.recv_splits, st.send_splits, *layer.group,
@@ -202,6 +203,7 @@ void run_stages(const Layer& layer, const at::Tensor& rows, at::Tensor& landed, 
   start_out(0);
   for (int64_t s = 0; s < num_stages; ++s) {
     if (s + 1 < num_stages) start_out(s + 1);
+    const comm_stats::StageScope stage(s);  // the records of this stage's experts and returning all-to-all
     const Stage& st = layer.stages[s];
     const at::Tensor arrived = out[s].finish().index_select(0, st.regroup);  // by local expert
     comm_stats::CollectiveTimer timer("experts", layer.group->getGroupName(), rank, arrived, {});

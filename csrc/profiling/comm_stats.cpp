@@ -20,6 +20,7 @@ struct Pending {
 std::vector<Pending> records;
 
 thread_local std::string layer_tag;
+thread_local int64_t stage_tag = -1;
 
 double seconds_since_epoch(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(t.time_since_epoch()).count();
@@ -52,12 +53,15 @@ const std::string& current_layer() { return layer_tag; }
 std::string exchange_current_layer(std::string layer) { return std::exchange(layer_tag, std::move(layer)); }
 LayerScope::LayerScope(std::string layer) : previous_(std::move(layer_tag)) { layer_tag = std::move(layer); }
 LayerScope::~LayerScope() { layer_tag = std::move(previous_); }
+StageScope::StageScope(int64_t stage) : previous_(std::exchange(stage_tag, stage)) {}
+StageScope::~StageScope() { stage_tag = previous_; }
 
 CollectiveTimer::CollectiveTimer(const char* phase, const std::string& group, int64_t rank, const at::Tensor& like,
                                  std::vector<int64_t> bytes_to_rank) {
   if (!enabled()) return;
   start_ = wait_start_ = std::chrono::steady_clock::now();
-  record_ = Record{layer_tag, phase, group, rank, seconds_since_epoch(start_), 0, 0, std::move(bytes_to_rank)};
+  record_ = Record{layer_tag, phase, group, rank, seconds_since_epoch(start_), 0, 0, std::move(bytes_to_rank),
+                   stage_tag};
   device_ = like.device();
   if (!device_.is_cpu()) {
     start_event_ = std::make_shared<c10::Event>(device_.type(), c10::EventFlag::BACKEND_DEFAULT);

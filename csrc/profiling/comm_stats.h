@@ -28,6 +28,7 @@ struct Record {
   double seconds = 0;                // issue to completion (device: on the current stream)
   double wait_seconds = 0;           // of which the host was blocked by it (issuing + waiting): exposed
   std::vector<int64_t> bytes_to_rank;  // bytes sent to each rank of the group (this rank's entry stays local)
+  int64_t stage = -1;                  // the pipelined exchange's stage (StageScope); -1 outside one
 };
 
 bool enabled();
@@ -47,6 +48,21 @@ class LayerScope {
 
  private:
   std::string previous_;
+};
+
+// The stage of the pipelined exchange that this thread's collectives and
+// expert compute belong to, for their records: with them the records are the
+// pipeline's stage trace (when each stage's all-to-alls were issued and waited
+// for, when its experts ran), from which tests judge the overlap of stages.
+class StageScope {
+ public:
+  explicit StageScope(int64_t stage);
+  ~StageScope();
+  StageScope(const StageScope&) = delete;
+  StageScope& operator=(const StageScope&) = delete;
+
+ private:
+  int64_t previous_;
 };
 
 // Times one collective (or, with phase "experts", a stretch of compute):

@@ -55,6 +55,7 @@ class CollectiveRecord:
     bytes_intra: int  # sent to other ranks of this node
     bytes_inter: int  # sent to ranks of other nodes
     bytes_to_rank: tuple[int, ...]  # sent to each rank of the group
+    stage: int = -1  # the pipelined exchange's stage (its stage trace); -1 outside a pipelined layer
 
 
 @dataclass
@@ -147,7 +148,7 @@ class CommStats:
             else:
                 inter += nbytes
         return CollectiveRecord(raw["layer"], raw["phase"], raw["group"], raw["start_s"], raw["seconds"],
-                                raw["wait_seconds"], intra, inter, tuple(raw["bytes_to_rank"]))
+                                raw["wait_seconds"], intra, inter, tuple(raw["bytes_to_rank"]), raw["stage"])
 
     def step(self) -> StepStats:
         """Everything recorded since the last call, as one step. Reads device timing events (a sync) if any."""
