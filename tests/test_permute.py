@@ -120,3 +120,63 @@ def test_permute_cuda_matches_cpu(capacity, dtype, gen):
     gpu = ops.permute(tokens.cuda(), ids.cuda(), 64, capacity)
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(b.cpu(), a, rtol=0, atol=0)
+
+
+def on_threads(num_threads, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_permute_and_unpermute_do_not_depend_on_the_thread_count(gen):
+    """Bitwise the same on 1, 2 and 3 threads at sizes where the CPU kernels split their work
+    (csrc/cpu/permute_kernels.cpp): the counting sort above 2 * 4096 assignments, the row loops above 64 KiB of
+    rows per task (here 256 B per token: tasks of 256 tokens). Sums over k in slot order whatever the split."""
+    num_tokens, num_experts, k, hidden = 2100, 16, 4, 16
+    tokens = random_tokens(num_tokens, hidden, torch.float32, "cpu", gen)
+    ids = random_expert_ids(num_tokens, num_experts, k, gen)
+    ids[::9, 1] = -1
+    rows = torch.randn(num_tokens * k, hidden, generator=gen)  # stand-in for expert outputs
+    weights = torch.rand(num_tokens, k, generator=gen)
+    grad = torch.randn(num_tokens, hidden, generator=gen)
+
+    def run():
+        permuted, counts, row_map = ops.permute(tokens, ids, num_experts)
+        r, w = rows.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = ops.unpermute(r, row_map, w)
+        out.backward(grad)
+        return permuted, counts, row_map, out, r.grad, w.grad
+
+    serial = on_threads(1, run)
+    for threads in (2, 3):
+        for name, a, b in zip(("permuted", "counts", "row_map", "out", "grad rows", "grad weights"), serial,
+                              on_threads(threads, run)):
+            assert torch.equal(a, b), f"{name} on {threads} threads differs from 1 thread"
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_cuda_treats_out_of_range_ids_and_rows_as_dropped(capacity, gen):
+    """The CUDA kernels do not check ids on the host (that would sync): ids outside [-1, E) are dropped, as -1 is on
+    the CPU (which raises for them); so are rows outside [-1, rows) in unpermute's row map."""
+    num_experts = 8
+    tokens = random_tokens(64, 16, torch.float32, "cpu", gen)
+    ids = random_expert_ids(64, num_experts, 2, gen)
+    bad = ids.clone()
+    bad[::5, 0], bad[1::5, 1], bad[2::7, 0] = num_experts, 1000, -7
+    dropped = torch.where((bad >= 0) & (bad < num_experts), bad, -1)
+    cpu = ops.permute(tokens, dropped, num_experts, capacity)
+    gpu = ops.permute(tokens.cuda(), bad.cuda(), num_experts, capacity)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=0)
+
+    rows, _, row_map = cpu
+    bad_map = row_map.clone()
+    bad_map[::3, 0], bad_map[1::4, 1] = rows.shape[0], -5
+    weights = torch.rand(64, 2, generator=gen)
+    expected = ops.unpermute(rows, torch.where((bad_map >= 0) & (bad_map < rows.shape[0]), bad_map, -1), weights)
+    torch.testing.assert_close(ops.unpermute(rows.cuda(), bad_map.cuda(), weights.cuda()).cpu(), expected, rtol=0,
+                               atol=0)
