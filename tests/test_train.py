@@ -1,5 +1,6 @@
 """The main job, examples/train_moe_lm.py: a tiny end-to-end run on 2 ranks, resume on
-another number of ranks, determinism, and one-line errors for bad input."""
+another number of ranks, determinism, one-line errors for bad input, run folders never
+written over without --overwrite, and the plots."""
 
 import json
 import os
@@ -52,8 +53,9 @@ def check_checkpoint_holds_its_bytes_only(path: Path) -> int:
     return own
 
 
-def run(*args, check=True):
-    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+def run(*args, check=True, cwd=None):
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600,
+                            cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(result.stdout + result.stderr)
     return result
@@ -82,19 +84,34 @@ def test_trains_writes_run_folder_and_resumes_on_another_number_of_ranks(corpus,
     saved_bytes = check_checkpoint_holds_its_bytes_only(out / "checkpoint.pt")
     assert saved_bytes == 3 * 4 * parameters + 4 * len(saved["optimizer"])  # fp32 weights, moments, step
 
+    # Resumed into another folder: the run's record goes there, whole; the checkpoint's folder is left alone.
+    before = folder_state(out)
     resumed = tmp_path / "resumed"
-    run("--data", str(corpus), "--out", str(resumed), "--nproc", "1", "--resume", str(out / "checkpoint.pt"),
-        *TINY[:1], "9", *TINY[2:])
-    assert json.loads((resumed / "metrics.json").read_text())["steps"][-1] == 9
+    result = run("--data", str(corpus), "--out", str(resumed), "--nproc", "1", "--resume", str(out / "checkpoint.pt"),
+                 *TINY[:1], "9", *TINY[2:])
+    assert f"resumed from step 6 of {out / 'checkpoint.pt'}: training to step 9 in {resumed}/" in result.stdout
+    again = json.loads((resumed / "metrics.json").read_text())
+    assert again["steps"] == metrics["steps"] + [7, 8, 9] and again["resumed_at"] == [6]
+    assert again["train_seconds"] > metrics["train_seconds"]
+    assert folder_state(out) == before
     assert check_checkpoint_holds_its_bytes_only(resumed / "checkpoint.pt") == saved_bytes  # 1 rank, as 2
 
 
+def folder_state(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Each file's modification time and bytes: equal states mean nothing was written there."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
 def test_same_seed_same_run(corpus, tmp_path):
+    """Twice the same run, the second one --overwrite the first's folder (replaced whole: its checkpoint too)."""
     first = run("--data", str(corpus), "--out", str(tmp_path / "a"), "--nproc", "2", *TINY)
-    second = run("--data", str(corpus), "--out", str(tmp_path / "b"), "--nproc", "2", *TINY)
     a = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    before = folder_state(tmp_path / "a")
+    second = run("--data", str(corpus), "--out", str(tmp_path / "a"), "--nproc", "2", *TINY, "--overwrite")
+    b = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert a["train_bits_per_byte"] == b["train_bits_per_byte"] and a["eval"] == b["eval"]
+    after = folder_state(tmp_path / "a")
+    assert after.keys() == before.keys() and all(after[k][0] > before[k][0] for k in before)
     assert first.stdout.splitlines()[-2].split(";")[0] == second.stdout.splitlines()[-2].split(";")[0]
 
 
@@ -118,7 +135,13 @@ def test_bad_input_is_one_line(corpus, tmp_path):
     garbage.write_bytes(os.urandom(4096))
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     run("--data", str(corpus), "--out", str(tmp_path / "run"), "--nproc", "1", *TINY)
+    finished = folder_state(tmp_path / "run")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.json").write_text("{}")  # a folder that holds a run, as far as a run can tell
     cases = {
+        ("--data", str(corpus), "--out", str(tmp_path / "run")):
+            f"{tmp_path / 'run'}/ already holds a run (metrics.json, checkpoint.pt): pass --overwrite to replace it, "
+            f"or --out another folder",
         ("--data", str(tmp_path / "missing")): "no such folder",
         ("--data", str(empty)): "holds no .py files",
         ("--data", str(corpus), "--seq-len", "100000000"): "is longer than the training data",
@@ -153,10 +176,42 @@ def test_bad_input_is_one_line(corpus, tmp_path):
         ("--data", str(corpus), "--seq-len", "1"): "--seq-len must be >= 2, got 1",
     }
     for extra, message in cases.items():
-        result = run(*TINY, *extra, check=False)
+        result = run(*TINY, *extra, check=False, cwd=tmp_path)
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), (extra, result.stderr)
         assert message in lines[0], (extra, lines[0])
+    assert folder_state(tmp_path / "run") == finished and not (tmp_path / "runs").exists()
+    assert (tmp_path / "other" / "metrics.json").read_text() == "{}"
+
+    # In process, as the launcher checks (each case above costs a process start): --resume alone goes on in the
+    # checkpoint's folder, to the total steps of its run (here: nothing left); into a folder that holds another
+    # run only with --overwrite.
+    sys.path.insert(0, str(SCRIPT.parent))
+    from moe_lm.train import UsageError, check_run_folder, parse_args, validate
+
+    resume = ["--resume", str(tmp_path / "run" / "checkpoint.pt")]
+    args = parse_args([*TINY[2:], *resume])
+    assert args.out == tmp_path / "run"
+    with pytest.raises(UsageError, match="is at step 6: --steps 6 leaves nothing to train"):
+        validate(args, 1, 10_000)
+    check_run_folder(parse_args([*TINY, *resume, "--steps", "9"]))  # its own run: goes on
+    with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'other'}/ already holds a run (metrics.json): "
+                                                   f"pass --overwrite")):
+        check_run_folder(parse_args([*TINY, *resume, "--steps", "9", "--out", str(tmp_path / "other")]))
+    check_run_folder(parse_args([*TINY, *resume, "--steps", "9", "--out", str(tmp_path / "other"), "--overwrite"]))
+
+
+def test_torchrun_ranks_all_refuse_a_folder_that_holds_a_run(corpus, tmp_path):
+    """Under torchrun rank 0 alone checks the run folder (it alone writes there) and every rank stops with
+    its message, at once, before any training: none waits for the others."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"a run")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(SCRIPT), "--data", str(corpus), "--out", str(tmp_path / "run"), *TINY],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    message = f"error: {tmp_path / 'run'}/ already holds a run (checkpoint.pt): pass --overwrite"
+    assert result.returncode != 0 and result.stderr.count(message) == 2, result.stderr
+    assert "training:" not in result.stderr and (tmp_path / "run" / "checkpoint.pt").read_bytes() == b"a run"
 
 
 def test_shadowing_and_replacement_record_and_resume_where_experts_were(corpus, tmp_path):
@@ -262,17 +317,62 @@ def test_a_signal_saves_a_checkpoint_stops_every_rank_and_the_run_resumes(corpus
              if line.strip() and not line.startswith("training:")]
     assert code == 128 + signum and len(lines) == 1, lines
     name = signal.Signals(signum).name
-    match = re.fullmatch(rf"stopped by {name} after step (\d+) of 5000: checkpoint saved to (.*); continue with "
-                         r"--resume \2", lines[0])
-    assert match and match[2] == str(out / "checkpoint.pt"), lines[0]
+    match = re.fullmatch(rf"stopped by {name} after step (\d+) of 5000: saved (.*)/ \(metrics.json, loss.png, "
+                         r"expert_load.png, checkpoint.pt\); continue with --resume \2/checkpoint.pt", lines[0])
+    assert match and match[2] == str(out), lines[0]
     step = int(match[1])
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step
+    # the run so far, as a finished run leaves it: its record ends at the step it stopped after
+    stopped = json.loads((out / "metrics.json").read_text())
+    assert stopped["steps"][-1] == step and stopped["eval"] == [] and stopped["train_seconds"] > 0
+    assert (out / "loss.png").is_file() and (out / "expert_load.png").is_file()
     deadline = time.monotonic() + 10
     while any(_running(pid) for pid in ranks):
         assert time.monotonic() < deadline, f"processes {ranks} outlived the launcher"
         time.sleep(0.2)
     if to == "launcher" and signum == signal.SIGINT:  # once is enough: the resumed run goes on from that step
-        resumed = tmp_path / "resumed"
-        run("--data", str(corpus), "--out", str(resumed), "--nproc", "2", "--resume", str(out / "checkpoint.pt"),
-            *TINY[2:], "--steps", str(step + 2))
-        assert json.loads((resumed / "metrics.json").read_text())["steps"][-1] == step + 2
+        # as the message says, with no --out: in the checkpoint's folder, not the default one
+        result = run("--data", str(corpus), "--nproc", "2", "--resume", str(out / "checkpoint.pt"), *TINY[2:],
+                     "--steps", str(step + 2), cwd=tmp_path)
+        assert f"resumed from step {step} of {out / 'checkpoint.pt'}: training to step {step + 2} in {out}/" \
+            in result.stdout
+        final = result.stdout.splitlines()[-2]  # the whole run's steps and time, then this session's part
+        assert re.search(rf"after {step + 2} steps; .*; training \d+ s, \d+ s of it since the resume at step {step}$",
+                         final), final
+        assert not (tmp_path / "runs").exists()
+        whole = json.loads((out / "metrics.json").read_text())
+        assert whole["steps"][:len(stopped["steps"])] == stopped["steps"] and whole["steps"][-1] == step + 2
+        assert whole["resumed_at"] == [step] and whole["train_seconds"] > stopped["train_seconds"]
+        assert [e["step"] for e in whole["eval"]] == [step + 2]
+        sys.path.insert(0, str(SCRIPT.parent))
+        from moe_lm.plots import loss_figure
+
+        assert list(loss_figure(whole).axes[0].lines[0].get_xdata()) == whole["steps"]  # the loss of every step
+
+
+def test_expert_load_plot_labels_every_expert_on_one_scale_around_the_uniform_share():
+    """Every expert named on its layer's axis, one colour normalisation (and colour bar) for all layers that
+    spans every layer's loads, and the uniform share 1 / experts marked on it as the scale's centre."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from moe_lm.plots import expert_load_figure
+
+    experts = 5
+    balanced, skewed = [0.2] * experts, [0.7, 0.1, 0.1, 0.1, 0.0]
+    metrics = {"load_steps": [2, 4, 5], "expert_load": [[balanced, skewed], [balanced, balanced], [skewed, balanced]]}
+    fig = expert_load_figure(metrics)
+    meshes = [ax.collections[0] for ax in fig.axes if ax.get_ylabel().startswith("layer")]
+    assert len(meshes) == 2
+    for layer, mesh in enumerate(meshes):
+        assert [t.get_text() for t in mesh.axes.get_yticklabels()] == [str(e) for e in range(experts)]
+        assert list(mesh.axes.get_yticks()) == list(range(experts))
+        np.testing.assert_allclose(mesh.get_array().reshape(experts, 3).T,
+                                   [record[layer] for record in metrics["expert_load"]])
+    norm = meshes[0].norm
+    assert all(mesh.norm is norm for mesh in meshes) and norm.vmin <= 0 and norm.vmax >= 0.7
+    assert norm.vcenter == pytest.approx(1 / experts)  # white: the uniform share
+    bars = {id(mesh.colorbar) for mesh in meshes if mesh.colorbar is not None}
+    assert len(bars) == 1 and len(fig.axes) == 3  # two layers, one colour bar
+    bar = next(mesh.colorbar for mesh in meshes if mesh.colorbar is not None)
+    ticks = dict(zip(bar.get_ticks(), (t.get_text() for t in bar.ax.get_yticklabels())))
+    assert any(abs(value - 1 / experts) < 1e-9 and "uniform" in label for value, label in ticks.items()), ticks
+    assert any(list(line.get_ydata()) == [1 / experts] * 2 for line in bar.ax.lines)

@@ -114,10 +114,11 @@ def _read(path: Path, mmap: bool = False) -> dict:
     return checkpoint
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """(model config, step) of the checkpoint at `path`; raises CheckpointError with one line."""
+def read_header(path: Path) -> tuple[dict, int, int | None]:
+    """(model config, step, the run's total steps: None in a checkpoint older than that field) of the
+    checkpoint at `path`; raises CheckpointError with one line."""
     checkpoint = _read(path, mmap=True)
-    return checkpoint["config"], int(checkpoint["step"])
+    return checkpoint["config"], int(checkpoint["step"]), checkpoint["metrics"].get("total_steps")
 
 
 def check_config(path: Path, saved: dict, current: dict) -> None:

@@ -6,11 +6,15 @@ and moeflux.DataParallel synchronising the gradients.
     python examples/train_moe_lm.py --nproc 4 --experts 16 --steps 600
     torchrun --nproc-per-node 8 examples/train_moe_lm.py   # one rank per GPU (NCCL), or CPU ranks with gloo
     python examples/train_moe_lm.py --resume runs/moe-lm/checkpoint.pt --steps 800   # continue, on any number of ranks
+    python examples/train_moe_lm.py --out runs/moe-lm --overwrite   # start again in a folder that holds a run
     python examples/train_moe_lm.py --shadowing auto --replace-every 50   # balance the load (FasterMoE, SmartMoE)
 
 It shows a progress bar with the loss and tokens/s, evaluates bits per byte on
 held-out files (never trained on) next to the unigram baseline, and writes a
-run folder: metrics.json, loss.png, expert_load.png and checkpoint.pt.
+run folder: metrics.json, loss.png, expert_load.png and checkpoint.pt, also at
+every checkpoint and when Ctrl-C stops it. A resumed run goes on in its
+checkpoint's folder and carries the run's metrics forward. A folder that holds
+another run is never written over without --overwrite.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -39,6 +44,14 @@ from .interrupts import StopOnSignal, die_with_parent, exit_code
 from .launch import RankFailed, spawn_ranks
 from .model import ByteLM, ModelConfig
 from .routing_trace import RoutingRecorder
+
+
+DEFAULT_OUT = Path("runs/moe-lm")
+DEFAULT_STEPS = 700
+RUN_FILES = ("metrics.json", "checkpoint.pt")  # a folder holding either holds a run
+# Kept from the checkpoint by a resumed run: the record of the whole run (the rest describes this session).
+CARRIED_METRICS = ("steps", "train_bits_per_byte", "tokens_per_second", "load_steps", "expert_load", "eval",
+                   "replacements", "shadowed_experts", "resumed_at", "train_seconds")
 
 
 class UsageError(ValueError):
@@ -82,13 +95,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="expert-parallel size: experts are split over this many ranks, the rest are replicas "
                         "(default: all ranks); must divide the number of ranks and --experts")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=700, help="total optimizer steps (default 700)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"total optimizer steps (default {DEFAULT_STEPS}, or with --resume the resumed run's total)")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     g.add_argument("--aux-loss-weight", type=float, default=1e-2, help="load-balancing loss weight (default 0.01)")
     g.add_argument("--eval-bytes", type=int, default=100_000, help="held-out bytes to evaluate on (default 100000)")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
-    g.add_argument("--out", type=Path, default=Path("runs/moe-lm"), help="run folder (default runs/moe-lm)")
-    g.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue from")
+    g.add_argument("--out", type=Path, default=None,
+                   help=f"run folder (default: with --resume the checkpoint's folder, else {DEFAULT_OUT})")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out holds (its metrics.json, plots and checkpoint.pt); without it such "
+                        "a folder is refused, unless it is the folder of the --resume checkpoint (that run goes on)")
+    g.add_argument("--resume", type=Path, default=None,
+                   help="checkpoint.pt to continue from (the run goes on in its folder unless --out names another)")
     g.add_argument("--record-routing", type=Path, default=None,
                    help="write the routing (tokens of each rank to each expert, per layer and step) to this .npz, "
                         "in the layout of the traces moeflux.sim reads")
@@ -97,7 +116,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--compile", action="store_true",
                    help="compile the model with torch.compile (the whole forward as one graph with --schedule bulk "
                         "and no --shadowing; the pipelined and shadowed exchanges run eagerly inside it)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:  # a resumed run goes on where it was, not in the default folder
+        args.out = args.resume.parent if args.resume is not None else DEFAULT_OUT
+    return args
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -124,7 +146,9 @@ def expert_parallel_size(args: argparse.Namespace, world: int) -> int:
 
 
 def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
-    """Everything that can be checked before any rank starts; raises UsageError. Normalises --shadowing."""
+    """Everything that can be checked before any rank starts but the run folder (check_run_folder); raises
+    UsageError. Normalises --shadowing and sets --steps when not given."""
+    resumed = resume_header(args)
     positive = {"--steps": args.steps, "--batch": args.batch, "--layers": args.layers, "--d-model": args.d_model,
                 "--heads": args.heads, "--d-ffn": args.d_ffn, "--experts": args.experts, "--eval-bytes": args.eval_bytes,
                 "--checkpoint-every": args.checkpoint_every, "--record-every": args.record_every}
@@ -160,18 +184,42 @@ def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
         raise UsageError(f"{named} must divide the number of ranks ({world})")
     if args.experts % ep:
         raise UsageError(f"{named} must divide --experts {args.experts}")
-    if args.resume is not None:
-        if not args.resume.is_file():
-            raise UsageError(f"--resume {args.resume}: no such file")
-        saved_config, saved_step = checkpoint.read_header(args.resume)
+    if resumed is not None:
+        saved_config, saved_step = resumed
         checkpoint.check_config(args.resume, saved_config, asdict(model_config(args)))
         if args.steps <= saved_step:
             raise UsageError(f"--resume {args.resume} is at step {saved_step}: --steps {args.steps} leaves nothing "
                              f"to train (--steps is the total, so pass more than {saved_step})")
-    # Last, as it creates the folder: a run that cannot save must not train first and fail at the end.
-    check_writable_folder(args.out, "--out")
-    if args.record_routing is not None:
+    if args.record_routing is not None:  # last, as it creates the folder
         check_writable_folder(args.record_routing.parent, "--record-routing")
+
+
+def resume_header(args: argparse.Namespace) -> tuple[dict, int] | None:
+    """The --resume checkpoint's (model config, step), None without --resume. --steps not given is the resumed
+    run's total, so that following the stop message (`--resume path` alone) finishes the run as planned."""
+    if args.resume is None:
+        args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+        return None
+    if not args.resume.is_file():
+        raise UsageError(f"--resume {args.resume}: no such file")
+    config, step, total_steps = checkpoint.read_header(args.resume)
+    if args.steps is None:
+        args.steps = total_steps if total_steps is not None else DEFAULT_STEPS
+    return config, step
+
+
+def check_run_folder(args: argparse.Namespace) -> None:
+    """Refuses --out when it holds a run this one would write over (unless --overwrite, or it is the resumed
+    checkpoint's own run, which goes on), then creates it; raises UsageError. Checked where the folder is
+    written: by the launcher (its ranks run on its machine), or on rank 0 under torchrun (on_rank_zero)."""
+    own = args.out / "checkpoint.pt"
+    goes_on = args.resume is not None and own.is_file() and os.path.samefile(own, args.resume)
+    held = [name for name in RUN_FILES if (args.out / name).exists()]
+    if held and not (goes_on or args.overwrite):
+        raise UsageError(f"{args.out}/ already holds a run ({', '.join(held)}): pass --overwrite to replace it, "
+                         f"or --out another folder")
+    # Before any rank starts: a run that cannot save must not train first and fail at the end.
+    check_writable_folder(args.out, "--out")
 
 
 def check_writable_folder(folder: Path, option: str) -> None:
@@ -266,23 +314,26 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor], s
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     metrics = {"config": asdict(config), "world_size": world, "ep_size": groups.ep_size,
-               "shadowing": exchange["shadowing"], "replace_every": args.replace_every, "steps": [],
-               "train_bits_per_byte": [], "tokens_per_second": [], "load_steps": [], "expert_load": [], "eval": [],
-               "replacements": [], "shadowed_experts": []}
+               "shadowing": exchange["shadowing"], "replace_every": args.replace_every, "total_steps": args.steps,
+               "steps": [], "train_bits_per_byte": [], "tokens_per_second": [], "load_steps": [], "expert_load": [],
+               "eval": [], "replacements": [], "shadowed_experts": [], "resumed_at": [], "train_seconds": 0.0}
     # SmartMoE: moves experts (weights, AdamW state) between the ranks of each expert-parallel group as the
     # load shifts; every rank, replicas included, makes the same choice from the load summed over the world.
     replacement = moeflux.ExpertReplacement(lm, optimizer, every=args.replace_every) if args.replace_every else None
     start_step = 0
     if args.resume is not None:
         start_step, saved = checkpoint.load(args.resume, lm, optimizer, schedule)  # and the saved placements
-        for key in ("steps", "train_bits_per_byte", "tokens_per_second", "load_steps", "expert_load", "eval",
-                    "replacements", "shadowed_experts"):
-            metrics[key] = saved.get(key, [])
+        for key in CARRIED_METRICS:  # the whole run's record, not this session's only
+            metrics[key] = saved.get(key, metrics[key])
+        metrics["resumed_at"] = [*metrics["resumed_at"], start_step]
         if replacement is not None:
             replacement.steps = start_step  # re-place at the same steps as a run that was not interrupted
-    args.out.mkdir(parents=True, exist_ok=True)
+    earlier_seconds = metrics["train_seconds"]
     if rank == 0:
         metrics["unigram_bits_per_byte"] = data.unigram_bits_per_byte(train_data, test[: args.eval_bytes])
+        if args.resume is not None:
+            print(f"resumed from step {start_step} of {args.resume}: training to step {args.steps} in {args.out}/",
+                  flush=True)
 
     recorder = RoutingRecorder(lm.moe_layers()) if args.record_routing is not None else None
     bar = None
@@ -317,7 +368,8 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor], s
         optimizer.zero_grad(set_to_none=False)
         schedule.step()
         window_steps += 1
-        if step % log_every == 0 or step == args.steps:
+        signum = stop.agreed(device) if step != args.steps else 0  # the last step's save is the final one
+        if step % log_every == 0 or step == args.steps or signum:  # a stopped run's record ends at its last step
             mean_loss = loss.detach().float().cpu()
             dist.all_reduce(mean_loss)
             bits = data.to_bits(float(mean_loss) / world)
@@ -337,38 +389,49 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor], s
             window_start, window_steps = time.perf_counter(), 0
         if bar is not None:
             bar.update(1)
-        signum = stop.agreed(device) if step != args.steps else 0  # the last step's save is the final one
         if signum or (step % args.checkpoint_every == 0 and step != args.steps):  # one save, whichever asks
-            checkpoint.save(args.out / "checkpoint.pt", lm, optimizer, schedule, step, asdict(config), metrics)
+            metrics["train_seconds"] = earlier_seconds + time.perf_counter() - started
+            files = save_run(args.out, lm, optimizer, schedule, step, metrics)
         if signum:
             if bar is not None:
                 bar.close()
-                path = args.out / "checkpoint.pt"
-                print(f"stopped by {signal.Signals(signum).name} after step {step} of {args.steps}: checkpoint saved "
-                      f"to {path}; continue with --resume {path}", file=sys.stderr)
+                print(f"stopped by {signal.Signals(signum).name} after step {step} of {args.steps}: saved "
+                      f"{folder_summary(args.out, files)}; continue with --resume {args.out / 'checkpoint.pt'}",
+                      file=sys.stderr)
             return exit_code(signum)
     if bar is not None:
         bar.close()
-    train_seconds = time.perf_counter() - started
+    session_seconds = time.perf_counter() - started
 
     if recorder is not None and (written := recorder.save(args.record_routing)) is not None:
         print(f"routing of {len(recorder.steps)} steps written to {written}")
     bpb = held_out_bits_per_byte(model, test, args, device)
     if rank == 0:
         metrics["eval"].append({"step": args.steps, "bits_per_byte": bpb})
-        metrics["train_seconds"] = train_seconds
-        metrics["mean_tokens_per_second"] = (args.steps - start_step) * tokens_per_step / max(train_seconds, 1e-9)
-    checkpoint.save(args.out / "checkpoint.pt", lm, optimizer, schedule, args.steps, asdict(config), metrics)
+        metrics["train_seconds"] = earlier_seconds + session_seconds
+        metrics["mean_tokens_per_second"] = (args.steps - start_step) * tokens_per_step / max(session_seconds, 1e-9)
+    files = save_run(args.out, lm, optimizer, schedule, args.steps, metrics)
     if rank == 0:
-        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        if metrics["steps"]:
-            plots.loss_curve(metrics, args.out / "loss.png")
-            plots.expert_load(metrics, args.out / "expert_load.png")
-        print(f"held-out: {bpb:.3f} bits/byte (unigram baseline {metrics['unigram_bits_per_byte']:.3f}); "
-              f"{metrics['mean_tokens_per_second']:,.0f} tokens/s over {world} ranks (ep size {groups.ep_size}); "
-              f"training {train_seconds:.0f} s")
-        print(f"run folder: {args.out}/ (metrics.json, loss.png, expert_load.png, checkpoint.pt)")
+        since = f", {session_seconds:.0f} s of it since the resume at step {start_step}" if start_step else ""
+        print(f"held-out: {bpb:.3f} bits/byte (unigram baseline {metrics['unigram_bits_per_byte']:.3f}) after "
+              f"{args.steps} steps; {metrics['mean_tokens_per_second']:,.0f} tokens/s over {world} ranks (ep size "
+              f"{groups.ep_size}); training {metrics['train_seconds']:.0f} s{since}")
+        print(f"run folder: {folder_summary(args.out, files)}")
     return 0
+
+
+def save_run(out: Path, lm: ByteLM, optimizer, schedule, step: int, metrics: dict) -> list[str]:
+    """Collective: saves the checkpoint and, on rank 0, metrics.json and the plots of the run so far, so that
+    the folder always shows the run up to its checkpoint. Returns the names written (none on other ranks)."""
+    checkpoint.save(out / "checkpoint.pt", lm, optimizer, schedule, step, metrics["config"], metrics)
+    if dist.get_rank() != 0:
+        return []
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return ["metrics.json", *plots.write_plots(metrics, out), "checkpoint.pt"]
+
+
+def folder_summary(out: Path, written: list[str]) -> str:
+    return f"{out}/ ({', '.join(written)})"
 
 
 # ---- launching
@@ -395,6 +458,21 @@ def _rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace
     sys.exit(code)
 
 
+def on_rank_zero(check: Callable[[], None]) -> None:
+    """Collective: runs `check` on rank 0 only and raises its UsageError on every rank. For what only rank 0
+    writes (the run folder): the ranks may not share its filesystem, and a rank that stopped alone would leave
+    the others waiting for it."""
+    refusal = [None]
+    if dist.get_rank() == 0:
+        try:
+            check()
+        except UsageError as e:
+            refusal[0] = str(e)
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise UsageError(refusal[0])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -406,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UsageError(f"--nproc must be >= 1, got {world}")
         corpus = data.load_corpus(args.data)
         validate(args, world, corpus[0].numel())
+        if not under_torchrun:  # under torchrun, rank 0 checks once every rank has joined: see on_rank_zero
+            check_run_folder(args)
     except (UsageError, data.DataError, checkpoint.CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -415,7 +495,10 @@ def main(argv: list[str] | None = None) -> None:
         stop = StopOnSignal()  # torchrun passes SIGINT/SIGTERM on to its workers
         dist.init_process_group("nccl" if _use_gpus() else "gloo", timeout=timedelta(minutes=10))
         try:
+            on_rank_zero(lambda: check_run_folder(args))
             code = train(args, corpus, stop)
+        except UsageError as e:
+            code = f"error: {e}"
         finally:
             dist.destroy_process_group()
         if code:
