@@ -388,6 +388,65 @@ def check_moves_between_backward_and_step(groups):
     return [layer.placement.expert_at for layer in moved.lm.moe_layers()]
 
 
+# ---- the load the policy receives
+
+
+class SpyPolicy:
+    """Records every load it is given; moves each layer's experts at its first call (so that later windows
+    span a move), never again."""
+
+    def __init__(self):
+        self.loads = []
+
+    def __call__(self, load, placement):
+        self.loads.append(load.copy())
+        if len(self.loads) > CONFIG.layers:
+            return None
+        return ExpertPlacement(placement.num_experts, placement.ep_size, placement.ep_rank,
+                               permutation(placement.num_experts, 50 + len(self.loads)))
+
+
+def check_policy_load(groups):
+    """The policy's load is MoE.routed_tokens_per_expert (checked against the router's choices: by global
+    expert) of the training forwards of the last `window` steps, summed over the ranks: not the evaluation
+    forwards in between, nor steps before the window, also after experts moved."""
+    every, window, steps = 2, 3, 7
+    torch.manual_seed(0)
+    lm = ByteLM(CONFIG, groups)
+    spy = SpyPolicy()
+    replacement = moeflux.ExpertReplacement(lm, every=every, window=window, policy=spy)
+    layers = lm.moe_layers()
+    chosen = {}
+    for layer in layers:
+        layer.router.register_forward_hook(lambda m, inputs, out: chosen.__setitem__(m, out.expert_ids))
+    per_step, expected = [], []
+    for step in range(1, steps + 1):
+        counts = torch.zeros(len(layers), CONFIG.experts, dtype=torch.int64)
+        with torch.no_grad():
+            for micro in range(1 + step % 2):  # one or two training forwards (gradient accumulation)
+                lm.train()
+                lm(batch(10 * step + micro)[0])
+                for i, layer in enumerate(layers):
+                    routed = layer.routed_tokens_per_expert
+                    assert torch.equal(routed, torch.bincount(chosen[layer.router].flatten().long(),
+                                                              minlength=CONFIG.experts))  # dropless
+                    counts[i] += routed
+                lm.eval()
+                lm(batch(10 * step + 5)[0])  # evaluation between them: not counted
+        per_step.append(counts)
+        calls = len(spy.loads)
+        replacement.step()
+        assert len(spy.loads) == calls + (len(layers) if step % every == 0 else 0)
+        if step % every == 0:
+            total = torch.stack(per_step[-window:]).sum(0)
+            dist.all_reduce(total)
+            expected.extend(total.double().numpy())
+    for n, (got, want) in enumerate(zip(spy.loads, expected, strict=True)):
+        np.testing.assert_array_equal(got, want, err_msg=f"call {n} of the policy")
+    assert all(not layer.placement.is_contiguous for layer in layers), "the spy moved no expert"
+    return len(spy.loads)
+
+
 # ---- checkpoints and state dicts after re-placement
 
 
@@ -511,6 +570,7 @@ def world2_worker(rank, world, tmp):
         ("move_rows", lambda: check_move_rows(dist.group.WORLD, seed=1)),
         ("move_errors", lambda: check_move_errors(dist.group.WORLD)),
         ("replacement_config", lambda: check_replacement_config(groups)),
+        ("policy_load", lambda: check_policy_load(groups)),
         ("equivalence", lambda: check_equivalence(groups, ctx)),
         ("save", lambda: check_save_after_replacement(ctx, tmp)),
         ("state_dict", lambda: check_state_dict_after_replacement(groups, ctx)),
@@ -532,6 +592,7 @@ def world4_worker(rank, world, tmp):
         ("replacement_config", lambda: check_replacement_config(ep4)),
         ("equivalence", lambda: check_equivalence(ep4, {})),
         ("equivalence_ep2", lambda: check_equivalence(ep2, {})),
+        ("policy_load_ep2", lambda: check_policy_load(ep2)),  # replicas: summed over all four ranks
         ("load", lambda: load_and_compare(tmp, ep4)),
         ("load_ep2", lambda: load_and_compare(tmp, ep2)),
         ("in_flight_ep2", lambda: check_moves_between_backward_and_step(ep2)),
@@ -593,6 +654,12 @@ def test_replacement_configuration_agreed_at_construction(world, request):
                       ("invalid window on one rank", "window must be an int >= 1, got '3'")):
         assert messages[-1][name] == f"moeflux.ExpertReplacement: {own}"
         assert all(m[name] == carried(messages[-1][name], world - 1) for m in messages[:-1]), (name, messages)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_policy_receives_the_routed_load_of_the_last_window_training_steps(world, request):
+    name = "policy_load" if world == 2 else "policy_load_ep2"
+    assert outcome(request.getfixturevalue(f"world{world}"), name) == [3 * CONFIG.layers] * world
 
 
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2)])
