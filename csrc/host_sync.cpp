@@ -13,7 +13,7 @@ at::Tensor to_host(const at::Tensor& t, const std::string& site) {
     const std::lock_guard<std::mutex> lock(mutex);
     ++reads[site];
   }
-  return t.to(at::kCPU);
+  return t.is_cpu() ? t : t.to(at::kCPU);  // no op on the CPU: opcheck's schema check sees only the op's own
 }
 
 std::map<std::string, int64_t> host_reads() {

@@ -20,7 +20,7 @@ using ExpertFfnBackwardOp = decltype(expert_ffn_backward);
 
 at::Tensor counts_for_gemms(const at::Tensor& tokens_per_expert, const at::Tensor& rows, bool use_aten) {
   if (use_aten || tokens_per_expert.device() != rows.device()) return tokens_per_expert;
-  return to_host(tokens_per_expert, "counts:expert_gemms").to(at::kInt);
+  return to_host(tokens_per_expert, "counts:expert_gemms");  // its dtype as given: the op checks it is Int
 }
 
 at::Tensor zeros_if_undefined(const at::Tensor& grad, const at::Tensor& like) {
