@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from multiprocess import run_ranks
+
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train_moe_lm.py"
 TINY = ["--steps", "6", "--batch", "2", "--seq-len", "16", "--d-model", "16", "--heads", "2", "--d-ffn", "16",
         "--experts", "4", "--eval-bytes", "2000", "--checkpoint-every", "3"]
@@ -95,6 +97,67 @@ def test_trains_writes_run_folder_and_resumes_on_another_number_of_ranks(corpus,
     assert again["train_seconds"] > metrics["train_seconds"]
     assert folder_state(out) == before
     assert check_checkpoint_holds_its_bytes_only(resumed / "checkpoint.pt") == saved_bytes  # 1 rank, as 2
+
+    # On another number of ranks each step's batch is another (each rank draws its own), so the state is compared
+    # where it can be: loaded on 1 rank and saved again, the checkpoint comes back bit for bit (every expert's rows
+    # and AdamW moments, written by 2 ranks, read and gathered by one).
+    again_path = tmp_path / "again.pt"
+    run_ranks(1, reload_and_save, out / "checkpoint.pt", again_path)
+    keys = ("model", "optimizer", "param_groups", "scheduler", "step")  # "placements" says which layout wrote it
+    assert_same_state(*({k: saved[k] for k in keys} for saved in (torch.load(again_path, weights_only=True),
+                                                                 torch.load(out / "checkpoint.pt", weights_only=True))))
+
+
+def reload_and_save(rank, world, path, again):
+    """The main job's checkpoint loaded into this world's model and optimizer (its own layout), then saved."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import moeflux
+    from moe_lm import checkpoint
+    from moe_lm.model import ByteLM, ModelConfig
+
+    saved = torch.load(path, weights_only=True)
+    lm = ByteLM(ModelConfig(**saved["config"]), moeflux.init_expert_parallel(world))
+    optimizer = torch.optim.AdamW(lm.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    step, metrics = checkpoint.load(path, lm, optimizer, schedule)
+    checkpoint.save(again, lm, optimizer, schedule, step, saved["config"], metrics)
+
+
+def assert_same_state(got: dict, expected: dict, path: str = "") -> None:
+    """The same checkpoint contents, tensor for tensor, bit for bit (weights, AdamW's moments and steps, the
+    schedule)."""
+    assert type(got) is type(expected), path
+    if isinstance(expected, dict):
+        assert set(got) == set(expected), path
+        for key in expected:
+            assert_same_state(got[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), path
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert_same_state(a, b, f"{path}[{i}]")
+    elif torch.is_tensor(expected):
+        assert got.dtype == expected.dtype and torch.equal(got, expected), path
+    else:
+        assert got == expected, path
+
+
+def test_a_stopped_run_resumed_is_the_run_that_never_stopped(corpus, tmp_path):
+    """Stopped after step 3 of 6 (--stop-after: what a signal does, at a known step) and resumed on as many ranks:
+    the same loss at every step and, at the end, the same weights, optimizer state and schedule, bit for bit."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run("--data", str(corpus), "--out", str(whole), "--nproc", "2", *TINY)
+    stopped = run("--data", str(corpus), "--out", str(parts), "--nproc", "2", *TINY, "--stop-after", "3")
+    assert f"stopped (--stop-after) after step 3 of 6: saved {parts}/" in stopped.stderr
+    assert torch.load(parts / "checkpoint.pt", weights_only=True)["step"] == 3
+    run("--data", str(corpus), "--nproc", "2", "--resume", str(parts / "checkpoint.pt"), *TINY[2:])  # to step 6
+    expected = torch.load(whole / "checkpoint.pt", weights_only=True)
+    got = torch.load(parts / "checkpoint.pt", weights_only=True)
+    assert_same_state({k: got[k] for k in ("model", "optimizer", "param_groups", "scheduler", "step", "placements")},
+                      {k: expected[k] for k in ("model", "optimizer", "param_groups", "scheduler", "step", "placements")})
+    ours, theirs = (json.loads((folder / "metrics.json").read_text()) for folder in (parts, whole))
+    assert ours["steps"] == theirs["steps"] == list(range(1, 7))
+    assert ours["train_bits_per_byte"] == theirs["train_bits_per_byte"]  # the loss of every step, exactly
+    assert ours["eval"] == theirs["eval"]
 
 
 def folder_state(folder: Path) -> dict[str, tuple[int, bytes]]:

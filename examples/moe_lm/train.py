@@ -113,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "in the layout of the traces moeflux.sim reads")
     g.add_argument("--record-every", type=int, default=1, help="steps between recorded steps (default 1)")
     g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this step as a signal would (save the run folder, say how to resume): a "
+                        "time-boxed allocation; --resume then goes on to --steps as if never stopped")
     g.add_argument("--compile", action="store_true",
                    help="compile the model with torch.compile (the whole forward as one graph with --schedule bulk "
                         "and no --shadowing; the pipelined and shadowed exchanges run eagerly inside it)")
@@ -151,7 +154,8 @@ def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
     resumed = resume_header(args)
     positive = {"--steps": args.steps, "--batch": args.batch, "--layers": args.layers, "--d-model": args.d_model,
                 "--heads": args.heads, "--d-ffn": args.d_ffn, "--experts": args.experts, "--eval-bytes": args.eval_bytes,
-                "--checkpoint-every": args.checkpoint_every, "--record-every": args.record_every}
+                "--checkpoint-every": args.checkpoint_every, "--record-every": args.record_every,
+                "--stop-after": 1 if args.stop_after is None else args.stop_after}
     for name, value in positive.items():
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
@@ -369,7 +373,8 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor], s
         schedule.step()
         window_steps += 1
         signum = stop.agreed(device) if step != args.steps else 0  # the last step's save is the final one
-        if step % log_every == 0 or step == args.steps or signum:  # a stopped run's record ends at its last step
+        stopping = bool(signum) or (step == args.stop_after and step != args.steps)
+        if step % log_every == 0 or step == args.steps or stopping:  # a stopped run's record ends at its last step
             mean_loss = loss.detach().float().cpu()
             dist.all_reduce(mean_loss)
             bits = data.to_bits(float(mean_loss) / world)
@@ -389,16 +394,17 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor], s
             window_start, window_steps = time.perf_counter(), 0
         if bar is not None:
             bar.update(1)
-        if signum or (step % args.checkpoint_every == 0 and step != args.steps):  # one save, whichever asks
+        if stopping or (step % args.checkpoint_every == 0 and step != args.steps):  # one save, whichever asks
             metrics["train_seconds"] = earlier_seconds + time.perf_counter() - started
             files = save_run(args.out, lm, optimizer, schedule, step, metrics)
-        if signum:
+        if stopping:
             if bar is not None:
                 bar.close()
-                print(f"stopped by {signal.Signals(signum).name} after step {step} of {args.steps}: saved "
+                why = f"by {signal.Signals(signum).name}" if signum else "(--stop-after)"
+                print(f"stopped {why} after step {step} of {args.steps}: saved "
                       f"{folder_summary(args.out, files)}; continue with --resume {args.out / 'checkpoint.pt'}",
                       file=sys.stderr)
-            return exit_code(signum)
+            return exit_code(signum) if signum else 0
     if bar is not None:
         bar.close()
     session_seconds = time.perf_counter() - started
