@@ -83,15 +83,17 @@ at::Tensor reduce_expert_rows(const at::Tensor& grad_rows, at::IntArrayRef posit
 at::Tensor move_expert_rows(const at::Tensor& local, at::IntArrayRef old_expert_at, at::IntArrayRef new_expert_at,
                             const std::string& group_name);
 
-// The layer in stages (csrc/pipeline/): dispatch -> experts (GroupedExperts' FFN) -> combine with each
-// stage's all-to-alls overlapping another stage's experts, forward and backward. -> (output [T, H],
-// tokens_per_local_expert [E_local]).
+// The layer in stages (csrc/pipeline/): dispatch -> experts (expert_ffn, with the optional per-expert biases
+// b_in, b_out) -> combine with each stage's all-to-alls overlapping another stage's experts, forward and
+// backward. -> (output [T, H], tokens_per_local_expert [E_local]).
 std::tuple<at::Tensor, at::Tensor> pipelined_moe(const at::Tensor& tokens, const at::Tensor& expert_ids,
                                                  const std::optional<at::Tensor>& weights, const at::Tensor& w_in,
                                                  const at::Tensor& w_out, c10::string_view activation,
                                                  int64_t num_experts, std::optional<int64_t> capacity,
                                                  const std::string& group_name, c10::string_view schedule,
-                                                 int64_t chunks, int64_t group_size);
+                                                 int64_t chunks, int64_t group_size,
+                                                 const std::optional<at::Tensor>& b_in,
+                                                 const std::optional<at::Tensor>& b_out);
 
 // ---- experts (experts/): grouped GEMMs over per-expert row segments
 at::Tensor grouped_mm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& tokens_per_expert);
@@ -128,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe_autocast(
     const at::Tensor& tokens, const at::Tensor& expert_ids, const std::optional<at::Tensor>& weights,
     const at::Tensor& w_in, const at::Tensor& w_out, c10::string_view activation, int64_t num_experts,
     std::optional<int64_t> capacity, const std::string& group_name, c10::string_view schedule, int64_t chunks,
-    int64_t group_size);
+    int64_t group_size, const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out);
 
 // ---- Autograd-key kernels (autograd.cpp, pipeline/): C++ autograd functions around the ops above.
 std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& tokens, const at::Tensor& expert_ids,
@@ -137,7 +139,9 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& toke
                                                           c10::string_view activation, int64_t num_experts,
                                                           std::optional<int64_t> capacity,
                                                           const std::string& group_name, c10::string_view schedule,
-                                                          int64_t chunks, int64_t group_size);
+                                                          int64_t chunks, int64_t group_size,
+                                                          const std::optional<at::Tensor>& b_in,
+                                                          const std::optional<at::Tensor>& b_out);
 at::Tensor grouped_mm_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& tokens_per_expert);
 at::Tensor expert_ffn_autograd(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
                                const at::Tensor& tokens_per_expert, c10::string_view activation,

@@ -68,7 +68,8 @@ TORCH_LIBRARY(moeflux, m) {
         "Tensor send_splits, Tensor recv_splits, Tensor? weights, str group_name) "
         "-> (Tensor grad_expert_out, Tensor grad_weights)");
   m.def("pipelined_moe(Tensor tokens, Tensor expert_ids, Tensor? weights, Tensor w_in, Tensor w_out, "
-        "str activation, int num_experts, int? capacity, str group_name, str schedule, int chunks, int group_size) "
+        "str activation, int num_experts, int? capacity, str group_name, str schedule, int chunks, int group_size, "
+        "Tensor? b_in=None, Tensor? b_out=None) "
         "-> (Tensor output, Tensor tokens_per_local_expert)");
   // load balancing: collectives on expert rows (csrc/distributed/expert_rows.cpp)
   m.def("routing_counts(Tensor tokens, Tensor expert_ids, int num_experts, str group_name, bool agree_first=True) "

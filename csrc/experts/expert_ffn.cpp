@@ -56,11 +56,14 @@ void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& w, cons
 }
 
 // The expert of each row (num_experts for rows past the last segment), from the counts on the rows' device:
-// no host read.
+// no host read. Host counts with device rows (the pipelined engine's) go up pinned and non-blocking: a
+// pageable copy would wait for the stream.
 at::Tensor row_experts(const at::Tensor& tokens_per_expert, const at::Tensor& rows, std::optional<int64_t> capacity) {
   const at::Tensor index = at::arange(rows.size(0), rows.options().dtype(at::kLong));
   if (capacity) return *capacity > 0 ? index.div(*capacity, "floor") : index;
-  const at::Tensor ends = tokens_per_expert.to(rows.device(), at::kLong).cumsum(0);
+  const bool upload = tokens_per_expert.is_cpu() && rows.is_cuda();
+  const at::Tensor counts = upload ? tokens_per_expert.to(at::kLong).pin_memory() : tokens_per_expert;
+  const at::Tensor ends = counts.to(rows.device(), at::kLong, /*non_blocking=*/upload).cumsum(0);
   return at::searchsorted(ends, index, /*out_int32=*/false, /*right=*/true);
 }
 

@@ -15,12 +15,13 @@
 //   backward: start combine-grad(0); for s: start combine-grad(s+1); wait;
 //             experts backward(s); start dispatch-grad(s) ... wait; gather
 //
-// The expert FFN (the GroupedExperts math: SwiGLU or GELU between two
-// per-expert matmuls) runs here in C++ so that backward can interleave it with
-// the gradient all-to-alls; autograd would otherwise run the stages back to
-// back. Dropless mode needs the same single count exchange (and host
-// synchronisation) as dispatch; every stage's splits follow from those counts
-// on every rank without another exchange.
+// Each stage's experts are the one expert op (expert_ffn_forward / _backward:
+// grouped GEMMs, every activation, per-expert biases), called through the
+// dispatcher from this C++ autograd function so that backward can interleave
+// them with the gradient all-to-alls; autograd would otherwise run the stages
+// back to back. Dropless mode needs the same single count exchange (and host
+// synchronisation) as dispatch; every stage's splits and per-expert row counts
+// follow from those counts on every rank without another exchange or read.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -74,8 +75,9 @@ at::Tensor index_tensor(const std::vector<int64_t>& v, const at::Device& device)
 // expert), what it receives (by source rank then local expert), and which received row becomes each
 // expert row (by local expert then source).
 struct Stage {
-  std::vector<int64_t> send_splits, recv_splits, expert_rows;
+  std::vector<int64_t> send_splits, recv_splits;
   at::Tensor send_index, regroup;
+  at::Tensor expert_rows;  // int32 [local] on the host: expert_ffn's segments without a device read
 };
 
 // sent[r][j] / received[q][j]: rows of the segment of (rank, local expert j) before staging;
@@ -91,7 +93,7 @@ std::vector<Stage> plan_stages(const Schedule& schedule, int64_t rank, const at:
     Stage& st = stages[s];
     st.send_splits.assign(world, 0);
     st.recv_splits.assign(world, 0);
-    st.expert_rows.assign(local, 0);
+    std::vector<int32_t> expert_rows(local, 0);
     std::vector<int64_t> send_index, recv_offset(world * local), recv_rows(world * local);
     for (int64_t r = 0; r < world; ++r) {
       for (int64_t j = 0; j < local; ++j) {
@@ -108,7 +110,7 @@ std::vector<Stage> plan_stages(const Schedule& schedule, int64_t rank, const at:
         recv_rows[q * local + j] = end - begin;
         offset += end - begin;
         st.recv_splits[q] += end - begin;
-        st.expert_rows[j] += end - begin;
+        expert_rows[j] += static_cast<int32_t>(end - begin);
       }
     }
     std::vector<int64_t> regroup;
@@ -120,51 +122,53 @@ std::vector<Stage> plan_stages(const Schedule& schedule, int64_t rank, const at:
     }
     st.send_index = index_tensor(send_index, device);
     st.regroup = index_tensor(regroup, device);
+    st.expert_rows = at::tensor(expert_rows, at::kInt);
   }
   return stages;
 }
 
-// ---- the experts: GroupedExperts' FFN, one matmul pair per local expert
+// ---- the experts: the expert op, on each stage's rows
 
 struct ExpertWeights {
-  at::Tensor w_in, w_out;  // [E_local, H, F_in], [E_local, F, H]
+  at::Tensor w_in, w_out;                 // [E_local, H, F_in], [E_local, F, H]
+  std::optional<at::Tensor> b_in, b_out;  // [E_local, F_in], [E_local, H] (GPT-OSS), or none
+  std::string activation;
   Activation act;
+  bool biased() const { return b_in.has_value() || b_out.has_value(); }
 };
 
-// Rows grouped by local expert (expert_rows[j] each) -> (output rows, pre-activations for backward).
-std::pair<at::Tensor, at::Tensor> experts_forward(const at::Tensor& x, const std::vector<int64_t>& expert_rows,
-                                                  const ExpertWeights& w) {
-  at::Tensor h = at::empty({x.size(0), w.w_in.size(2)}, x.options());
-  at::Tensor y = at::empty({x.size(0), w.w_out.size(2)}, x.options());
-  int64_t offset = 0;
-  for (size_t j = 0; j < expert_rows.size(); ++j) {
-    const int64_t n = expert_rows[j];
-    if (n == 0) continue;
-    at::Tensor h_j = h.narrow(0, offset, n), y_j = y.narrow(0, offset, n);
-    at::mm_out(h_j, x.narrow(0, offset, n), w.w_in[j]);
-    at::mm_out(y_j, activation_forward(h_j, w.act), w.w_out[j]);
-    offset += n;
-  }
-  return {y, h};
+// What a stage's experts leave for their backward.
+struct StageActivations {
+  at::Tensor input, pre, activated;
+};
+
+// The expert weights' gradients, summed stage by stage.
+struct ExpertGrads {
+  at::Tensor w_in, w_out, b_in, b_out;
+};
+
+void accumulate(at::Tensor& total, const at::Tensor& part) { total = total.defined() ? total.add_(part) : part; }
+
+// Rows grouped by local expert (counts on the host) -> output rows. The stage's rows are packed by expert
+// (a capacity's padding travels as rows), so the op runs dropless on them.
+at::Tensor experts_forward(const at::Tensor& x, const at::Tensor& counts, const ExpertWeights& w,
+                           std::vector<StageActivations>& saved) {
+  static const auto op = find_op<decltype(expert_ffn_forward)>("moeflux::expert_ffn_forward");
+  auto [y, h, a] = op.call(x, w.w_in, w.w_out, counts, w.activation, std::nullopt, w.b_in, w.b_out);
+  saved.push_back({x, h, a});
+  return y;
 }
 
-// Accumulates the weight gradients of this stage's rows into grad_w_in / grad_w_out; returns d x.
-at::Tensor experts_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& h,
-                            const std::vector<int64_t>& expert_rows, const ExpertWeights& w, at::Tensor& grad_w_in,
-                            at::Tensor& grad_w_out) {
-  at::Tensor dx = at::empty_like(x);
-  int64_t offset = 0;
-  for (size_t j = 0; j < expert_rows.size(); ++j) {
-    const int64_t n = expert_rows[j];
-    if (n == 0) continue;
-    const at::Tensor dy_j = dy.narrow(0, offset, n), h_j = h.narrow(0, offset, n), x_j = x.narrow(0, offset, n);
-    grad_w_out[j].addmm_(activation_forward(h_j, w.act).t(), dy_j);
-    const at::Tensor dh = activation_backward(dy_j.mm(w.w_out[j].t()), h_j, w.act);
-    grad_w_in[j].addmm_(x_j.t(), dh);
-    at::Tensor dx_j = dx.narrow(0, offset, n);
-    at::mm_out(dx_j, dh, w.w_in[j].t());
-    offset += n;
-  }
+// Adds this stage's weight gradients to `grads`; returns d x.
+at::Tensor experts_backward(const at::Tensor& dy, const StageActivations& s, const at::Tensor& counts,
+                            const ExpertWeights& w, ExpertGrads& grads) {
+  static const auto op = find_op<decltype(expert_ffn_backward)>("moeflux::expert_ffn_backward");
+  auto [dx, d_w_in, d_w_out, d_b_in, d_b_out] =
+      op.call(dy, s.input, w.w_in, w.w_out, counts, s.pre, s.activated, w.activation, std::nullopt, w.biased());
+  accumulate(grads.w_in, d_w_in);
+  accumulate(grads.w_out, d_w_out);
+  if (w.b_in) accumulate(grads.b_in, d_b_in);
+  if (w.b_out) accumulate(grads.b_out, d_b_out);
   return dx;
 }
 
@@ -180,8 +184,8 @@ struct Layer {
 // Everything forward leaves for backward.
 struct Saved {
   Layer layer;
-  at::Tensor returned;                   // [N, H] expert outputs back home, permuted layout
-  std::vector<at::Tensor> inputs, pre;  // per stage: expert input rows and pre-activations
+  at::Tensor returned;                    // [N, H] expert outputs back home, permuted layout
+  std::vector<StageActivations> experts;  // per stage
 };
 
 // The stage pipeline both directions share. Stage s + 1's outgoing all-to-all is on the wire while stage s
@@ -238,6 +242,17 @@ void check_args(const at::Tensor& tokens, const at::Tensor& expert_ids, const st
   check_size(w.w_out, 2, tokens.size(1), kOp, "w_out", "tokens.size(1)");
   check_size(w.w_in, 2, (w.act.gated() ? 2 : 1) * w.w_out.size(1), kOp, "w_in",
              w.act.gated() ? "2 * w_out.size(1) (gated: gate and up)" : "w_out.size(1)");
+  // Checked before any all-to-all starts (expert_ffn checks them again, but mid-pipeline).
+  for (const auto& [bias, weight, name] :
+       {std::tuple{&w.b_in, &w.w_in, "b_in"}, std::tuple{&w.b_out, &w.w_out, "b_out"}}) {
+    if (!bias->has_value()) continue;
+    const at::Tensor& b = **bias;
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == local && b.size(1) == weight->size(2), "moeflux.pipelined_moe: ", name,
+                " must have shape [", local, ", ", weight->size(2), "], got ", b.sizes());
+    check_same_device(b, tokens, kOp, name, "tokens");
+    TORCH_CHECK(b.scalar_type() == tokens.scalar_type(), "moeflux.pipelined_moe: expert biases must have the dtype ",
+                "of tokens (", tokens.scalar_type(), "), got ", b.scalar_type());
+  }
   if (weights.has_value() && weights->defined()) {
     TORCH_CHECK(weights->sizes() == expert_ids.sizes(), "moeflux.pipelined_moe: weights must have the shape of ",
                 "expert_ids ", expert_ids.sizes(), ", got ", weights->sizes());
@@ -279,39 +294,40 @@ Saved run_forward(const at::Tensor& tokens, const at::Tensor& expert_ids, const 
   // Forward: rows go out (dispatch), the experts run, rows come back (combine).
   saved.returned = at::zeros_like(permuted);  // rows never sent (dropped slots) are never read
   run_stages(layer, permuted, saved.returned, "dispatch", "combine", [&](int64_t s, const at::Tensor& x) {
-    auto [y, h] = experts_forward(x, layer.stages[s].expert_rows, w);
-    saved.inputs.push_back(x);
-    saved.pre.push_back(h);
-    return y;
+    return experts_forward(x, layer.stages[s].expert_rows, w, saved.experts);
   });
   output = unpermute(kernels, saved.returned, row_map, weights);
   return saved;
 }
 
-// -> grad tokens, grad weights, grad w_in, grad w_out
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& grad_output,
-                                                                        const Saved& saved,
-                                                                        const std::optional<at::Tensor>& weights,
-                                                                        const ExpertWeights& w) {
+// -> grad tokens, grad weights, the expert weights' grads
+std::tuple<at::Tensor, at::Tensor, ExpertGrads> run_backward(const at::Tensor& grad_output, const Saved& saved,
+                                                             const std::optional<at::Tensor>& weights,
+                                                             const ExpertWeights& w) {
   const Layer& layer = saved.layer;
   const DeviceKernels& kernels = kernels_for(grad_output);
   auto [grad_returned, grad_weights] =
       unpermute_backward(kernels, grad_output, saved.returned, layer.row_map, weights);
-  at::Tensor grad_w_in = at::zeros_like(w.w_in), grad_w_out = at::zeros_like(w.w_out);
+  ExpertGrads grads;
   at::Tensor grad_permuted = at::zeros({layer.num_rows, grad_output.size(1)}, grad_returned.options());
   // Backward: output gradients go out the way the rows did (combine's gradient), the experts' backward runs,
   // the input gradients come back (dispatch's gradient).
   run_stages(layer, grad_returned, grad_permuted, "combine_backward", "dispatch_backward",
              [&](int64_t s, const at::Tensor& dy) {
-               return experts_backward(dy, saved.inputs[s], saved.pre[s], layer.stages[s].expert_rows, w,
-                                       grad_w_in, grad_w_out);
+               return experts_backward(dy, saved.experts[s], layer.stages[s].expert_rows, w, grads);
              });
   at::Tensor grad_tokens = gather_rows(kernels, grad_permuted, layer.row_map, at::Tensor());
-  return {grad_tokens, grad_weights, grad_w_in, grad_w_out};
+  return {grad_tokens, grad_weights, grads};
 }
 
-ExpertWeights expert_weights(const at::Tensor& w_in, const at::Tensor& w_out, c10::string_view activation) {
-  return {w_in.contiguous(), w_out.contiguous(), parse_activation(activation, kOp)};
+std::optional<at::Tensor> defined_or_none(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t : std::nullopt;
+}
+
+ExpertWeights expert_weights(const at::Tensor& w_in, const at::Tensor& w_out, const std::optional<at::Tensor>& b_in,
+                             const std::optional<at::Tensor>& b_out, c10::string_view activation) {
+  return {w_in, w_out, defined_or_none(b_in), defined_or_none(b_out), std::string(activation),
+          parse_activation(activation, kOp)};
 }
 
 
@@ -327,15 +343,17 @@ class PipelinedMoEFunction : public torch::autograd::Function<PipelinedMoEFuncti
                                const std::optional<at::Tensor>& weights, const at::Tensor& w_in,
                                const at::Tensor& w_out, c10::string_view activation, int64_t num_experts,
                                std::optional<int64_t> capacity, const std::string& group_name,
-                               c10::string_view schedule, int64_t chunks, int64_t group_size) {
+                               c10::string_view schedule, int64_t chunks, int64_t group_size,
+                               const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const ExpertWeights w = expert_weights(w_in, w_out, activation);
+    const ExpertWeights w = expert_weights(w_in, w_out, b_in, b_out, activation);
     auto holder = c10::make_intrusive<SavedHolder>();
     at::Tensor output;
     holder->saved = run_forward(tokens, expert_ids, weights, w, num_experts, capacity, group_name, schedule, chunks,
                                 group_size, output);
     const bool weighted = weights.has_value() && weights->defined();
-    ctx->save_for_backward({w_in, w_out, weighted ? *weights : at::Tensor()});
+    ctx->save_for_backward({w_in, w_out, weighted ? *weights : at::Tensor(), w.b_in.value_or(at::Tensor()),
+                            w.b_out.value_or(at::Tensor())});
     ctx->saved_data["state"] = c10::IValue::make_capsule(holder);
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["layer"] = comm_stats::current_layer();
@@ -346,7 +364,8 @@ class PipelinedMoEFunction : public torch::autograd::Function<PipelinedMoEFuncti
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto vars = ctx->get_saved_variables();
-    const ExpertWeights w = expert_weights(vars[0], vars[1], ctx->saved_data["activation"].toStringRef());
+    const ExpertWeights w =
+        expert_weights(vars[0], vars[1], vars[3], vars[4], ctx->saved_data["activation"].toStringRef());
     const std::optional<at::Tensor> weights = vars[2].defined() ? std::optional(vars[2]) : std::nullopt;
     auto holder = c10::static_intrusive_pointer_cast<SavedHolder>(ctx->saved_data["state"].toCapsule());
     const comm_stats::LayerScope layer(ctx->saved_data["layer"].toStringRef());
@@ -354,9 +373,10 @@ class PipelinedMoEFunction : public torch::autograd::Function<PipelinedMoEFuncti
     const at::Tensor grad_output = grads[0].defined() ? grads[0]
                                                       : at::zeros({saved.layer.row_map.size(0), saved.returned.size(1)},
                                                                   saved.returned.options());
-    auto [grad_tokens, grad_weights, grad_w_in, grad_w_out] = run_backward(grad_output, saved, weights, w);
-    return {grad_tokens, at::Tensor(), weights ? grad_weights : at::Tensor(), grad_w_in, grad_w_out,
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [grad_tokens, grad_weights, g] = run_backward(grad_output, saved, weights, w);
+    const at::Tensor none;
+    return {grad_tokens, none, weights ? grad_weights : none, g.w_in, g.w_out, none, none, none, none, none, none,
+            none, g.b_in, g.b_out};
   }
 };
 
@@ -367,10 +387,12 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe(const at::Tensor& tokens, const
                                                  const at::Tensor& w_out, c10::string_view activation,
                                                  int64_t num_experts, std::optional<int64_t> capacity,
                                                  const std::string& group_name, c10::string_view schedule,
-                                                 int64_t chunks, int64_t group_size) {
+                                                 int64_t chunks, int64_t group_size,
+                                                 const std::optional<at::Tensor>& b_in,
+                                                 const std::optional<at::Tensor>& b_out) {
   at::Tensor output;
-  const Saved saved = run_forward(tokens, expert_ids, weights, expert_weights(w_in, w_out, activation), num_experts,
-                                  capacity, group_name, schedule, chunks, group_size, output);
+  const Saved saved = run_forward(tokens, expert_ids, weights, expert_weights(w_in, w_out, b_in, b_out, activation),
+                                  num_experts, capacity, group_name, schedule, chunks, group_size, output);
   return {output, saved.layer.tokens_per_local_expert};
 }
 
@@ -380,9 +402,11 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& toke
                                                           c10::string_view activation, int64_t num_experts,
                                                           std::optional<int64_t> capacity,
                                                           const std::string& group_name, c10::string_view schedule,
-                                                          int64_t chunks, int64_t group_size) {
+                                                          int64_t chunks, int64_t group_size,
+                                                          const std::optional<at::Tensor>& b_in,
+                                                          const std::optional<at::Tensor>& b_out) {
   auto out = PipelinedMoEFunction::apply(tokens, expert_ids, weights, w_in, w_out, activation, num_experts, capacity,
-                                         group_name, schedule, chunks, group_size);
+                                         group_name, schedule, chunks, group_size, b_in, b_out);
   return {out[0], out[1]};
 }
 

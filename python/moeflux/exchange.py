@@ -221,7 +221,7 @@ class PipelinedExchange(AllToAllExchange):
         return ops.pipelined_moe(tokens, self._positions(expert_ids), weights, experts.w_in, experts.w_out,
                                  experts.activation, self.placement.num_experts,
                                  self._wire_capacity(tokens, capacity), self.group,
-                                 self.schedule, self.chunks, self.group_size)
+                                 self.schedule, self.chunks, self.group_size, experts.b_in, experts.b_out)
 
 
 ShadowPolicy = ShadowCostModel | FixedShadows

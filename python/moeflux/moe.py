@@ -50,8 +50,8 @@ class MoE(nn.Module):
             residual connection around the layer).
         activation: ``"swiglu"``, ``"gelu"`` or ``"clamped_swiglu"`` (GPT-OSS:
             ``g = min(gate, swiglu_limit)``, ``(clamp(up, ±swiglu_limit) + 1) * g * sigmoid(swiglu_alpha * g)``).
-        expert_bias: per-expert biases after each expert GEMM (GPT-OSS); bulk
-            exchange only (not with a pipelined schedule or shadowing).
+        expert_bias: per-expert biases after each expert GEMM (GPT-OSS); every
+            schedule, not with shadowing.
         router_bias: a bias on the router's logits (GPT-OSS).
         renormalize: divide the top-k weights by their sum (top-k-then-softmax).
         weight_expert_input: scale each token by its routing weight before its
@@ -171,9 +171,8 @@ class MoE(nn.Module):
             _check_arguments(d_model, d_ffn, num_experts, top_k, capacity_factor, drop_policy, aux_loss_weight,
                              z_loss_weight, self.ep_size)
             activation_name = activation_spec(activation, swiglu_limit, swiglu_alpha)
-            if expert_bias and (schedule != "bulk" or shadowing not in ("off", None)):
-                raise ValueError(f"expert_bias=True works with schedule='bulk' and shadowing='off' only, got "
-                                 f"schedule={schedule!r}, shadowing={shadowing!r}")
+            if expert_bias and shadowing not in ("off", None):  # the shadows' FFN has no biases
+                raise ValueError(f"expert_bias=True works with shadowing='off' only, got shadowing={shadowing!r}")
             if weight_expert_input and top_k != 1:  # one weight per token: it scales the token before dispatch
                 raise ValueError(f"weight_expert_input=True needs top_k=1, got top_k={top_k}")
             check_exchange_options(ep_group, schedule, shadowing, hierarchical)

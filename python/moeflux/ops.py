@@ -280,13 +280,16 @@ def pipelined_moe(
     schedule: str = "chunked",
     chunks: int = 2,
     group_size: int = 1,
+    b_in: Tensor | None = None,
+    b_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """dispatch -> experts -> combine of one expert-parallel layer, in stages that overlap communication
     with expert compute, forward and backward.
 
-    The experts are :class:`moeflux.GroupedExperts`' FFN: ``act(x @ w_in[e]) @ w_out[e]`` with
-    ``activation`` ``"swiglu"`` (``w_in [E_local, H, 2F]``, gate half first) or ``"gelu"``
-    (``w_in [E_local, H, F]``); ``w_out [E_local, F, H]``. ``schedule``:
+    The experts are :func:`expert_ffn` on each stage's rows: ``act(x @ w_in[e] + b_in[e]) @ w_out[e] +
+    b_out[e]`` with ``activation`` ``"swiglu"`` or ``"clamped_swiglu:<limit>:<alpha>"`` (``w_in [E_local, H,
+    2F]``, gate half first) or ``"gelu"`` (``w_in [E_local, H, F]``); ``w_out [E_local, F, H]``; the biases
+    ``b_in [E_local, F_in]``, ``b_out [E_local, H]`` are optional (GPT-OSS). ``schedule``:
 
     - ``"chunked"``: every (destination, expert) block of rows is split into ``chunks`` parts; stage ``i+1``'s
       dispatch all-to-all is on the wire while stage ``i``'s experts run, and stage ``i``'s combine while
@@ -299,7 +302,7 @@ def pipelined_moe(
     plus dispatch's count exchange when dropless. Returns ``(output [T, H], tokens_per_local_expert)``.
     """
     return _ops.pipelined_moe(tokens, expert_ids, weights, w_in, w_out, activation, num_experts, capacity,
-                              _group_name(group), schedule, chunks, group_size)
+                              _group_name(group), schedule, chunks, group_size, b_in, b_out)
 
 
 def routing_counts(tokens: Tensor, expert_ids: Tensor, num_experts: int,
@@ -484,7 +487,7 @@ def _combine_fake(expert_out, row_map, regroup_map, send_splits, recv_splits, we
 
 @torch.library.register_fake("moeflux::pipelined_moe")
 def _pipelined_moe_fake(tokens, expert_ids, weights, w_in, w_out, activation, num_experts, capacity, group_name,
-                        schedule, chunks, group_size):
+                        schedule, chunks, group_size, b_in=None, b_out=None):
     return tokens.new_empty(tokens.shape), expert_ids.new_empty((num_experts // _group_size(group_name),))
 
 
