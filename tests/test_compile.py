@@ -166,9 +166,14 @@ def _opcheck_collectives(rank, world):
     check(torch.ops.moeflux.pipelined_moe.default,
           (tokens, ids, weights, w_in, w_out, "swiglu", EXPERTS, None, group, "chunked", 2, 1),
           test_utils=("test_autograd_registration", "test_faketensor"))
+    b_in = torch.randn(EXPERTS // world, 2 * D_FFN, requires_grad=True)  # GPT-OSS's expert biases
+    b_out = torch.randn(EXPERTS // world, D_MODEL, requires_grad=True)
+    check(torch.ops.moeflux.pipelined_moe.default,
+          (tokens, ids, weights, w_in, w_out, "swiglu", EXPERTS, None, group, "pairwise", 2, 1, b_in, b_out),
+          test_utils=("test_autograd_registration", "test_faketensor"))
     return checked
 
 
 def test_collective_ops_pass_opcheck_on_2_ranks():
     checked = run_ranks(2, _opcheck_collectives, timeout=300)
-    assert checked[0] == checked[1] and len(checked[0]) == 14
+    assert checked[0] == checked[1] and len(checked[0]) == 15

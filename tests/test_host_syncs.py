@@ -96,6 +96,7 @@ EP_CASES = {  # name: (MoE options, the test-only fixed splits, CPU GEMM backend
     "bulk-capacity-packed": (dict(capacity_factor=1.25), False, "segments", DISPATCH | GEMMS, {}),
     "bulk-capacity-fixed-splits": (dict(capacity_factor=1.25), True, "segments", {}, {}),
     "chunked-dropless": (dict(schedule="chunked"), False, "segments", DISPATCH, {}),
+    "chunked-dropless-grouped-mm": (dict(schedule="chunked", expert_bias=True), False, "aten", DISPATCH, {}),
     "pairwise-dropless": (dict(schedule="pairwise"), False, "segments", DISPATCH, {}),
     "chunked-capacity-fixed-splits": (dict(schedule="chunked", capacity_factor=1.25), True, "segments", {}, {}),
     # The cost model shadows nothing here; it reads the host copy of the counts routing_counts returned.

@@ -1,7 +1,7 @@
 """Pipelined exchange (ops.pipelined_moe, MoE(schedule="chunked" | "pairwise")) against the bulk exchange:
 outputs and every gradient, dropless and capacity (with overflow), chunk counts from 1 to more chunks than
-tokens, pairwise group sizes, a rank without tokens, world 2 and 4, ep < world, and the number of
-collectives each schedule issues."""
+tokens, pairwise group sizes, a rank without tokens, world 2 and 4, ep < world, expert biases (GPT-OSS) with
+every activation, and the number of collectives each schedule issues."""
 
 import pytest
 import torch
@@ -17,6 +17,10 @@ H, F = 8, 6
 # Re-ordered sums: fp64 and fp32 agree to 1e-6 relative; bf16 to its own rounding of a re-ordered reduction.
 TOLERANCE = {torch.float64: dict(rtol=1e-6, atol=1e-9), torch.float32: dict(rtol=1e-6, atol=1e-6),
              torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+TIGHT = dict(rtol=0, atol=1e-10)  # float64: both layers run the same expert op, only the sums' order differs
+# GPT-OSS's experts: per-expert biases; its clamped SwiGLU clamped tightly enough to bite at this scale.
+BIASED = dict(expert_bias=True)
+GPT_OSS = dict(expert_bias=True, swiglu_limit=0.5, swiglu_alpha=1.702)
 
 
 def make(groups, seed, dtype=torch.float64, **options):
@@ -24,8 +28,10 @@ def make(groups, seed, dtype=torch.float64, **options):
     return moeflux.MoE(H, F, 4 * groups.ep_size, 2, dtype=dtype, ep_group=groups, **options)
 
 
-def compare(groups, rank, num_tokens, capacity_factor, activation, schedule, dtype=torch.float64, **options):
-    common = dict(capacity_factor=capacity_factor, activation=activation, dtype=dtype)
+def compare(groups, rank, num_tokens, capacity_factor, activation, schedule, dtype=torch.float64, tolerance=None,
+            layer_options=None, **options):
+    """``layer_options``: MoE options both layers get (expert biases, activation parameters)."""
+    common = dict(capacity_factor=capacity_factor, activation=activation, dtype=dtype) | (layer_options or {})
     bulk = make(groups, 7, **common)
     piped = make(groups, 7, schedule=schedule, **common, **options)
     gen = torch.Generator().manual_seed(100 + rank)
@@ -35,10 +41,14 @@ def compare(groups, rank, num_tokens, capacity_factor, activation, schedule, dty
     for layer in (bulk, piped):
         xi = x.clone().requires_grad_(True)
         layer(xi).backward(grad)
+        biases = [] if layer.experts.b_in is None else [layer.experts.b_in.grad, layer.experts.b_out.grad]
         results.append([layer(x).detach(), xi.grad, layer.router.weight.grad, layer.experts.w_in.grad,
-                        layer.experts.w_out.grad, layer.tokens_per_expert])
-    for name, a, b in zip(("output", "tokens", "router", "w_in", "w_out", "counts"), *results):
-        torch.testing.assert_close(b, a, **TOLERANCE[dtype], msg=lambda m: f"{name} ({schedule} {options}): {m}")
+                        layer.experts.w_out.grad, layer.tokens_per_expert, *biases])
+    names = ("output", "tokens", "router", "w_in", "w_out", "counts", "b_in", "b_out")
+    assert len(results[1]) == len(results[0]) and all(t is not None for t in results[1])
+    for name, a, b in zip(names, *results):
+        torch.testing.assert_close(b, a, **(tolerance or TOLERANCE[dtype]),
+                                   msg=lambda m: f"{name} ({schedule} {activation} {options}): {m}")
 
 
 def equivalence_worker(rank, world, ep_size):
@@ -61,6 +71,23 @@ def equivalence_worker(rank, world, ep_size):
         cases.append((12, 1.0, "gelu", "pairwise", dict(pairwise_group_size=groups.ep_size)))
     for num_tokens, capacity_factor, activation, schedule, options in cases:
         compare(groups, rank, num_tokens, capacity_factor, activation, schedule, **options)
+    # Expert biases (GPT-OSS) through the one expert op, clamped SwiGLU and GELU, dropless and capacity (its
+    # padding rows travel through the experts too, and get biases: their gradients must not reach the biases).
+    bias_cases = [
+        (uneven, None, "clamped_swiglu", GPT_OSS, "chunked", dict(chunks=3)),
+        (uneven, None, "gelu", BIASED, "pairwise", dict(pairwise_group_size=1)),
+        (12, 0.5, "clamped_swiglu", GPT_OSS, "pairwise", dict(pairwise_group_size=1)),
+        (12, 1.0, "gelu", BIASED, "chunked", dict(chunks=2)),
+    ]
+    for num_tokens, capacity_factor, activation, layer_options, schedule, options in bias_cases:
+        compare(groups, rank, num_tokens, capacity_factor, activation, schedule, tolerance=TIGHT,
+                layer_options=layer_options, **options)
+    moeflux._C.set_cpu_grouped_mm_backend("aten")  # both layers' GEMMs in torch._grouped_mm (float32 on the CPU)
+    try:
+        compare(groups, rank, uneven, None, "clamped_swiglu", "chunked", dtype=torch.float32, layer_options=GPT_OSS,
+                chunks=2)
+    finally:
+        moeflux._C.set_cpu_grouped_mm_backend("segments")
     return True
 
 
@@ -165,6 +192,10 @@ def functional_worker(rank, world):
             ops.pipelined_moe(args["x"], args["ids"], args["weights"], args["w_in"], args["w_out"],
                               args["activation"], args["num_experts"], None, None, args["schedule"], args["chunks"],
                               args["group_size"])
+    with pytest.raises(RuntimeError, match="b_in must have shape \\[2, 12\\]"):
+        ops.pipelined_moe(x, ids, None, w_in, w_out, "swiglu", 2 * world, b_in=torch.zeros(2, F))
+    with pytest.raises(RuntimeError, match="expert biases must have the dtype of tokens"):
+        ops.pipelined_moe(x, ids, None, w_in, w_out, "swiglu", 2 * world, b_out=torch.zeros(2, H, dtype=torch.double))
     out, counts = ops.pipelined_moe(x, ids, None, w_in, w_out, "swiglu", 2 * world, chunks=2)
     assert out.shape == x.shape and counts.shape == (2,)
     return True
