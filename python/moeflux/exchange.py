@@ -102,14 +102,14 @@ class Exchange(ABC):
         return self.placement.to_positions(expert_ids)
 
 
-def failed_probe(x: Tensor, like: Tensor) -> Tensor:
+def failed_probe(x: Tensor, width: int, like: Tensor) -> Tensor:
     """What a rank whose input ``x`` failed the layer's checks sends into the exchange: no tokens, with a header
-    no healthy peer sends (they send exactly the layer's width, ``like.shape[-1]``, in whatever dtype autocast
-    gave them): ``x``'s own width where it differs, else the layer's + 1; ``x``'s dtype where the exchange can
-    carry it (a float one), else the layer's. On the layer's device (``like``'s), where its collectives run."""
+    no healthy peer sends (they send exactly the layer's ``width``, in whatever dtype autocast gave them): ``x``'s
+    own width where it differs, else the layer's + 1; ``x``'s dtype where the exchange can carry it (a float
+    one), else the layer's (``like``'s: its experts' weight). On the layer's device, where its collectives run."""
     hidden = x.shape[-1] if x.dim() > 0 else 0
-    if hidden in (0, like.shape[-1]):
-        hidden = like.shape[-1] + 1
+    if hidden in (0, width):
+        hidden = width + 1
     dtype = x.dtype if x.dtype.is_floating_point else like.dtype
     return torch.empty((0, hidden), dtype=dtype, device=like.device)
 

@@ -243,7 +243,8 @@ class MoE(nn.Module):
         if (error := self._input_error(x)) is not None:
             # The other ranks of the group are about to wait for this one in the exchange: join it so that
             # they raise too (naming what this rank sent), then raise the precise error here.
-            self.exchange.join_failed_dispatch(failed_probe(x, self.experts.w_in), self.top_k, self.capacity(0))
+            probe = failed_probe(x, self.d_model, self.experts.w_in)
+            self.exchange.join_failed_dispatch(probe, self.top_k, self.capacity(0))
             raise ValueError(error)
         tokens = x.reshape(-1, self.d_model)
         routing = self.router(tokens)
