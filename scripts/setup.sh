@@ -64,8 +64,8 @@ else
   if [ "${MOEFLUX_CUDA:-auto}" != 0 ] && command -v nvcc >/dev/null && "$PYTHON" -c "import torch, sys; sys.exit(not torch.version.cuda)"; then
     cuda_note=" and its CUDA kernels (sm_90; MOEFLUX_CUDA=0 skips them$("$PYTHON" -c "import torch; print('' if torch.cuda.is_available() else ': this machine has no GPU')"))"
   fi
-  say "building moeflux's C++ ops${cuda_note} into $BUILD_DIR/; the first build takes ~7 min on 2 cores" \
-      "(~3 of them CUDA), later ones seconds (ccache). Full log: $BUILD_DIR/setup.log"
+  say "building moeflux's C++ ops${cuda_note} into $BUILD_DIR/; the first build takes 4 to 7 min on 2 cores" \
+      "(about half of it CUDA), later ones seconds (ccache). Full log: $BUILD_DIR/setup.log"
   mkdir -p "$BUILD_DIR"
   # pip -v streams the build; show ninja's [done/total] lines as progress, keep the rest in the log.
   if ! MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PYTHON" -m pip install -v --no-build-isolation -e . 2>&1 \

@@ -189,7 +189,7 @@ def test_compiled_run_trains_as_the_eager_one(corpus, tmp_path):
     np.testing.assert_allclose(compiled["eval"][-1]["bits_per_byte"], eager["eval"][-1]["bits_per_byte"], rtol=1e-4)
 
 
-def test_bad_input_is_one_line(corpus, tmp_path):
+def test_bad_input_is_one_line(corpus, tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     (tmp_path / "run").mkdir()
@@ -238,18 +238,26 @@ def test_bad_input_is_one_line(corpus, tmp_path):
         ("--data", str(corpus), "--steps", "0"): "--steps must be >= 1, got 0",
         ("--data", str(corpus), "--seq-len", "1"): "--seq-len must be >= 2, got 1",
     }
-    for extra, message in cases.items():
-        result = run(*TINY, *extra, check=False, cwd=tmp_path)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), (extra, result.stderr)
-        assert message in lines[0], (extra, lines[0])
+    sys.path.insert(0, str(SCRIPT.parent))
+    from moe_lm.train import main
+
+    monkeypatch.chdir(tmp_path)
+    for i, (extra, message) in enumerate(cases.items()):
+        if i < 2:  # as a process: exactly one line on stderr and a failing exit code
+            result = run(*TINY, *extra, check=False, cwd=tmp_path)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), (extra, result.stderr)
+            assert message in lines[0], (extra, lines[0])
+            continue
+        with pytest.raises(SystemExit) as exit_:  # the rest in process (a process start per case costs ~5 s):
+            main([*TINY, *extra])  # the same SystemExit("error: ...") the process prints as its one line
+        text = str(exit_.value.code)
+        assert text.startswith("error:") and "\n" not in text and message in text, (extra, text)
     assert folder_state(tmp_path / "run") == finished and not (tmp_path / "runs").exists()
     assert (tmp_path / "other" / "metrics.json").read_text() == "{}"
 
-    # In process, as the launcher checks (each case above costs a process start): --resume alone goes on in the
-    # checkpoint's folder, to the total steps of its run (here: nothing left); into a folder that holds another
-    # run only with --overwrite.
-    sys.path.insert(0, str(SCRIPT.parent))
+    # In process, as the launcher checks: --resume alone goes on in the checkpoint's folder, to the total steps of
+    # its run (here: nothing left); into a folder that holds another run only with --overwrite.
     from moe_lm.train import UsageError, check_run_folder, parse_args, validate
 
     resume = ["--resume", str(tmp_path / "run" / "checkpoint.pt")]
