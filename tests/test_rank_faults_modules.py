@@ -43,6 +43,8 @@ BAD_INPUTS = {
 }
 PEER_ERROR = r"ranks of the expert-parallel group disagree"
 
+AUTOCAST_ON_ONE_RANK = "autocast on one rank only"
+
 # Inputs that are not errors: (tokens on the first rank, tokens on the others).
 GOOD_INPUTS = {"a rank without tokens": (0, 7), "different token counts": (9, 4)}
 
@@ -71,6 +73,15 @@ def layer_faults(rank: int, world: int) -> dict:
                 outcomes[f"{exchange}: {name}"] = ("no error", time.monotonic() - start)
             except (ValueError, RuntimeError) as error:
                 outcomes[f"{exchange}: {name}"] = (str(error).splitlines()[0], time.monotonic() - start)
+        # Healthy ranks whose tokens differ in dtype only: autocast on the last rank alone (its tokens go out in
+        # bf16), which no rank's own check can see: the exchange's header makes every rank raise.
+        start = time.monotonic()
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=last):
+                moe(torch.randn(6, D_MODEL)).sum().backward()
+            outcomes[f"{exchange}: {AUTOCAST_ON_ONE_RANK}"] = ("no error", time.monotonic() - start)
+        except (ValueError, RuntimeError) as error:
+            outcomes[f"{exchange}: {AUTOCAST_ON_ONE_RANK}"] = (str(error).splitlines()[0], time.monotonic() - start)
         for name, (first, others) in GOOD_INPUTS.items():
             # Every rank's output equals what the single-process layer gives for the same tokens: the
             # capacity is per rank, so the reference runs each rank's tokens on their own.
@@ -101,6 +112,8 @@ def test_a_bad_input_on_one_rank_raises_on_every_rank_of_every_exchange(world):
                 pattern = own if rank == world - 1 else PEER_ERROR
                 assert re.search(pattern, message), (exchange, name, rank, message)
                 assert seconds < 15, (exchange, name, rank, seconds)
+            message, seconds = outcomes[f"{exchange}: {AUTOCAST_ON_ONE_RANK}"]
+            assert re.search(rf"{PEER_ERROR}: .*dtype", message) and seconds < 15, (exchange, rank, message)
             for name in GOOD_INPUTS:
                 assert outcomes[f"{exchange}: {name}"][0] == "correct"
 
