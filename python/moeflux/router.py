@@ -113,10 +113,9 @@ class Router(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         """``[T, E]``: the router's logits for ``x`` before any training noise: in ``router_dtype`` if set (autocast
         cannot lower it), else in the router weight's dtype (or autocast's, where it is on)."""
-        dtype = self.router_dtype if self.router_dtype is not None else self.weight.dtype
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        if self.router_dtype is None:
-            return F.linear(x.to(dtype), self.weight, bias)
+        if self.router_dtype is None:  # the weight and bias share a dtype: they are moved together
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        dtype, bias = self.router_dtype, self.bias.to(self.router_dtype) if self.bias is not None else None
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.to(dtype), self.weight.to(dtype), bias)
 
