@@ -236,6 +236,7 @@ def test_bad_input_is_one_line(corpus, tmp_path, monkeypatch):
         ("--data", str(corpus / "__init__.py") if (corpus / "__init__.py").exists() else str(SCRIPT)):
             "not a folder",
         ("--data", str(corpus), "--steps", "0"): "--steps must be >= 1, got 0",
+        ("--data", str(corpus), "--stop-after", "0"): "--stop-after must be >= 1, got 0",
         ("--data", str(corpus), "--seq-len", "1"): "--seq-len must be >= 2, got 1",
     }
     sys.path.insert(0, str(SCRIPT.parent))
