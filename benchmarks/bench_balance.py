@@ -167,9 +167,9 @@ def run_worker(args: argparse.Namespace) -> None:
     models, optimizers, replacements, replays, timers = {}, {}, {}, {}, {}
     for name in variants:
         torch.manual_seed(0)
-        exchange = {"shadowing": policy} if name in ("shadowing", "both") else {}
+        exchange = moeflux.ExchangeConfig(shadowing=policy) if name in ("shadowing", "both") else None
         if name == "hierarchical":  # node-aware exchange (bench_hierarchical.py), nodes from LOCAL_WORLD_SIZE
-            exchange = {"hierarchical": True}
+            exchange = moeflux.ExchangeConfig(transport="hierarchical")
         model = moeflux.DataParallel(ByteLM(config, groups, exchange), all_to_all_priority=args.priority == "on")
         models[name] = model
         optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -211,7 +211,7 @@ def run_worker(args: argparse.Namespace) -> None:
                 # derives every rank's rows from these (not from tokens_per_expert, whose meaning for a
                 # shadowed layer is the experts' routed load, shadowed tokens included).
                 record["loads"].append([{"routed": layer.routed_tokens_per_expert.tolist(),
-                                         "shadowed": list(getattr(layer.exchange, "shadowed_experts", ())),
+                                         "shadowed": list(layer.exchange.shadowed_experts),
                                          "experts": list(experts),
                                          "tokens_per_expert": int(layer.tokens_per_expert.sum())}
                                         for layer, experts in zip(model.module.moe_layers(), held)])

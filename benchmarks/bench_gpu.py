@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 import moeflux
-from moeflux import exchange, ops
+from moeflux import ops
+from moeflux.exchange.transport import flat
 
 LAYER_SHAPES = {  # name: (d_model, d_ffn, experts, top_k)
     "qwen3-30b-a3b": (2048, 768, 128, 8),
@@ -143,13 +144,14 @@ def no_sync(device: str, quick: bool) -> dict:
 
 def nccl(device: str, quick: bool) -> dict:
     """The expert-parallel layer at world 1 against the single-process one: dropless, and with a capacity (with
-    drops) on fixed splits, the GPUs' capacity path (on the CPU by the test-only exchange.FIXED_SPLITS_ON_CPU,
-    so the dry run takes it too; across ranks it is tests/test_expert_parallel.py's, on gloo)."""
+    drops) on fixed splits, the GPUs' capacity path (on the CPU by the test-only
+    moeflux.exchange.transport.flat.FIXED_SPLITS_ON_CPU, so the dry run takes it too; across ranks it is
+    tests/test_expert_parallel.py's, on gloo)."""
     backend = "nccl" if device == "cuda" else "gloo"
     out = {"backend": backend}
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=0, world_size=1)
-        exchange.FIXED_SPLITS_ON_CPU = True
+        flat.FIXED_SPLITS_ON_CPU = True
         try:
             groups = moeflux.init_expert_parallel(1)
             for name, capacity_factor in (("dropless", None), ("capacity", 0.75)):
@@ -169,7 +171,7 @@ def nccl(device: str, quick: bool) -> dict:
                         f"{key}count_exchanges": ops.collective_counts()["count_exchanges"]}  # fixed splits: 0
             return out
         finally:
-            exchange.FIXED_SPLITS_ON_CPU = False
+            flat.FIXED_SPLITS_ON_CPU = False
             dist.destroy_process_group()
 
 

@@ -6,7 +6,8 @@ Root (network namespaces).
 
 Each cluster run is bench_balance.py's worker (the main job's model, its MoE layers replaying the shared
 SmartMoE trace or uniform routing) with two variants, interleaved step by step from a barrier: ``none`` (the
-flat exchange) and ``hierarchical`` (``MoE(hierarchical=True)``, nodes from torchrun's LOCAL_WORLD_SIZE). Runs:
+flat exchange) and ``hierarchical`` (``ExchangeConfig(transport="hierarchical")``, nodes from torchrun's
+LOCAL_WORLD_SIZE). Runs:
 --rounds x topologies (2x2, 4x1) x routings (trace, uniform), one link rate (inter-node links shaped with tc,
 same-node ranks on loopback). Inter-node bytes: what moeflux's collectives send to ranks of other nodes
 (moeflux.comm_stats), mean over ranks, per training step (both MoE layers, forward and backward); step: slowest

@@ -6,8 +6,8 @@ step and step time. Root (network namespaces).
 
 Each cluster run trains the main job's model (examples/moe_lm, 2 MoE layers of 32 experts, top-2) in three
 variants, interleaved step by step from a barrier: ``flat`` (the flat exchange), ``hierarchical``
-(``MoE(hierarchical=...)``) and ``placement`` (hierarchical + :class:`moeflux.SamplePlacement` before every MoE
-layer, the output restored before the head). Routing is replayed per sample
+(``ExchangeConfig(transport="hierarchical")``) and ``placement`` (hierarchical + :class:`moeflux.SamplePlacement`
+before every MoE layer, the output restored before the head). Routing is replayed per sample
 (:class:`moeflux.sim.replay.SampleRoutingReplay`), so a sample routes the same on whichever rank holds it:
 ``trace``: each sample replays one (source rank, micro-batch) unit of the shared SmartMoE trace
 (:func:`moeflux.sim.replay.trace_sample_counts`); ``uniform``: each sample's slots drawn uniformly.
@@ -86,7 +86,7 @@ def run_worker(args: argparse.Namespace) -> None:
                 decided[_name].append(_placement.last)
                 return out
             placement.place = recorded
-        exchange = {} if name == "flat" else {"hierarchical": nodes}
+        exchange = None if name == "flat" else moeflux.ExchangeConfig(transport="hierarchical", nodes=nodes)
         model = moeflux.DataParallel(ByteLM(config, groups, exchange, placement))
         models[name], optimizers[name], placements[name] = model, torch.optim.AdamW(model.parameters(), lr=1e-3), placement
         for i, layer in enumerate(model.module.moe_layers()):

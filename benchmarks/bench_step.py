@@ -125,7 +125,7 @@ def run_worker(args: argparse.Namespace) -> None:
     rank, world, ranks_per_node, groups, config = start_worker(args)
     from moe_lm.model import ByteLM  # on the path from start_worker
     torch.manual_seed(0)
-    exchange = {"schedule": args.schedule, "chunks": args.chunks, "pairwise_group_size": args.pairwise_group_size}
+    exchange = moeflux.ExchangeConfig(schedule=args.schedule, chunks=args.chunks, group_size=args.pairwise_group_size)
     model = moeflux.DataParallel(ByteLM(config, groups, exchange), all_to_all_priority=args.priority == "on")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(rank)

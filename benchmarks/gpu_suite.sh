@@ -14,7 +14,7 @@
 #   sanitize  the CUDA op tests under compute-sanitizer: memcheck, racecheck, synccheck
 #   bench     benchmarks/bench_gpu.py (ceilings, route, grouped GEMMs, layer shapes, no-sync (raises on a host
 #             sync), NCCL at world 1 against one process: dropless, and capacity on the fixed splits that GPUs
-#             take across ranks (the dry run takes them on the CPU by the test-only exchange.FIXED_SPLITS_ON_CPU;
+#             take across ranks (the dry run takes them on the CPU by the test-only flat.FIXED_SPLITS_ON_CPU;
 #             at world 2 and 4 they are tests/test_expert_parallel.py's, on gloo), CUDA==CPU)
 #             and benchmarks/bench_ops.py --device cuda (the permute/unpermute grid)
 #   summary   the short table, last

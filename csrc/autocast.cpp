@@ -48,12 +48,13 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe_autocast(
     const at::Tensor& tokens, const at::Tensor& expert_ids, const std::optional<at::Tensor>& weights,
     const at::Tensor& w_in, const at::Tensor& w_out, c10::string_view activation, int64_t num_experts,
     std::optional<int64_t> capacity, const std::string& group_name, c10::string_view schedule, int64_t chunks,
-    int64_t group_size, const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out) {
+    int64_t group_size, const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+    const std::optional<at::Tensor>& routing_counts) {
   static auto op = find_op<decltype(pipelined_moe)>("moeflux::pipelined_moe");
   AutocastRegion<device> region;
   return op.call(region.cast(tokens), expert_ids, weights, region.cast(w_in), region.cast(w_out), activation,
                  num_experts, capacity, group_name, schedule, chunks, group_size, region.cast(b_in),
-                 region.cast(b_out));
+                 region.cast(b_out), routing_counts);
 }
 
 #define MOEFLUX_AUTOCAST_INSTANCES(device)                                                                        \
@@ -65,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe_autocast(
   template std::tuple<at::Tensor, at::Tensor> pipelined_moe_autocast<device>(                                     \
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, \
       c10::string_view, int64_t, std::optional<int64_t>, const std::string&, c10::string_view, int64_t, int64_t,   \
-      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
 MOEFLUX_AUTOCAST_INSTANCES(c10::DeviceType::CPU)
 MOEFLUX_AUTOCAST_INSTANCES(c10::DeviceType::CUDA)
 #undef MOEFLUX_AUTOCAST_INSTANCES

@@ -70,6 +70,13 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_outpu
                                                     const std::optional<at::Tensor>& weights,
                                                     const std::string& group_name);
 
+// The one count/header exchange (dispatch.cpp): sends rank r the row counts counts[r] ([P, m], any m), with this
+// rank's hidden size, dtype and num_experts, which every rank checks. -> (sent, received): [P, m] int64 on the
+// host, read in the one host synchronisation. dispatch and pipelined_moe run it themselves; the hierarchical
+// transport sends its rail copies' counts through it.
+std::tuple<at::Tensor, at::Tensor> count_exchange(const at::Tensor& tokens, const at::Tensor& counts,
+                                                  int64_t num_experts, const std::string& group_name);
+
 // Load balancing (expert_rows.cpp): [P, E] routed rows per position on every rank; owners' expert rows to
 // every rank and their gradients back; expert rows into a new placement.
 // agree_first: the agreement on the arguments first (one more small collective); false where the caller knows
@@ -83,7 +90,7 @@ at::Tensor reduce_expert_rows(const at::Tensor& grad_rows, at::IntArrayRef posit
 at::Tensor move_expert_rows(const at::Tensor& local, at::IntArrayRef old_expert_at, at::IntArrayRef new_expert_at,
                             const std::string& group_name);
 
-// The layer in stages (csrc/pipeline/): dispatch -> experts (expert_ffn, with the optional per-expert biases
+// The layer in stages (csrc/exchange/staged_engine.cpp): dispatch -> experts (expert_ffn, with the optional per-expert biases
 // b_in, b_out) -> combine with each stage's all-to-alls overlapping another stage's experts, forward and
 // backward. -> (output [T, H], tokens_per_local_expert [E_local]).
 std::tuple<at::Tensor, at::Tensor> pipelined_moe(const at::Tensor& tokens, const at::Tensor& expert_ids,
@@ -93,7 +100,8 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe(const at::Tensor& tokens, const
                                                  const std::string& group_name, c10::string_view schedule,
                                                  int64_t chunks, int64_t group_size,
                                                  const std::optional<at::Tensor>& b_in,
-                                                 const std::optional<at::Tensor>& b_out);
+                                                 const std::optional<at::Tensor>& b_out,
+                                                 const std::optional<at::Tensor>& routing_counts);
 
 // ---- experts (experts/): grouped GEMMs over per-expert row segments
 at::Tensor grouped_mm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& tokens_per_expert);
@@ -130,9 +138,10 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe_autocast(
     const at::Tensor& tokens, const at::Tensor& expert_ids, const std::optional<at::Tensor>& weights,
     const at::Tensor& w_in, const at::Tensor& w_out, c10::string_view activation, int64_t num_experts,
     std::optional<int64_t> capacity, const std::string& group_name, c10::string_view schedule, int64_t chunks,
-    int64_t group_size, const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out);
+    int64_t group_size, const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+    const std::optional<at::Tensor>& routing_counts);
 
-// ---- Autograd-key kernels (autograd.cpp, pipeline/): C++ autograd functions around the ops above.
+// ---- Autograd-key kernels (autograd.cpp, exchange/): C++ autograd functions around the ops above.
 std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& tokens, const at::Tensor& expert_ids,
                                                           const std::optional<at::Tensor>& weights,
                                                           const at::Tensor& w_in, const at::Tensor& w_out,
@@ -141,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& toke
                                                           const std::string& group_name, c10::string_view schedule,
                                                           int64_t chunks, int64_t group_size,
                                                           const std::optional<at::Tensor>& b_in,
-                                                          const std::optional<at::Tensor>& b_out);
+                                                          const std::optional<at::Tensor>& b_out,
+                                                          const std::optional<at::Tensor>& routing_counts);
 at::Tensor grouped_mm_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& tokens_per_expert);
 at::Tensor expert_ffn_autograd(const at::Tensor& rows, const at::Tensor& w_in, const at::Tensor& w_out,
                                const at::Tensor& tokens_per_expert, c10::string_view activation,

@@ -69,8 +69,10 @@ TORCH_LIBRARY(moeflux, m) {
         "-> (Tensor grad_expert_out, Tensor grad_weights)");
   m.def("pipelined_moe(Tensor tokens, Tensor expert_ids, Tensor? weights, Tensor w_in, Tensor w_out, "
         "str activation, int num_experts, int? capacity, str group_name, str schedule, int chunks, int group_size, "
-        "Tensor? b_in=None, Tensor? b_out=None) "
+        "Tensor? b_in=None, Tensor? b_out=None, Tensor? routing_counts=None) "
         "-> (Tensor output, Tensor tokens_per_local_expert)");
+  m.def("count_exchange(Tensor tokens, Tensor counts, int num_experts, str group_name) "
+        "-> (Tensor sent, Tensor received)");
   // load balancing: collectives on expert rows (csrc/distributed/expert_rows.cpp)
   m.def("routing_counts(Tensor tokens, Tensor expert_ids, int num_experts, str group_name, bool agree_first=True) "
         "-> Tensor");
@@ -132,6 +134,7 @@ TORCH_LIBRARY_IMPL(moeflux, CompositeExplicitAutograd, m) {
   m.impl("combine_backward", &moeflux::combine_backward);
   m.impl("pipelined_moe", &moeflux::pipelined_moe);
   m.impl("routing_counts", &moeflux::routing_counts);
+  m.impl("count_exchange", &moeflux::count_exchange);
   m.impl("broadcast_expert_rows", &moeflux::broadcast_expert_rows);
   m.impl("reduce_expert_rows", &moeflux::reduce_expert_rows);
   m.impl("move_expert_rows", &moeflux::move_expert_rows);

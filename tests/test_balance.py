@@ -126,7 +126,7 @@ def test_choose_shadows_the_hot_experts_under_skew():
             < FAST_LINK_SLOW_COMPUTE.estimate_s(counts, (), SHAPE))
     # The hot experts are found wherever they are; the result is ascending, not in the order chosen.
     assert FAST_LINK_SLOW_COMPUTE.choose(skewed({5: 100, 2: 30}), SHAPE) == (2, 5)
-    # what ShadowedExchange passes: routing_counts' CPU int64 tensor as numpy
+    # what shadowing (moeflux.exchange.shadowing.Shadowing) passes: routing_counts' CPU int64 tensor as numpy
     assert FAST_LINK_SLOW_COMPUTE.choose(torch.from_numpy(counts.astype(np.int64)).numpy(), SHAPE) == (0, 2)
 
 
@@ -190,8 +190,9 @@ def test_cost_model_rejects_bad_rates(kwargs, message):
 
 
 def test_cost_model_rates():
-    assert ShadowCostModel.default_for("cpu") == ShadowCostModel(10e9 / 8, 50e9, None)
-    assert ShadowCostModel.default_for("cuda", max_shadows=2) == ShadowCostModel(400e9 / 8, 400e12, 2)
+    # the rough rates are only priors: the layer calibrates them from what it measures
+    assert ShadowCostModel.default_for("cpu") == ShadowCostModel(10e9 / 8, 50e9, None, calibrate=True)
+    assert ShadowCostModel.default_for("cuda", max_shadows=2) == ShadowCostModel(400e9 / 8, 400e12, 2, calibrate=True)
     # FittedLinks' default inter-node link: 10 Gbit/s at 94% TCP efficiency
     fitted = ShadowCostModel.from_fitted_links(FittedLinks(), 10.0, 5e10, max_shadows=3)
     assert fitted.link_bytes_per_s == pytest.approx(10e9 * 0.94 / 8)

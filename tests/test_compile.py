@@ -59,10 +59,12 @@ def test_compiled_layer_equals_eager_with_no_graph_break_or_recompile(capacity_f
 def _expert_parallel(rank, world, capacity_factor, schedule, shadowing, hierarchical):
     counters.clear()
     groups = moeflux.init_expert_parallel(world)
-    nodes = moeflux.init_node_groups(groups.ep_group, ranks_per_node=1) if hierarchical else False
+    nodes = moeflux.init_node_groups(groups.ep_group, ranks_per_node=1) if hierarchical else None
+    exchange = moeflux.ExchangeConfig(transport="hierarchical" if hierarchical else "flat", nodes=nodes,
+                                      schedule=schedule, shadowing=shadowing)
     torch.manual_seed(0)
     moe = moeflux.MoE(D_MODEL, D_FFN, EXPERTS, top_k=2, capacity_factor=capacity_factor, ep_group=groups,
-                      schedule=schedule, shadowing=shadowing, hierarchical=nodes)
+                      exchange=exchange)
     traced_whole = schedule == "bulk" and shadowing == "off" and not hierarchical
     # Ranks hold different numbers of tokens (dropless); in capacity mode the capacity is per rank.
     assert_same_step(torch.compile(moe, fullgraph=traced_whole), moe, lambda: torch.randn(9 + 3 * rank, D_MODEL))
@@ -81,14 +83,14 @@ def test_compiled_expert_parallel_layer_equals_eager(capacity_factor, schedule, 
 
 
 def test_fullgraph_names_the_exchange_that_does_not_trace():
-    """The pipelined and shadowed exchanges keep opaque C++ state or choose on the host: under fullgraph=True
+    """The staged schedules and shadowing keep opaque C++ state or choose on the host: under fullgraph=True
     torch.compile says where, rather than failing inside a kernel."""
     run_ranks(2, _fullgraph_refusal)
 
 
 def _fullgraph_refusal(rank, world):
     groups = moeflux.init_expert_parallel(world)
-    moe = moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups, schedule="chunked")
+    moe = moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups, exchange=moeflux.ExchangeConfig(schedule="chunked"))
     with pytest.raises(Exception, match="torch.compiler.disable|skip"):
         torch.compile(moe, fullgraph=True)(torch.randn(5, D_MODEL))
 
@@ -151,6 +153,9 @@ def _opcheck_collectives(rank, world):
         check(torch.ops.moeflux.combine_backward.default,
               (torch.randn_like(tokens), returned, *plan, weights.detach(), group))
     check(torch.ops.moeflux.routing_counts.default, (tokens.detach(), ids, EXPERTS, group))
+    # the one count/header exchange (the hierarchical transport's): [P, m] counts on the tokens' device
+    check(torch.ops.moeflux.count_exchange.default,
+          (tokens.detach(), torch.arange(world * 3, dtype=torch.int64).view(world, 3), EXPERTS, group))
     local = torch.randn(EXPERTS // world, 3, 5, requires_grad=True)
     check(torch.ops.moeflux.broadcast_expert_rows.default, (local, [0, EXPERTS - 1], group))
     check(torch.ops.moeflux.reduce_expert_rows.default, (torch.randn(2, 3, 5), [0, EXPERTS - 1], EXPERTS // world,
@@ -171,9 +176,14 @@ def _opcheck_collectives(rank, world):
     check(torch.ops.moeflux.pipelined_moe.default,
           (tokens, ids, weights, w_in, w_out, "swiglu", EXPERTS, None, group, "pairwise", 2, 1, b_in, b_out),
           test_utils=("test_autograd_registration", "test_faketensor"))
+    # the bulk schedule, with the routing counts in place of its count exchange (what shadowing passes)
+    counts = torch.ops.moeflux.routing_counts(tokens.detach(), ids, EXPERTS, group)
+    check(torch.ops.moeflux.pipelined_moe.default,
+          (tokens, ids, weights, w_in, w_out, "swiglu", EXPERTS, None, group, "bulk", 1, 1, None, None, counts),
+          test_utils=("test_autograd_registration", "test_faketensor"))
     return checked
 
 
 def test_collective_ops_pass_opcheck_on_2_ranks():
     checked = run_ranks(2, _opcheck_collectives, timeout=300)
-    assert checked[0] == checked[1] and len(checked[0]) == 15
+    assert checked[0] == checked[1] and len(checked[0]) == 17

@@ -1,5 +1,5 @@
-"""The exchange seam: ExpertPlacement, LocalExchange and AllToAllExchange against a brute-force reference,
-with contiguous and permuted placements, and moeflux.expert_parameters."""
+"""The exchange seam: ExpertPlacement, the local and flat transports against a brute-force reference, with
+contiguous and permuted placements, and moeflux.expert_parameters."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 import moeflux
-from moeflux.exchange import AllToAllExchange, LocalExchange, make_exchange
+from moeflux.exchange import FlatTransport, LocalTransport, make_exchange
 from multiprocess import run_ranks
 
 # ---- placement
@@ -92,11 +92,11 @@ def test_local_exchange_matches_reference(placement, num_tokens, k, capacity, dr
     tokens, ids, weights = routed(num_tokens, 6, k, seed=num_tokens + k, drop=drop)
     if capacity is not None:
         ids = moeflux.ops.apply_capacity(ids, weights.float(), 6, capacity)
-    exchange = LocalExchange(placement)
+    transport = LocalTransport(placement.num_experts)
     tokens.requires_grad_(True)
-    batch, plan = exchange.dispatch(tokens, ids, capacity)
+    batch, plan = transport.dispatch(tokens, placement.to_positions(ids), capacity)
     assert batch.capacity == capacity and batch.tokens_per_expert.shape == (6,)
-    out = exchange.combine(scaled_by_expert(batch, placement.experts_of()), plan, weights)
+    out = transport.combine(scaled_by_expert(batch, placement.experts_of()), plan, weights)
     torch.testing.assert_close(out, reference(tokens.detach(), ids, weights), rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -105,8 +105,9 @@ def test_local_exchange_matches_reference(placement, num_tokens, k, capacity, dr
 
 
 def test_local_exchange_needs_every_expert():
-    with pytest.raises(ValueError, match="placement.ep_size must be 1"):
-        LocalExchange(moeflux.ExpertPlacement(4, ep_size=2))
+    # Without an expert-parallel group the exchange is local: the placement must hold every expert on this rank.
+    with pytest.raises(ValueError, match="ep_size"):
+        make_exchange(moeflux.ExpertPlacement(4, ep_size=2), None)
 
 
 def check_all_to_all_exchange(rank, world, layout, capacity):
@@ -117,17 +118,18 @@ def check_all_to_all_exchange(rank, world, layout, capacity):
     else:
         placement = moeflux.ExpertPlacement(num_experts, world, rank)
     exchange = make_exchange(placement, dist.group.WORLD)
-    assert isinstance(exchange, AllToAllExchange)
+    assert isinstance(exchange.transport, FlatTransport) and exchange.shadowing is None
+    assert not exchange.schedule.staged and exchange.placement is placement
     with pytest.raises(ValueError, match="placement.ep_size \\(1\\) must equal the size of the expert-parallel group"):
-        AllToAllExchange(moeflux.ExpertPlacement(num_experts), dist.group.WORLD)
+        make_exchange(moeflux.ExpertPlacement(num_experts), dist.group.WORLD)
     num_tokens = 8 if capacity is not None else 3 * rank  # dropless: uneven, rank 0 without tokens
     tokens, ids, weights = routed(num_tokens, num_experts, 2, seed=10 + rank)
     if capacity is not None:
         ids = moeflux.ops.apply_capacity(ids, weights.float(), num_experts, capacity)
     tokens.requires_grad_(True)
-    batch, plan = exchange.dispatch(tokens, ids, capacity)
+    batch, plan = exchange.transport.dispatch(tokens, placement.to_positions(ids), capacity)
     assert batch.capacity is None  # on the CPU the tokens a capacity kept travel packed, as dropless ones
-    out = exchange.combine(scaled_by_expert(batch, placement.experts_of()), plan, weights)
+    out = exchange.transport.combine(scaled_by_expert(batch, placement.experts_of()), plan, weights)
     torch.testing.assert_close(out, reference(tokens.detach(), ids, weights), rtol=1e-12, atol=1e-12)
     out.sum().backward()
     factor = torch.where(ids >= 0, ids.double() + 1, torch.zeros_like(ids, dtype=torch.float64))
@@ -160,7 +162,8 @@ class TwoLayers(nn.Module):
 
 def test_moe_layer_builds_a_local_exchange_over_its_placement():
     moe = moeflux.MoE(8, 16, 4, 2)
-    assert isinstance(moe.exchange, LocalExchange)
+    assert isinstance(moe.exchange.transport, LocalTransport)
+    assert moe.exchange.shadowing is None and not moe.exchange.schedule.staged
     assert moe.exchange.placement is moe.placement is moe.experts.placement
     assert moe.experts.global_experts == (0, 1, 2, 3)
 

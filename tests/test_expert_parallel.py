@@ -1,14 +1,16 @@
 """moeflux.MoE with expert parallelism on 2 and 4 gloo ranks against one process
 holding all experts and seeing every rank's tokens. The capacity scenarios run twice: as the CPU sends them
 (the kept tokens packed, after a count exchange) and on the GPUs' fixed splits (``capacity`` rows per expert
-on the wire, ``capacity * ep_size`` per local expert; the test-only exchange.FIXED_SPLITS_ON_CPU)."""
+on the wire, ``capacity * ep_size`` per local expert; the test-only
+moeflux.exchange.transport.flat.FIXED_SPLITS_ON_CPU)."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import moeflux
-from moeflux import exchange, ops
+from moeflux import ops
+from moeflux.exchange.transport import flat
 from multiprocess import GROUP_TIMEOUT, run_ranks
 
 D_MODEL, D_FFN, EXPERTS = 6, 5, 8
@@ -99,12 +101,12 @@ def ep_worker(rank, world, ep_size):
     assert groups.ep_size == ep_size and dist.get_world_size(groups.edp_group) == world // ep_size
     for scenario in SCENARIOS:
         check_scenario(rank, world, groups, **scenario)
-    exchange.FIXED_SPLITS_ON_CPU = True
+    flat.FIXED_SPLITS_ON_CPU = True
     try:
         for scenario in FIXED_SPLIT_SCENARIOS:
             check_scenario(rank, world, groups, fixed_splits=True, **scenario)
     finally:
-        exchange.FIXED_SPLITS_ON_CPU = False
+        flat.FIXED_SPLITS_ON_CPU = False
     check_state_dict(rank, world, groups)
     return True
 

@@ -1,9 +1,11 @@
-"""The hierarchical (node-aware) exchange: node groups, equivalence with the flat exchange and a brute-force
-reference (outputs and gradients), deduplication across nodes, the MoE option, and its errors. Nodes are
-declared on one machine (ranks_per_node), world 2 and 4, gloo, spawned processes."""
+"""The hierarchical (node-aware) transport: node groups, equivalence with the flat transport and a brute-force
+reference (outputs and gradients), deduplication across nodes, the MoE option (ExchangeConfig(transport=
+"hierarchical"), with every schedule and shadowing), and its errors. Nodes are declared on one machine
+(ranks_per_node), world 2 and 4, gloo, spawned processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -11,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 import moeflux
-from moeflux.exchange import AllToAllExchange
-from moeflux.hierarchical import HierarchicalExchange
+from moeflux import ExchangeConfig, FixedShadows
+from moeflux.exchange import FlatTransport, HierarchicalTransport, make_exchange
 from moeflux.topology import launcher_ranks_per_node, node_layout
 from multiprocess import run_ranks
 from test_exchange import reference, scaled_by_expert
@@ -93,15 +95,16 @@ def check_exchange(rank, world, nodes, layout, case):
     if capacity is not None:
         ids = moeflux.ops.apply_capacity(ids, weights.float(), num_experts, capacity)
     results = []
-    for exchange in (AllToAllExchange(placement, dist.group.WORLD), HierarchicalExchange(placement, nodes)):
+    positions = placement.to_positions(ids)
+    for exchange in (FlatTransport(num_experts, dist.group.WORLD), HierarchicalTransport(num_experts, nodes)):
         x, w = tokens.detach().clone().requires_grad_(True), weights.detach().clone().requires_grad_(True)
-        batch, plan = exchange.dispatch(x, ids, capacity)
+        batch, plan = exchange.dispatch(x, positions, capacity)
         out = exchange.combine(scaled_by_expert(batch, placement.experts_of()), plan, w)
         torch.testing.assert_close(out, reference(tokens, ids, weights), rtol=1e-12, atol=1e-12)
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         results.append((out, x.grad, w.grad, batch.tokens_per_expert))
-        if isinstance(exchange, HierarchicalExchange):
-            assert plan.send_splits == node_copies(ids, placement, exchange.experts_per_node), case
+        if isinstance(exchange, HierarchicalTransport):
+            assert plan.rail.send_splits == node_copies(ids, placement, exchange.experts_per_node), case
     for flat, hier in zip(*results):
         torch.testing.assert_close(hier, flat, rtol=1e-12, atol=1e-12)
 
@@ -127,11 +130,11 @@ def test_hierarchical_exchange_equals_flat_and_reference(world, ranks_per_node):
 def gradcheck_worker(rank, world):
     nodes = moeflux.init_node_groups(dist.group.WORLD, ranks_per_node=2)
     placement = moeflux.ExpertPlacement(8, world, rank)
-    exchange = HierarchicalExchange(placement, nodes)
+    exchange = HierarchicalTransport(placement.num_experts, nodes)
     tokens, ids, weights = routing(rank, 3, 8, 3, "uneven", seed=rank)  # same size on every rank: same calls
 
     def layer(x, w):
-        batch, plan = exchange.dispatch(x, ids, None)
+        batch, plan = exchange.dispatch(x, placement.to_positions(ids), None)
         return exchange.combine(scaled_by_expert(batch, placement.experts_of()), plan, w)
 
     return torch.autograd.gradcheck(layer, (tokens.requires_grad_(True), weights.requires_grad_(True)))
@@ -150,7 +153,7 @@ def bytes_worker(rank, world):
     for name in ("flat", "hierarchical"):
         torch.manual_seed(0)
         moe = moeflux.MoE(16, 8, 8, top_k=4, dtype=torch.float64, ep_group=dist.group.WORLD,
-                          hierarchical=nodes if name == "hierarchical" else False)
+                          exchange=ExchangeConfig(transport=name, nodes=nodes if name == "hierarchical" else None))
         x = torch.randn(32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
         with moeflux.comm_stats(ranks_per_node=2) as stats:
             moe(x).sum().backward()
@@ -180,31 +183,63 @@ def layer_worker(rank, world, ranks_per_node, from_launcher):
     groups = moeflux.init_expert_parallel(world)
     if from_launcher:
         os.environ["LOCAL_WORLD_SIZE"] = str(ranks_per_node)
-        hierarchical = True
+        hierarchical = ExchangeConfig(transport="hierarchical")
     else:
-        hierarchical = moeflux.init_node_groups(groups.ep_group, ranks_per_node=ranks_per_node)
+        nodes = moeflux.init_node_groups(groups.ep_group, ranks_per_node=ranks_per_node)
+        hierarchical = ExchangeConfig(transport="hierarchical", nodes=nodes)
     for name, options in LAYER_OPTIONS.items():
         options = {"num_experts": 8, "top_k": 2, **options}
         grads = []
-        for mode in (False, hierarchical):
+        for config in (None, hierarchical):
             torch.manual_seed(0)
-            moe = moeflux.MoE(12, 10, ep_group=groups, hierarchical=mode, dtype=torch.float64, **options)
+            moe = moeflux.MoE(12, 10, ep_group=groups, exchange=config, dtype=torch.float64, **options)
             tokens = 6 if "capacity_factor" in options else 5 + rank  # a capacity needs equal token counts
             x = torch.randn(2, tokens, 12, dtype=torch.float64,
                             generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
             out = moe(x)
             (out.pow(2).sum() + moe.aux_loss).backward()
             grads.append([out, x.grad, moe.tokens_per_expert] + [p.grad for p in moe.parameters()])
-        assert isinstance(moe.exchange, HierarchicalExchange)
+        assert isinstance(moe.exchange.transport, HierarchicalTransport)
+        assert not moe.exchange.schedule.staged and moe.exchange.shadowing is None
         for flat, hier in zip(*grads):
             torch.testing.assert_close(hier, flat, rtol=1e-10, atol=1e-12, msg=name)
+    check_composed(rank, groups, hierarchical)
     return True
+
+
+COMPOSED = {  # the hierarchical transport with the other parts (tests/test_composed_exchange.py: every one)
+    "chunked": dict(schedule="chunked", chunks=3),
+    "pairwise": dict(schedule="pairwise"),
+    "fixed shadows": dict(shadowing=FixedShadows((0, 7))),
+}
+
+
+def check_composed(rank, groups, hierarchical):
+    """The hierarchical transport with a staged schedule or with shadowing equals the plain flat layer."""
+    results = {}
+    for name, config in {"flat": None, **{n: dataclasses.replace(hierarchical, **c) for n, c in COMPOSED.items()}
+                         }.items():
+        torch.manual_seed(0)
+        moe = moeflux.MoE(12, 10, 8, 2, ep_group=groups, exchange=config, dtype=torch.float64)
+        x = torch.randn(5 + rank, 12, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(rank)).requires_grad_(True)
+        out = moe(x)
+        (out.pow(2).sum() + moe.aux_loss).backward()
+        results[name] = [out, x.grad, moe.tokens_per_expert] + [p.grad for p in moe.parameters()]
+        if config is not None:
+            assert isinstance(moe.exchange.transport, HierarchicalTransport), name
+            assert moe.exchange.schedule.staged == ("schedule" in COMPOSED[name]), name
+            assert (moe.exchange.shadowing is not None) == ("shadowing" in COMPOSED[name]), name
+    for name in COMPOSED:
+        for flat, composed in zip(results["flat"], results[name]):
+            torch.testing.assert_close(composed, flat, rtol=1e-10, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("world, ranks_per_node, from_launcher", [(4, 2, False), (4, 1, True), (2, 1, False)],
                          ids=["2x2", "4x1 from LOCAL_WORLD_SIZE", "2x1"])
 def test_moe_hierarchical_equals_flat(world, ranks_per_node, from_launcher):
-    """moeflux.MoE(hierarchical=...): outputs, input and every parameter's gradients equal the flat layer's."""
+    """moeflux.MoE(exchange=ExchangeConfig(transport="hierarchical", ...)): outputs, input and every parameter's
+    gradients equal the flat layer's, with the bulk schedule, the staged ones and shadowing."""
     assert all(run_ranks(world, layer_worker, ranks_per_node, from_launcher))
 
 
@@ -228,11 +263,26 @@ def test_init_node_groups_needs_a_process_group():
         moeflux.init_node_groups(ranks_per_node=2)
 
 
-def test_hierarchical_needs_expert_parallelism():
-    with pytest.raises(ValueError, match="hierarchical works with an ep_group"):
-        moeflux.MoE(8, 8, 4, hierarchical=True)
-    with pytest.raises(TypeError, match="hierarchical must be a bool or a moeflux.NodeGroups"):
-        moeflux.MoE(8, 8, 4, hierarchical="yes")
+def test_hierarchical_without_expert_parallelism_is_local():
+    torch.manual_seed(0)
+    plain = moeflux.MoE(8, 8, 4)
+    torch.manual_seed(0)
+    layer = moeflux.MoE(8, 8, 4, exchange=ExchangeConfig(transport="hierarchical"))  # every expert here
+    assert type(layer.exchange.transport) is type(plain.exchange.transport)
+    x = torch.randn(5, 8)
+    assert torch.equal(layer(x), plain(x))
+
+
+@pytest.mark.parametrize("exchange, error, message", [
+    (True, TypeError, "exchange must be a moeflux.ExchangeConfig or None"),
+    ("hierarchical", TypeError, "exchange must be a moeflux.ExchangeConfig or None"),
+    (ExchangeConfig(transport="yes"), ValueError, "exchange transport must be one of \\('flat', 'hierarchical'\\)"),
+    (ExchangeConfig(transport="hierarchical", nodes="yes"), TypeError,
+     "exchange nodes must be a moeflux.NodeGroups or None"),
+])
+def test_bad_hierarchical_options_raise(exchange, error, message):
+    with pytest.raises(error, match=message):
+        moeflux.MoE(8, 8, 4, exchange=exchange)
 
 
 def errors_worker(rank, world):
@@ -255,14 +305,26 @@ def errors_worker(rank, world):
     attempt("ranks_per_node differs", lambda: moeflux.init_node_groups(ranks_per_node=1 if rank == 0 else 2))
     attempt("ranks_per_node 3", lambda: moeflux.init_node_groups(ranks_per_node=3))
     nodes = moeflux.init_node_groups(ranks_per_node=2)
-    attempt("chunked", lambda: moeflux.MoE(8, 8, 4, ep_group=dist.group.WORLD, hierarchical=nodes,
-                                           schedule="chunked"))
-    attempt("shadowing", lambda: moeflux.MoE(8, 8, 4, ep_group=dist.group.WORLD, hierarchical=nodes, shadowing=1))
+    hierarchical = ExchangeConfig(transport="hierarchical", nodes=nodes)
+    world_group = dist.group.WORLD
+    # the pairwise groups tile a node (2 ranks), not only the group (4): every rank raises
+    attempt("pairwise groups of 4", lambda: moeflux.MoE(8, 8, 4, ep_group=world_group, exchange=dataclasses.replace(
+        hierarchical, schedule="pairwise", group_size=4)))
+    attempt("nodes with the flat transport", lambda: moeflux.MoE(8, 8, 4, ep_group=world_group,
+                                                                 exchange=ExchangeConfig(nodes=nodes)))
     other = dist.new_group(list(range(world)))
-    attempt("other group", lambda: moeflux.MoE(8, 8, 4, ep_group=other, hierarchical=nodes))
-    attempt("placement of another size", lambda: HierarchicalExchange(moeflux.ExpertPlacement(4), nodes))
-    attempt("only rank 0 hierarchical", lambda: moeflux.MoE(8, 8, 4, ep_group=dist.group.WORLD,
-                                                            hierarchical=nodes if rank == 0 else False))
+    attempt("other group", lambda: moeflux.MoE(8, 8, 4, ep_group=other, exchange=hierarchical))
+    attempt("placement of another size", lambda: make_exchange(moeflux.ExpertPlacement(4), world_group, hierarchical))
+    attempt("num_experts not a multiple", lambda: HierarchicalTransport(6, nodes))
+    attempt("only rank 0 hierarchical", lambda: moeflux.MoE(8, 8, 4, ep_group=world_group,
+                                                            exchange=hierarchical if rank == 0 else None))
+    # the transport's one count/header exchange: rank r tells rank q 10 * r + q; a rank whose header differs
+    # makes every rank raise, naming it
+    counts = torch.tensor([[10 * rank + q] for q in range(world)])
+    sent, received = moeflux.ops.count_exchange(torch.randn(3, 6), counts, 8, world_group)
+    assert sent.tolist() == counts.tolist() and received.tolist() == [[10 * r + rank] for r in range(world)]
+    attempt("count_exchange: hidden size differs on rank 0",
+            lambda: moeflux.ops.count_exchange(torch.randn(3, 7 if rank == 0 else 6), counts, 8, world_group))
     dist.barrier()  # nobody was left waiting
     return outcomes
 
@@ -275,10 +337,14 @@ def test_hierarchical_errors_raise_on_every_rank():
         "overlapping groups": "the ranks' expert-parallel groups overlap",
         "ranks_per_node 3": "every node must hold the same number",
         "placement of another size": "placement.ep_size (1) must equal the size of the expert-parallel group (4)",
-        "chunked": "hierarchical works with an ep_group, schedule='bulk' and shadowing='off' only",
-        "shadowing": "hierarchical works with an ep_group, schedule='bulk' and shadowing='off' only",
+        "pairwise groups of 4": "schedule='pairwise': group_size (4) must divide the size of a node "
+                                "(ranks_per_node) (2)",
+        "nodes with the flat transport": "exchange nodes are for transport='hierarchical'",
         "other group": "NodeGroups were made for another expert-parallel group",
-        "only rank 0 hierarchical": "disagree on hierarchical",
+        "num_experts not a multiple": "num_experts (6) must be a multiple of the expert-parallel group's size (4)",
+        "only rank 0 hierarchical": "disagree on exchange_nodes, exchange_transport",
+        "count_exchange: hidden size differs on rank 0": "moeflux.count_exchange: ranks of the expert-parallel "
+                                                          "group disagree: rank ",
     }
     for outcomes in run_ranks(4, errors_worker):
         for name, message in expected.items():

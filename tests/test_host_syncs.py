@@ -7,7 +7,7 @@ it by site on every device, so these CPU tests see the reads a GPU would make (m
   GEMMs (``counts:expert_gemms``), none where torch._grouped_mm does them (bf16 on Hopper GPUs; the CPU's
   "aten" backend here);
 - the dropless expert-parallel layer: its count exchange (``counts:dispatch``, or ``counts:routing_counts``
-  for shadowing, ``counts:hierarchical`` for the node header) once per forward, plus the GEMMs' read as above;
+  for shadowing, ``counts:count_exchange`` for the hierarchical transport's rail counts) once per forward, plus the GEMMs' read as above;
   nothing in backward;
 - capacity mode across ranks on fixed splits (the GPUs' path; here by the test-only switch): none.
 
@@ -18,13 +18,15 @@ kind raises under torch.cuda.set_sync_debug_mode("error").
 
 import collections
 import contextlib
+import dataclasses
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 import moeflux
-from moeflux import exchange, ops
+from moeflux import ExchangeConfig, ops
+from moeflux.exchange.transport import flat
 from multiprocess import run_ranks
 
 READS = ("item", "tolist", "numpy", "cpu", "__int__", "__float__", "__bool__", "__index__")
@@ -72,11 +74,11 @@ def cpu_gemm_backend(backend):
 @contextlib.contextmanager
 def fixed_splits():
     """The test-only switch: capacity mode on fixed splits on the CPU, as on a GPU."""
-    exchange.FIXED_SPLITS_ON_CPU = True
+    flat.FIXED_SPLITS_ON_CPU = True
     try:
         yield
     finally:
-        exchange.FIXED_SPLITS_ON_CPU = False
+        flat.FIXED_SPLITS_ON_CPU = False
 
 
 @pytest.mark.parametrize("capacity_factor, backend, expected", [
@@ -90,20 +92,26 @@ def test_single_process_layer_reads(capacity_factor, backend, expected):
 
 
 DISPATCH = {"counts:dispatch": 1}
+CHUNKED = ExchangeConfig(schedule="chunked")
+HIERARCHICAL = ExchangeConfig(transport="hierarchical")  # the node groups: made in the worker
+FIXED_RATES = dataclasses.replace(moeflux.ShadowCostModel.default_for("cpu", max_shadows=2), calibrate=False)
 EP_CASES = {  # name: (MoE options, the test-only fixed splits, CPU GEMM backend, forward's reads, Python reads)
     "bulk-dropless": (dict(), False, "segments", DISPATCH | GEMMS, {}),
     "bulk-dropless-grouped-mm": (dict(), False, "aten", DISPATCH, {}),
     "bulk-capacity-packed": (dict(capacity_factor=1.25), False, "segments", DISPATCH | GEMMS, {}),
     "bulk-capacity-fixed-splits": (dict(capacity_factor=1.25), True, "segments", {}, {}),
-    "chunked-dropless": (dict(schedule="chunked"), False, "segments", DISPATCH, {}),
-    "chunked-dropless-grouped-mm": (dict(schedule="chunked", expert_bias=True), False, "aten", DISPATCH, {}),
-    "pairwise-dropless": (dict(schedule="pairwise"), False, "segments", DISPATCH, {}),
-    "chunked-capacity-fixed-splits": (dict(schedule="chunked", capacity_factor=1.25), True, "segments", {}, {}),
-    # The cost model shadows nothing here; it reads the host copy of the counts routing_counts returned.
-    "shadowed": (dict(shadowing=2), False, "segments", {"counts:routing_counts": 1} | GEMMS, {"numpy": 1}),
-    # The node header (one read), then the node group's dispatch of the copies.
-    "hierarchical": (dict(hierarchical=True), False, "segments",
-                     {"counts:hierarchical": 1} | DISPATCH | GEMMS, {"tolist": 1}),
+    "chunked-dropless": (dict(exchange=CHUNKED), False, "segments", DISPATCH, {}),
+    "chunked-dropless-grouped-mm": (dict(exchange=CHUNKED, expert_bias=True), False, "aten", DISPATCH, {}),
+    "pairwise-dropless": (dict(exchange=ExchangeConfig(schedule="pairwise")), False, "segments", DISPATCH, {}),
+    "chunked-capacity-fixed-splits": (dict(exchange=CHUNKED, capacity_factor=1.25), True, "segments", {}, {}),
+    # The cost model (shadowing=2's rates, fixed: not calibrated) shadows nothing here; it reads the host copy of
+    # the counts routing_counts returned.
+    "shadowed": (dict(exchange=ExchangeConfig(shadowing=FIXED_RATES)), False, "segments",
+                 {"counts:routing_counts": 1} | GEMMS, {"numpy": 1}),
+    # The node header (one read, moeflux.ops.count_exchange), then the node group's dispatch of the copies; the
+    # rail splits are read from the header's host copy (.tolist() of host tensors, no device read).
+    "hierarchical": (dict(exchange=HIERARCHICAL), False, "segments",
+                     {"counts:count_exchange": 1} | DISPATCH | GEMMS, {"tolist": 2}),
 }
 
 
@@ -112,8 +120,9 @@ def ep_worker(rank, world):
     seen = {}
     for name, (options, fixed, backend, _, _) in EP_CASES.items():
         torch.manual_seed(0)
-        if options.get("hierarchical"):
-            options = dict(options, hierarchical=moeflux.init_node_groups(groups.ep_group, ranks_per_node=1))
+        if options.get("exchange") is HIERARCHICAL:
+            nodes = moeflux.init_node_groups(groups.ep_group, ranks_per_node=1)
+            options = dict(options, exchange=dataclasses.replace(HIERARCHICAL, nodes=nodes))
         model = moeflux.MoE(32, 16, 8, 2, ep_group=groups, **options)
         with cpu_gemm_backend(backend), fixed_splits() if fixed else contextlib.nullcontext():
             seen[name] = reads_per_step(model, torch.randn(64, 32))

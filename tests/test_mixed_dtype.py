@@ -144,7 +144,8 @@ def test_autocast_expert_ops_cast_their_operands():
 EP_CASES = {
     "bf16 experts, fp32 router, fp32 logits": (torch.bfloat16, torch.float32, torch.float32, {}, False),
     "autocast bf16, fp32 weights": (torch.float32, torch.float32, torch.float32, {}, True),
-    "autocast bf16, chunked schedule": (torch.float32, torch.float32, None, dict(schedule="chunked"), True),
+    "autocast bf16, chunked schedule": (torch.float32, torch.float32, None,
+                                        dict(exchange=moeflux.ExchangeConfig(schedule="chunked")), True),
 }
 
 
@@ -152,7 +153,7 @@ def ep_worker(rank, world):
     groups = moeflux.init_expert_parallel(world, timeout=GROUP_TIMEOUT)
     for case, (experts_dtype, router_params, router_dtype, options, autocast) in EP_CASES.items():
         reference = mixed_layer(experts_dtype, router_params, router_dtype,
-                                {k: v for k, v in options.items() if k != "schedule"})
+                                {k: v for k, v in options.items() if k != "exchange"})
         model = mixed_layer(experts_dtype, router_params, router_dtype, options, ep_group=groups)
         tokens = [7, 0, 5, 9][:world]
         xs = [inputs(experts_dtype, t, seed=20 + r) for r, t in enumerate(tokens)]

@@ -1,4 +1,5 @@
-"""Pipelined exchange (ops.pipelined_moe, MoE(schedule="chunked" | "pairwise")) against the bulk exchange:
+"""Staged schedules (ops.pipelined_moe, MoE(exchange=ExchangeConfig(schedule="chunked" | "pairwise"))) against
+the bulk exchange:
 outputs and every gradient, dropless and capacity (with overflow), chunk counts from 1 to more chunks than
 tokens, pairwise group sizes, a rank without tokens, world 2 and 4, ep < world, expert biases (GPT-OSS) with
 every activation, and the number of collectives each schedule issues."""
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import moeflux
-from moeflux import ops
+from moeflux import ExchangeConfig, ops
 from multiprocess import run_ranks
 
 H, F = 8, 6
@@ -23,9 +24,9 @@ BIASED = dict(expert_bias=True)
 GPT_OSS = dict(expert_bias=True, swiglu_limit=0.5, swiglu_alpha=1.702)
 
 
-def make(groups, seed, dtype=torch.float64, **options):
+def make(groups, seed, dtype=torch.float64, exchange=None, **options):
     torch.manual_seed(seed)
-    return moeflux.MoE(H, F, 4 * groups.ep_size, 2, dtype=dtype, ep_group=groups, **options)
+    return moeflux.MoE(H, F, 4 * groups.ep_size, 2, dtype=dtype, ep_group=groups, exchange=exchange, **options)
 
 
 def compare(groups, rank, num_tokens, capacity_factor, activation, schedule, dtype=torch.float64, tolerance=None,
@@ -33,7 +34,8 @@ def compare(groups, rank, num_tokens, capacity_factor, activation, schedule, dty
     """``layer_options``: MoE options both layers get (expert biases, activation parameters)."""
     common = dict(capacity_factor=capacity_factor, activation=activation, dtype=dtype) | (layer_options or {})
     bulk = make(groups, 7, **common)
-    piped = make(groups, 7, schedule=schedule, **common, **options)
+    piped = make(groups, 7, exchange=ExchangeConfig(schedule=schedule, **options), **common)
+    assert piped.exchange.schedule.staged and not bulk.exchange.schedule.staged
     gen = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(num_tokens, H, generator=gen).to(dtype)
     grad = torch.randn(num_tokens, H, generator=gen).to(dtype)
@@ -58,25 +60,25 @@ def equivalence_worker(rank, world, ep_size):
         (uneven, None, "swiglu", "chunked", dict(chunks=1)),
         (uneven, None, "swiglu", "chunked", dict(chunks=3)),
         (uneven, None, "gelu", "chunked", dict(chunks=40)),  # more chunks than tokens
-        (uneven, None, "swiglu", "pairwise", dict(pairwise_group_size=1)),
+        (uneven, None, "swiglu", "pairwise", dict(group_size=1)),
         (12, 1.0, "swiglu", "chunked", dict(chunks=2)),  # capacity: every rank the same number of tokens
         (12, 0.5, "gelu", "chunked", dict(chunks=5)),  # capacity overflow: assignments dropped
-        (12, 0.5, "swiglu", "pairwise", dict(pairwise_group_size=1)),
+        (12, 0.5, "swiglu", "pairwise", dict(group_size=1)),
     ]
     for dtype in (torch.float32, torch.bfloat16):
         compare(groups, rank, uneven, None, "swiglu", "chunked", dtype=dtype, chunks=3)
-        compare(groups, rank, 12, 1.0, "gelu", "pairwise", dtype=dtype, pairwise_group_size=1)
+        compare(groups, rank, 12, 1.0, "gelu", "pairwise", dtype=dtype, group_size=1)
     if groups.ep_size > 2:
-        cases.append((uneven, None, "swiglu", "pairwise", dict(pairwise_group_size=2)))
-        cases.append((12, 1.0, "gelu", "pairwise", dict(pairwise_group_size=groups.ep_size)))
+        cases.append((uneven, None, "swiglu", "pairwise", dict(group_size=2)))
+        cases.append((12, 1.0, "gelu", "pairwise", dict(group_size=groups.ep_size)))
     for num_tokens, capacity_factor, activation, schedule, options in cases:
         compare(groups, rank, num_tokens, capacity_factor, activation, schedule, **options)
     # Expert biases (GPT-OSS) through the one expert op, clamped SwiGLU and GELU, dropless and capacity (its
     # padding rows travel through the experts too, and get biases: their gradients must not reach the biases).
     bias_cases = [
         (uneven, None, "clamped_swiglu", GPT_OSS, "chunked", dict(chunks=3)),
-        (uneven, None, "gelu", BIASED, "pairwise", dict(pairwise_group_size=1)),
-        (12, 0.5, "clamped_swiglu", GPT_OSS, "pairwise", dict(pairwise_group_size=1)),
+        (uneven, None, "gelu", BIASED, "pairwise", dict(group_size=1)),
+        (12, 0.5, "clamped_swiglu", GPT_OSS, "pairwise", dict(group_size=1)),
         (12, 1.0, "gelu", BIASED, "chunked", dict(chunks=2)),
     ]
     for num_tokens, capacity_factor, activation, layer_options, schedule, options in bias_cases:
@@ -119,8 +121,8 @@ def counts_worker(rank, world):
     x = torch.randn(10, H, dtype=torch.float64, requires_grad=True)
     seen = {}
     for schedule, options, stages in [("bulk", {}, 1), ("chunked", dict(chunks=3), 3),
-                                      ("pairwise", dict(pairwise_group_size=1), world)]:
-        layer = make(groups, 3, schedule=schedule, **options)
+                                      ("pairwise", dict(group_size=1), world)]:
+        layer = make(groups, 3, exchange=ExchangeConfig(schedule=schedule, **options))
         ops.reset_collective_counts()
         with moeflux.comm_stats() as trace:
             out = layer(x)
@@ -151,15 +153,18 @@ def test_collectives_and_stage_overlap_follow_the_schedule():
 def bad_options_worker(rank, world):
     groups = moeflux.init_expert_parallel(world)
     errors = []
-    for options, message in [(dict(schedule="fancy"), "schedule must be one of"),
-                             (dict(schedule="chunked", chunks=0), "chunks must be an int >= 1"),
-                             (dict(schedule="pairwise", pairwise_group_size=3), "group_size must divide")]:
+    for options, message in [
+        (dict(schedule="fancy"), "schedule must be one of \\('bulk', 'chunked', 'pairwise'\\), got 'fancy'"),
+        (dict(schedule="chunked", chunks=0), "chunks must be an int >= 1"),
+        (dict(schedule="pairwise", group_size=3),
+         "schedule='pairwise': group_size \\(3\\) must divide the size of the expert-parallel group \\(2\\)"),
+    ]:
         with pytest.raises(ValueError, match=message):
-            make(groups, 0, **options)
+            make(groups, 0, exchange=ExchangeConfig(**options))
         errors.append(message)
     # ranks that disagree on the schedule all raise
-    with pytest.raises(ValueError, match="disagree on chunks"):
-        make(groups, 0, schedule="chunked", chunks=2 + rank)
+    with pytest.raises(ValueError, match="disagree on exchange_chunks"):
+        make(groups, 0, exchange=ExchangeConfig(schedule="chunked", chunks=2 + rank))
     return errors
 
 
@@ -175,7 +180,7 @@ def functional_worker(rank, world):
     with pytest.raises(RuntimeError, match="w_in.size\\(2\\) must equal 2 \\* w_out.size\\(1\\)"):
         ops.pipelined_moe(x, ids, None, torch.randn(2, H, F), w_out, "swiglu", 2 * world)
     bad_calls = {
-        "schedule must be 'chunked' or 'pairwise'": dict(schedule="bulk"),
+        "schedule must be 'bulk', 'chunked' or 'pairwise', got 'fancy'": dict(schedule="fancy"),
         "chunks must be >= 1": dict(chunks=0),
         "group_size must divide the expert-parallel group size": dict(schedule="pairwise", group_size=3),
         "activation must be 'swiglu', 'gelu' or 'clamped_swiglu": dict(activation="relu"),
@@ -198,6 +203,10 @@ def functional_worker(rank, world):
         ops.pipelined_moe(x, ids, None, w_in, w_out, "swiglu", 2 * world, b_out=torch.zeros(2, H, dtype=torch.double))
     out, counts = ops.pipelined_moe(x, ids, None, w_in, w_out, "swiglu", 2 * world, chunks=2)
     assert out.shape == x.shape and counts.shape == (2,)
+    # the bulk schedule: one stage, the same result
+    bulk, bulk_counts = ops.pipelined_moe(x, ids, None, w_in, w_out, "swiglu", 2 * world, schedule="bulk")
+    torch.testing.assert_close(bulk, out, **TOLERANCE[torch.float32])
+    assert torch.equal(bulk_counts, counts)
     return True
 
 

@@ -16,19 +16,23 @@ import torch
 import torch.distributed as dist
 
 import moeflux
-from moeflux import _C
+from moeflux import _C, ExchangeConfig
 from multiprocess import GROUP_TIMEOUT, carried, run_ranks
 
 D_MODEL, D_FFN, EXPERTS = 8, 12, 8
 
+HIERARCHICAL = dict(transport="hierarchical")  # nodes from LOCAL_WORLD_SIZE (set by layer_faults)
 EXCHANGES = {  # name: MoE options
     "bulk": {},
     "bulk, capacity": {"capacity_factor": 1.5},
-    "chunked": {"schedule": "chunked", "chunks": 2},
-    "pairwise": {"schedule": "pairwise"},
-    "shadowing": {"shadowing": 2},
-    "hierarchical": {"hierarchical": True},  # nodes from LOCAL_WORLD_SIZE (set by layer_faults)
-    "hierarchical, capacity": {"hierarchical": True, "capacity_factor": 1.5},
+    "chunked": {"exchange": ExchangeConfig(schedule="chunked", chunks=2)},
+    "pairwise": {"exchange": ExchangeConfig(schedule="pairwise")},
+    "shadowing": {"exchange": ExchangeConfig(shadowing=2)},
+    "chunked, shadowing": {"exchange": ExchangeConfig(schedule="chunked", shadowing=2)},
+    "hierarchical": {"exchange": ExchangeConfig(**HIERARCHICAL)},
+    "hierarchical, capacity": {"exchange": ExchangeConfig(**HIERARCHICAL), "capacity_factor": 1.5},
+    "hierarchical, pairwise, shadowing": {"exchange": ExchangeConfig(**HIERARCHICAL, schedule="pairwise",
+                                                                     shadowing=2)},
 }
 
 # What one rank (the last) feeds the layer: (input, pattern of the message on that rank).
@@ -162,9 +166,23 @@ CONSTRUCTION = {
         (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN + rank, EXPERTS, ep_group=groups),
          r"moeflux.MoE: ranks of the process group disagree on d_ffn", None),
     "MoE: schedule differs":
+        (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups, exchange=ExchangeConfig(
+            schedule="chunked" if rank == 0 else "bulk")),
+         r"moeflux.MoE: ranks of the process group disagree on exchange_schedule", None),
+    "MoE: a bad exchange option on one rank":
+        (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups, exchange=ExchangeConfig(
+            schedule="chunked", chunks=0 if rank == world - 1 else 2)),
+         r"moeflux.MoE: chunks must be an int >= 1, got 0",
+         r"moeflux.MoE: rank \d of the process group failed its check: chunks must be an int >= 1"),
+    "MoE: an exchange that is not a config on one rank (TypeError)":
         (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups,
-                                                 schedule="chunked" if rank == 0 else "bulk"),
-         r"moeflux.MoE: ranks of the process group disagree on schedule", None),
+                                                 exchange="chunked" if rank == world - 1 else None),
+         r"moeflux.MoE: exchange must be a moeflux.ExchangeConfig or None",
+         r"failed its check: exchange must be a moeflux.ExchangeConfig or None"),
+    "MoE: router_dtype differs":
+        (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups,
+                                                 router_dtype=torch.float64 if rank == 0 else None),
+         r"moeflux.MoE: ranks of the process group disagree on router_dtype", None),
     "MoE: capacity factor differs":
         (lambda rank, world, groups: moeflux.MoE(D_MODEL, D_FFN, EXPERTS, ep_group=groups,
                                                  capacity_factor=1.0 if rank == 0 else None),

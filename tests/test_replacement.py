@@ -346,7 +346,8 @@ def check_equivalence_shadowed(groups, ctx):
     """Re-placement under FasterMoE shadowing (the main job with both on): the shadowed experts follow the
     experts they name to their new ranks; training as without either, up to the order of sums."""
     shadows = (0, 5)
-    both = Run(groups, every=EVERY, exchange={"shadowing": moeflux.FixedShadows(shadows)}).train(STEPS)
+    exchange = moeflux.ExchangeConfig(shadowing=moeflux.FixedShadows(shadows))
+    both = Run(groups, every=EVERY, exchange=exchange).train(STEPS)
     assert both.replacement.history
     assert all(sorted(layer.exchange.shadowed_experts) == list(shadows) for layer in both.lm.moe_layers())
     plain = ctx["plain"]

@@ -229,7 +229,7 @@ def _lm_equivalence(rank, world, per_node, hierarchical, objective):
     ep = moeflux.init_expert_parallel(world)
     nodes = moeflux.init_node_groups(ep.ep_group, ranks_per_node=per_node)
     config = ModelConfig(layers=3, d_model=16, heads=2, d_ffn=8, experts=2 * world, top_k=2, seq_len=5)
-    exchange = {"hierarchical": nodes} if hierarchical else {}
+    exchange = moeflux.ExchangeConfig(transport="hierarchical", nodes=nodes) if hierarchical else None
     losses, grads, moved = [], [], 0
     for placed in (False, True):
         torch.manual_seed(0)

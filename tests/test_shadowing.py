@@ -1,7 +1,8 @@
 """FasterMoE-style shadowing: the ops (routing_counts, broadcast_expert_rows, dispatch with routing_counts)
-against brute force, their errors on every rank, and MoE(shadowing=...) against the unshadowed layer:
-outputs and every gradient, dropless and capacity, world 2 and 4, ep < world under DataParallel, several
-AdamW steps, fixed and cost-model policies, a permuted placement, checkpoints; option checks.
+against brute force, their errors on every rank, and MoE(exchange=ExchangeConfig(shadowing=...)) against the
+unshadowed layer: outputs and every gradient, dropless and capacity, world 2 and 4, ep < world under
+DataParallel, several AdamW steps, fixed and cost-model policies, a permuted placement, checkpoints; option
+checks, and shadowing with the staged schedules.
 
 Each spawned world runs many checks (spawning costs seconds on a small machine)."""
 
@@ -12,9 +13,9 @@ import torch
 import torch.distributed as dist
 
 import moeflux
-from moeflux import ExpertPlacement, FixedShadows, ShadowCostModel, ops
+from moeflux import ExchangeConfig, ExpertPlacement, FixedShadows, ShadowCostModel, ops
 from moeflux.balance import ExpertShape
-from moeflux.exchange import AllToAllExchange, LocalExchange, ShadowedExchange, make_exchange
+from moeflux.exchange import FlatTransport, LocalTransport, Shadowing, make_exchange
 from multiprocess import distributed_gradcheck, run_ranks
 
 H, F = 8, 6  # d_model, d_ffn of the layers
@@ -261,7 +262,7 @@ def test_a_rank_with_the_wrong_width_makes_every_rank_raise():
     run_ranks(2, wrong_width_worker, timeout=60)
 
 
-# ==== MoE(shadowing=...) against MoE(shadowing="off")
+# ==== MoE(exchange=ExchangeConfig(shadowing=...)) against MoE(exchange=ExchangeConfig(shadowing="off"))
 
 FP32 = dict(rtol=1e-6, scale=1e-6)  # relative to the tensor's largest entry: sums in another order
 FP64 = dict(rtol=1e-10, scale=1e-10)
@@ -274,9 +275,10 @@ def assert_close(actual, expected, name, rtol, scale):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol + 1e-30, msg=lambda m: f"{name}: {m}")
 
 
-def make_layer(groups, shadowing, seed=7, placement=None, cold=(), hot=(), **config):
+def make_layer(groups, shadowing, seed=7, placement=None, cold=(), hot=(), schedule="bulk", **config):
     torch.manual_seed(seed)
-    layer = moeflux.MoE(H, F, LOCAL * groups.ep_size, ep_group=groups, shadowing=shadowing, **config)
+    layer = moeflux.MoE(H, F, LOCAL * groups.ep_size, ep_group=groups,
+                        exchange=ExchangeConfig(schedule=schedule, shadowing=shadowing), **config)
     if placement is not None:  # re-place, then re-initialise each row as the expert it now holds
         layer.set_placement(placement)
         layer.experts.reset_parameters()
@@ -306,7 +308,12 @@ def compare_step(groups, off, shadowed, off_model, shadowed_model, x, gy, tol, l
     results, expert_rows = [], []
     for layer, model in ((off, off_model), (shadowed, shadowed_model)):
         seen = []  # the rows per local expert that the experts module processed (what came by all-to-all)
-        hook = layer.experts.register_forward_hook(lambda module, args, out: seen.append(args[1].tolist()))
+
+        def record(module, args, kwargs, out):  # the shadows' own call (their broadcast weights) is not counted
+            if kwargs.get("weights") is None:
+                seen.append(args[1].tolist())
+
+        hook = layer.experts.register_forward_hook(record, with_kwargs=True)
         y, grad_x = forward_backward(layer, x, gy, model)
         hook.remove()
         assert len(seen) == 1, seen
@@ -332,8 +339,8 @@ def check_equivalence(rank, groups, policy, num_tokens, capacity_factor=None, ac
     config = dict(capacity_factor=capacity_factor, activation=activation, dtype=dtype, cold=cold, hot=hot,
                   placement=placement, top_k=top_k)
     off, shadowed = make_layer(groups, "off", **config), make_layer(groups, policy, **config)
-    assert isinstance(off.exchange, AllToAllExchange) and not isinstance(off.exchange, ShadowedExchange)
-    assert isinstance(shadowed.exchange, ShadowedExchange)
+    assert isinstance(off.exchange.transport, FlatTransport) and off.exchange.shadowing is None
+    assert isinstance(shadowed.exchange.transport, FlatTransport) and shadowed.exchange.shadowing is not None
     x, gy = inputs(rank, num_tokens, dtype)
     label = f"{policy}, tokens={num_tokens}, capacity_factor={capacity_factor}, {activation}, {dtype}"
     compare_step(groups, off, shadowed, off, shadowed, x, gy, TOLERANCE[dtype], label)
@@ -445,7 +452,7 @@ def moe_worker(rank, world, ep_sizes):
 
 def options_worker(rank, world):
     groups = moeflux.init_expert_parallel(world)
-    make = lambda **kw: moeflux.MoE(H, F, LOCAL * world, ep_group=groups, **kw)  # noqa: E731
+    make = lambda **kw: moeflux.MoE(H, F, LOCAL * world, ep_group=groups, exchange=ExchangeConfig(**kw))  # noqa: E731
     assert make(shadowing="auto").exchange.policy == ShadowCostModel.default_for("cpu")
     assert make(shadowing=3).exchange.policy == ShadowCostModel.default_for("cpu", max_shadows=3)
     assert make(shadowing=0).exchange.policy.max_shadows == 0
@@ -453,23 +460,41 @@ def options_worker(rank, world):
     assert make(shadowing=policy).exchange.policy is policy
     for off in ("off", None):
         exchange = make(shadowing=off).exchange
-        assert type(exchange) is AllToAllExchange
+        assert type(exchange.transport) is FlatTransport and exchange.shadowing is None and exchange.policy is None
     for bad in ("on", "fixed", -1, 1.5, True, [0]):  # every rank raises the same error
         expect_error(ValueError, "shadowing must be 'off', 'auto', an int >= 0 or a ShadowCostModel / FixedShadows",
                      make, shadowing=bad)
+    # shadowing with the staged schedules: the same outputs and gradients as the plain bulk layer
+    off = make_layer(groups, "off")
+    x, gy = inputs(rank, 5 + rank, torch.float32)
+    expected = forward_backward(off, x, gy), off.experts.w_in.grad, off.experts.w_out.grad, off.router.weight.grad
     for schedule in ("chunked", "pairwise"):
-        expect_error(ValueError, f"shadowing works with schedule='bulk' only, got schedule='{schedule}'",
-                     make, schedule=schedule, shadowing=FixedShadows((0,)))
-    expect_error(ValueError, "disagree on shadowing", make, shadowing="auto" if rank == 0 else "off")
-    expect_error(TypeError, "policy must be a ShadowCostModel or FixedShadows", ShadowedExchange,
-                 ExpertPlacement(LOCAL * world, world, rank), groups.ep_group, "auto")
+        shadowed = make_layer(groups, FixedShadows((0, LOCAL * world - 1)), schedule=schedule)
+        assert shadowed.exchange.schedule.staged and shadowed.exchange.shadowing is not None
+        got = (forward_backward(shadowed, x, gy), shadowed.experts.w_in.grad, shadowed.experts.w_out.grad,
+               shadowed.router.weight.grad)
+        assert shadowed.exchange.shadowed_experts == (0, LOCAL * world - 1)
+        for name, a, b in zip(("output", "grad x", "w_in", "w_out", "router"), (*got[0], *got[1:]),
+                              (*expected[0], *expected[1:])):
+            assert_close(a, b, f"{schedule} + shadowing: {name}", **FP32)
+    # expert biases (GPT-OSS) with shadowing: the shadows carry their owners' biases
+    off, shadowed = (make_layer(groups, shadowing, expert_bias=True) for shadowing in ("off", FixedShadows((1,))))
+    assert bool(off.experts.b_in.ne(0).any()) and bool(off.experts.b_out.ne(0).any())
+    (y0, g0), (y1, g1) = forward_backward(off, x, gy), forward_backward(shadowed, x, gy)
+    assert shadowed.exchange.shadowed_experts == (1,)
+    for name, a, b in (("output", y1, y0), ("grad x", g1, g0),
+                       *((w, getattr(shadowed.experts, w).grad, getattr(off.experts, w).grad)
+                         for w in ("w_in", "w_out", "b_in", "b_out"))):
+        assert_close(a, b, f"expert_bias + shadowing: {name}", **FP32)
+    expect_error(ValueError, "disagree on exchange_shadowing", make, shadowing="auto" if rank == 0 else "off")
+    expect_error(TypeError, "policy must be a ShadowCostModel or FixedShadows", Shadowing, "auto", groups.ep_group)
 
     # an expert-parallel group of one rank: shadowing still works (every expert is local)
     single = moeflux.init_expert_parallel(1)
     torch.manual_seed(0)
     off = moeflux.MoE(H, F, 4, ep_group=single)
     torch.manual_seed(0)
-    shadowed = moeflux.MoE(H, F, 4, ep_group=single, shadowing=FixedShadows((1, 3)))
+    shadowed = moeflux.MoE(H, F, 4, ep_group=single, exchange=ExchangeConfig(shadowing=FixedShadows((1, 3))))
     x, gy = inputs(rank, 5, torch.float32)
     (y0, g0), (y1, g1) = forward_backward(off, x, gy), forward_backward(shadowed, x, gy)
     assert_close(y1, y0, "ep_size 1: output", **FP32)
@@ -494,9 +519,10 @@ def test_shadowing_on_gloo_ranks(world):
     - ops: routing_counts vs brute force (-1 ids, a rank without tokens, a subgroup) and its errors on every
       rank; broadcast_expert_rows' rows, gradients (explicit sums; gradcheck on world 2) and errors on every
       rank; dispatch(routing_counts=) equals dispatch: rows, plan, output, gradients, no count exchange;
-    - options with a group (world 2): "auto", ints, policies, bad values and disagreeing ranks, schedules,
-      an expert-parallel group of one rank;
-    - MoE(shadowing=...) equals MoE(shadowing="off"): world 2 (ep 2), world 4 (ep 4, and ep 2 under
+    - options with a group (world 2): "auto", ints, policies, bad values and disagreeing ranks, shadowing
+      with the chunked and pairwise schedules and with expert biases (equal to the plain layer), an
+      expert-parallel group of one rank;
+    - shadowing=... equals shadowing="off": world 2 (ep 2), world 4 (ep 4, and ep 2 under
       DataParallel), fixed and cost-model policies, dropless and capacity, several AdamW steps, checkpoints.
     """
     assert all(run_ranks(world, world_worker))
@@ -505,15 +531,7 @@ def test_shadowing_on_gloo_ranks(world):
 @pytest.mark.parametrize("bad", ["on", "", -2, 2.0, False, object()])
 def test_bad_shadowing_values_raise(bad):
     with pytest.raises(ValueError, match="shadowing must be 'off', 'auto', an int >= 0"):
-        moeflux.MoE(H, F, 4, shadowing=bad)
-
-
-@pytest.mark.parametrize("schedule", ["chunked", "pairwise"])
-def test_shadowing_needs_the_bulk_schedule(schedule):
-    with pytest.raises(ValueError, match="shadowing works with schedule='bulk' only"):
-        moeflux.MoE(H, F, 4, schedule=schedule, shadowing="auto")
-    with pytest.raises(ValueError, match="shadowing works with schedule='bulk' only"):
-        make_exchange(ExpertPlacement(4), None, schedule, shadow_policy=FixedShadows((0,)))
+        moeflux.MoE(H, F, 4, exchange=ExchangeConfig(shadowing=bad))
 
 
 @pytest.mark.parametrize("shadowing", ["auto", 2, FixedShadows((0, 3)), ShadowCostModel(1e12, 1.0)])
@@ -521,9 +539,12 @@ def test_without_a_group_shadowing_is_a_no_op(shadowing):
     torch.manual_seed(0)
     plain = moeflux.MoE(H, F, 4)
     torch.manual_seed(0)
-    layer = moeflux.MoE(H, F, 4, shadowing=shadowing)
-    assert type(layer.exchange) is LocalExchange
-    assert type(make_exchange(ExpertPlacement(4), None, shadow_policy=FixedShadows((0,)))) is LocalExchange
+    layer = moeflux.MoE(H, F, 4, exchange=ExchangeConfig(shadowing=shadowing))
+    assert type(layer.exchange.transport) is LocalTransport and layer.exchange.shadowing is None
+    for schedule in ("bulk", "chunked", "pairwise"):  # any schedule: nothing to stage without a group
+        exchange = make_exchange(ExpertPlacement(4), None, ExchangeConfig(schedule=schedule,
+                                                                           shadowing=FixedShadows((0,))))
+        assert type(exchange.transport) is LocalTransport and exchange.shadowing is None
     x = torch.rand(6, H)
     y, y_plain = layer(x), plain(x)
     assert torch.equal(y, y_plain)

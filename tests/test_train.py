@@ -337,7 +337,6 @@ def test_bad_shadowing_and_replacement_options_are_usage_errors():
 
     cases = {("--shadowing", "sometimes"): "--shadowing must be off, auto or an int >= 0, got 'sometimes'",
              ("--shadowing", "-1"): "--shadowing must be off, auto or an int >= 0, got '-1'",
-             ("--shadowing", "auto", "--schedule", "chunked"): "--shadowing works with --schedule bulk only",
              ("--replace-every", "-2"): "--replace-every must be >= 0 (0: off), got -2"}
     for extra, message in cases.items():
         with pytest.raises(UsageError, match=re.escape(message)):
@@ -346,6 +345,10 @@ def test_bad_shadowing_and_replacement_options_are_usage_errors():
         args = parse_args(["--shadowing", value, "--replace-every", "5"])
         validate(args, 2, 10_000)
         assert args.shadowing == parsed and args.replace_every == 5
+    for schedule in ("chunked", "pairwise"):  # shadowing works with every schedule
+        args = parse_args(["--shadowing", "auto", "--schedule", schedule])
+        validate(args, 2, 10_000)
+        assert args.shadowing == "auto" and args.schedule == schedule
 
 
 def _children(pid: int) -> list[int]:

@@ -17,8 +17,8 @@ class MoefluxLayer(PeerLayer):
 
         num_experts = experts or spec.experts
         self.module = moeflux.MoE(spec.d_model, spec.d_ffn, num_experts, spec.top_k, capacity_factor,
-                                  renormalize=True, aux_loss_weight=0.0, ep_group=ep_group, schedule=schedule,
-                                  dtype=dtype)
+                                  renormalize=True, aux_loss_weight=0.0, ep_group=ep_group,
+                                  exchange=moeflux.ExchangeConfig(schedule=schedule), dtype=dtype)
         held = list(self.module.placement.experts_of())
         super().__init__(label, dtype, held)
         with torch.no_grad():

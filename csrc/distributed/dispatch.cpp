@@ -66,36 +66,50 @@ at::Tensor regroup_map_capacity(int64_t world, int64_t local_experts, int64_t ca
 
 }  // namespace
 
-ExchangedCounts exchange_counts(const at::Tensor& tokens, const at::Tensor& tokens_per_expert, int64_t num_experts,
-                                c10d::ProcessGroup& group, const char* op) {
-  const int64_t world = group.getSize(), local_experts = num_experts / world;
+ExchangedCounts exchange_counts(const at::Tensor& tokens, const at::Tensor& counts, int64_t num_experts,
+                                c10d::ProcessGroup& group, const char* op, const char* site) {
+  const int64_t world = group.getSize();
+  const at::Tensor per_rank = counts.to(at::kLong).view({world, -1});  // [P, m]: what rank r is told
+  const int64_t m = per_rank.size(1);
   const auto cpu_long = at::TensorOptions().dtype(at::kLong);
   at::Tensor header = at::empty({kHeader}, cpu_long);
   int64_t* fields = header.mutable_data_ptr<int64_t>();
-  fields[0] = tokens.size(1);
+  fields[0] = tokens.dim() == 2 ? tokens.size(1) : -1;
   fields[1] = static_cast<int64_t>(tokens.scalar_type());
   fields[2] = num_experts;
   header = header.to(tokens.device());
-  const at::Tensor send_msg = at::cat({tokens_per_expert.to(at::kLong).view({world, local_experts}),
-                                       header.view({1, kHeader}).expand({world, kHeader})}, 1);
+  const at::Tensor send_msg = at::cat({per_rank, header.view({1, kHeader}).expand({world, kHeader})}, 1);
   const std::vector<int64_t> ones(world, 1);
   count_count_exchange();
   const at::Tensor recv_msg = exchange_rows(send_msg, ones, ones, group, op, "count_exchange");
-  const at::Tensor both = to_host(at::cat({send_msg, recv_msg}), "counts:dispatch");  // the one host synchronisation
+  const at::Tensor both = to_host(at::cat({send_msg, recv_msg}), site);  // the one host synchronisation
   const auto* h = both.const_data_ptr<int64_t>();
-  const int64_t width = local_experts + kHeader;
+  const int64_t width = m + kHeader;
   for (int64_t src = 0; src < world; ++src) {
-    const int64_t* theirs = h + (world + src) * width + local_experts;
-    TORCH_CHECK(theirs[0] == tokens.size(1) && theirs[1] == static_cast<int64_t>(tokens.scalar_type()) &&
+    const int64_t* theirs = h + (world + src) * width + m;
+    TORCH_CHECK(theirs[0] == fields[0] && theirs[1] == static_cast<int64_t>(tokens.scalar_type()) &&
                     theirs[2] == num_experts,
                 "moeflux.", op, ": ranks of the expert-parallel group disagree: rank ", src, " sends tokens with ",
                 "hidden size ", theirs[0], ", dtype ", static_cast<at::ScalarType>(theirs[1]), " and num_experts ",
-                theirs[2], "; rank ", group.getRank(), " has hidden size ", tokens.size(1), ", dtype ",
+                theirs[2], "; rank ", group.getRank(), " has hidden size ", fields[0], ", dtype ",
                 tokens.scalar_type(), " and num_experts ", num_experts);
   }
-  return {both.narrow(0, 0, world).narrow(1, 0, local_experts).contiguous(),
-          both.narrow(0, world, world).narrow(1, 0, local_experts).contiguous(),
-          recv_msg.narrow(1, 0, local_experts)};
+  return {both.narrow(0, 0, world).narrow(1, 0, m).contiguous(),
+          both.narrow(0, world, world).narrow(1, 0, m).contiguous(), recv_msg.narrow(1, 0, m)};
+}
+
+std::tuple<at::Tensor, at::Tensor> count_exchange(const at::Tensor& tokens, const at::Tensor& counts,
+                                                  int64_t num_experts, const std::string& group_name) {
+  const char* op = "count_exchange";
+  const auto group = resolve_group(group_name, op);
+  const int64_t world = group->getSize();
+  TORCH_CHECK(counts.dim() == 2 && counts.size(0) == world && !counts.is_floating_point() &&
+                  counts.device() == tokens.device(),
+              "moeflux.count_exchange: counts must be an integer [P = ", world, ", m] tensor on the tokens' device (",
+              tokens.device(), "), got ", counts.scalar_type(), " ", counts.sizes(), " on ", counts.device());
+  check_device_supported(tokens, op, "tokens");
+  ExchangedCounts exchanged = exchange_counts(tokens, counts, num_experts, *group, op, "counts:count_exchange");
+  return {exchanged.sent, exchanged.received};
 }
 
 ExchangedCounts counts_from_routing(const at::Tensor& routing_counts, int64_t rank, int64_t world,

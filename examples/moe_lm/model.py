@@ -26,13 +26,14 @@ class ModelConfig:
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, ep: moeflux.ExpertParallelGroups | None, exchange: dict) -> None:
+    def __init__(self, config: ModelConfig, ep: moeflux.ExpertParallelGroups | None,
+                 exchange: moeflux.ExchangeConfig | None) -> None:
         super().__init__()
         d = config.d_model
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, config.heads, batch_first=True)
         self.mlp = moeflux.MoE(d, config.d_ffn, config.experts, config.top_k, config.capacity_factor, ep_group=ep,
-                               **exchange)
+                               exchange=exchange)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, placement: moeflux.SamplePlacement | None = None,
                 order: moeflux.SampleOrder | None = None) -> tuple[torch.Tensor, moeflux.SampleOrder | None]:
@@ -45,9 +46,9 @@ class Block(nn.Module):
 
 class ByteLM(nn.Module):
     def __init__(self, config: ModelConfig, ep: moeflux.ExpertParallelGroups | None = None,
-                 exchange: dict | None = None, sample_placement: moeflux.SamplePlacement | None = None) -> None:
-        """``exchange``: how the MoE layers move tokens (MoE's ``schedule``, ``chunks``, ``pairwise_group_size``,
-        ``hierarchical``); ``sample_placement``: move samples before each MoE layer to where its experts are
+                 exchange: moeflux.ExchangeConfig | None = None, sample_placement: moeflux.SamplePlacement | None = None) -> None:
+        """``exchange``: how the MoE layers move tokens (a :class:`moeflux.ExchangeConfig`: transport, schedule,
+        shadowing); ``sample_placement``: move samples before each MoE layer to where its experts are
         (NetMoE), the output returned in the input's order. Neither is part of the model (checkpoints load under
         any)."""
         super().__init__()
@@ -55,7 +56,7 @@ class ByteLM(nn.Module):
         self.sample_placement = sample_placement
         self.embed = nn.Embedding(256, config.d_model)
         self.pos = nn.Parameter(torch.zeros(config.seq_len, config.d_model))
-        self.blocks = nn.ModuleList(Block(config, ep, exchange or {}) for _ in range(config.layers))
+        self.blocks = nn.ModuleList(Block(config, ep, exchange) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, 256)
 

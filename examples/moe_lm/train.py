@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ranks per group of --schedule pairwise (default 1)")
     g.add_argument("--shadowing", default="off",
                    help="FasterMoE's shadowing of hot experts: off, auto (a cost model with rough rates for the "
-                        "device), or N (the same, at most N experts per layer and step); --schedule bulk only "
+                        "device), or N (the same, at most N experts per layer and step); with any --schedule "
                         "(default off)")
     g.add_argument("--replace-every", type=int, default=0,
                    help="SmartMoE's expert re-placement: every N steps, move experts between ranks by the load of "
@@ -177,8 +177,6 @@ def validate(args: argparse.Namespace, world: int, train_bytes: int) -> None:
         raise UsageError(f"--eval-bytes must hold at least one sequence (--seq-len + 1 = {args.seq_len + 1} "
                          f"bytes), got {args.eval_bytes}")
     args.shadowing = shadowing_option(args.shadowing)
-    if args.shadowing != "off" and args.schedule != "bulk":
-        raise UsageError(f"--shadowing works with --schedule bulk only, got --schedule {args.schedule}")
     if args.replace_every < 0:
         raise UsageError(f"--replace-every must be >= 0 (0: off), got {args.replace_every}")
     ep = expert_parallel_size(args, world)
@@ -304,8 +302,8 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor], s
     groups = moeflux.init_expert_parallel(expert_parallel_size(args, world))
     config = model_config(args)
     torch.manual_seed(args.seed)
-    exchange = {"schedule": args.schedule, "chunks": args.chunks, "pairwise_group_size": args.pairwise_group_size,
-                "shadowing": args.shadowing}  # normalised by validate
+    exchange = moeflux.ExchangeConfig(schedule=args.schedule, chunks=args.chunks, group_size=args.pairwise_group_size,
+                                      shadowing=args.shadowing)  # normalised by validate
     model = moeflux.DataParallel(ByteLM(config, groups, exchange).to(device))
     lm: ByteLM = model.module
     if args.compile:  # in place: parameter names, hooks and checkpoints are the eager model's
@@ -318,7 +316,7 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor], s
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     metrics = {"config": asdict(config), "world_size": world, "ep_size": groups.ep_size,
-               "shadowing": exchange["shadowing"], "replace_every": args.replace_every, "total_steps": args.steps,
+               "shadowing": exchange.shadowing, "replace_every": args.replace_every, "total_steps": args.steps,
                "steps": [], "train_bits_per_byte": [], "tokens_per_second": [], "load_steps": [], "expert_load": [],
                "eval": [], "replacements": [], "shadowed_experts": [], "resumed_at": [], "train_seconds": 0.0}
     # SmartMoE: moves experts (weights, AdamW state) between the ranks of each expert-parallel group as the
@@ -386,9 +384,9 @@ def train(args: argparse.Namespace, corpus: tuple[torch.Tensor, torch.Tensor], s
                 metrics["tokens_per_second"].append(speed)
                 metrics["load_steps"].append(step)
                 metrics["expert_load"].append(load)
-                if exchange["shadowing"] != "off":  # what the last forward shadowed (the same on every rank)
+                if exchange.shadowed:  # what the last forward shadowed (the same on every rank)
                     metrics["shadowed_experts"].append(
-                        {"step": step, "experts": [list(getattr(layer.exchange, "shadowed_experts", ()))
+                        {"step": step, "experts": [list(layer.exchange.shadowed_experts)
                                                    for layer in lm.moe_layers()]})
                 bar.set_postfix_str(f"loss {bits:.3f} bits/byte, {speed:,.0f} tokens/s")
             window_start, window_steps = time.perf_counter(), 0

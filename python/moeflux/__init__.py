@@ -15,6 +15,7 @@ from .balance import FixedShadows, ShadowCostModel
 from .instrumentation import CommStats, comm_stats
 from .data_parallel import CommHookState, DataParallel
 from .distributed import ExpertParallelGroups, init_expert_parallel
+from .exchange import ExchangeConfig
 from .experts import GroupedExperts, SharedExpert
 from .moe import ExpertParameter, MoE, aux_loss, expert_parameters
 from .placement import ExpertPlacement
@@ -25,6 +26,7 @@ from .topology import NodeGroups, init_node_groups
 
 __all__ = [
     "MoE",
+    "ExchangeConfig",
     "Router",
     "Routing",
     "GroupedExperts",

@@ -1,7 +1,8 @@
 """Load-balancing policies: which experts to shadow this step (FasterMoE) and where experts should live
-(SmartMoE). Pure host arithmetic on routing counts, identical on every rank given identical counts; the
-mechanics that act on their choices are :class:`moeflux.exchange.ShadowedExchange` and
-:class:`moeflux.ExpertReplacement`.
+(SmartMoE). Pure host arithmetic on routing counts, identical on every rank given identical counts (and, for a
+calibrated :class:`ShadowCostModel`, identical agreed :class:`Rates`); the mechanics that act on their choices
+are :class:`moeflux.exchange.shadowing.Shadowing` (which also calibrates the rates:
+:mod:`moeflux.exchange.calibration`) and :class:`moeflux.ExpertReplacement`.
 
 Counts are indexed by *position* (``rank * E_local + slot``, see :class:`moeflux.ExpertPlacement`), so the
 owner of position ``p`` is rank ``p // E_local``.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -33,6 +35,34 @@ class ExpertShape:
         return cls(d_model * element_size, params * element_size, 3 * 2.0 * params)  # fwd 2·params, bwd twice that
 
 
+class WireCost(Protocol):
+    """What a transport answers for the cost model (:meth:`moeflux.exchange.Transport.wire_bytes`)."""
+
+    def wire_bytes(self, counts: np.ndarray, row_bytes: int) -> float:
+        """Bytes through the busiest port of one of its all-to-alls of ``counts [P, E]`` rows."""
+
+
+def flat_wire_bytes(counts: np.ndarray, row_bytes: int) -> float:
+    """The flat all-to-all of ``counts [P, E]`` (rows each rank routes to each position): bytes through the
+    busiest rank's port, ``max(bytes sent, bytes received)`` to other ranks (rows to its own experts stay)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    world, num_experts = counts.shape
+    to_rank = counts.reshape(world, world, num_experts // world).sum(2)  # [src, dst] rows
+    remote = to_rank * (1 - np.eye(world))
+    return float(max(remote.sum(1).max(), remote.sum(0).max()) * row_bytes)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The rates one estimate uses: a :class:`ShadowCostModel`'s fixed ones (:attr:`ShadowCostModel.rates`), or
+    those its layer measured and agreed (:class:`moeflux.exchange.calibration.ShadowCalibration`)."""
+
+    link_bytes_per_s: float  # all-to-all: bytes through the busiest port (the transport's wire_bytes) per second
+    shadow_bytes_per_s: float  # a shadow's broadcast (and its gradient's reduce): parameter bytes per second
+    flops_per_s: float  # the busiest rank's expert compute
+    latency_s: float  # per shadow collective
+
+
 @dataclass(frozen=True)
 class ShadowCostModel:
     """FasterMoE's choice of shadowed experts (PPoPP'22, §4): shadowing expert ``e`` costs a broadcast of its
@@ -41,24 +71,31 @@ class ShadowCostModel:
 
     A step's layer time is estimated as ``comm + compute + shadow``:
 
-    - ``comm``: the four all-to-alls (dispatch, combine, both again in backward), each as long as the busiest
-      rank's ``max(bytes sent, bytes received)`` to other ranks at ``link_bytes_per_s``;
+    - ``comm``: the four all-to-alls (dispatch, combine, both again in backward), each moving the transport's
+      :meth:`~moeflux.exchange.Transport.wire_bytes` (without a transport, the flat all-to-all's: the busiest
+      rank's ``max(bytes sent, bytes received)`` to other ranks, :func:`flat_wire_bytes`) at
+      ``link_bytes_per_s``;
     - ``compute``: the busiest rank's expert rows (its own experts' tokens from every rank, plus its own tokens
       of shadowed experts) at ``flops_per_s``;
-    - ``shadow``: a broadcast and a reduce of every shadowed expert's parameters at ``link_bytes_per_s``,
-      plus ``latency_s`` for each of those collectives (two weights, one broadcast and one reduce per owner).
+    - ``shadow``: a broadcast and a reduce of every shadowed expert's parameters at ``link_bytes_per_s``
+      (calibrated: the measured broadcast rate, :attr:`Rates.shadow_bytes_per_s`), plus ``latency_s`` for each of those collectives (two weights, one broadcast and one reduce per owner).
 
     The candidates are the experts busier than the mean expert, from the most loaded (a colder one moves
     no more than its share); the shadows are the prefix of that order with the lowest estimate (shadowing
     several hot experts can pay when none pays alone, e.g. two equally hot experts on one rank), at most
     ``max_shadows`` (``None``: no limit). A step costs one ``O(P·E)`` estimate per candidate. Set the rates
     from the simulator's calibration of the cluster (:meth:`from_fitted_links`) or from the hardware.
+
+    ``calibrate``: the layer measures the rates instead (its broadcasts, its all-to-alls, its shadows'
+    compute: :mod:`moeflux.exchange.calibration`), agreed across its ranks and smoothed over steps, starting
+    from these; what ``shadowing="auto"`` and an int build (:meth:`default_for`). Off, the rates are fixed.
     """
 
     link_bytes_per_s: float
     flops_per_s: float
     max_shadows: int | None = None
     latency_s: float = 0.0
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         if not self.link_bytes_per_s > 0 or not self.flops_per_s > 0:
@@ -68,14 +105,17 @@ class ShadowCostModel:
             raise ValueError(f"ShadowCostModel: max_shadows must be an int >= 0 or None, got {self.max_shadows!r}")
         if not self.latency_s >= 0:
             raise ValueError(f"ShadowCostModel: latency_s must be >= 0, got {self.latency_s!r}")
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"ShadowCostModel: calibrate must be a bool, got {self.calibrate!r}")
 
     @classmethod
     def default_for(cls, device_type: str, max_shadows: int | None = None) -> ShadowCostModel:
         """Rough rates when nothing better is known: CPU ranks over 10 Gbit/s Ethernet (~50 GFLOP/s of
-        fp32 per rank), GPUs over 400 Gbit/s InfiniBand (~400 TFLOP/s of bf16). Calibrate for real use."""
+        fp32 per rank), GPUs over 400 Gbit/s InfiniBand (~400 TFLOP/s of bf16); calibrated by the layer from
+        its first steps on (``calibrate=True``)."""
         if device_type == "cuda":
-            return cls(400e9 / 8, 400e12, max_shadows)
-        return cls(10e9 / 8, 50e9, max_shadows)
+            return cls(400e9 / 8, 400e12, max_shadows, calibrate=True)
+        return cls(10e9 / 8, 50e9, max_shadows, calibrate=True)
 
     @classmethod
     def from_fitted_links(cls, fitted: object, link_gbit_per_s: float, flops_per_s: float,
@@ -84,36 +124,44 @@ class ShadowCostModel:
         inter = fitted.inter(link_gbit_per_s)
         return cls(1.0 / inter.beta_s_per_byte, flops_per_s, max_shadows, inter.alpha_s + fitted.overhead_s)
 
-    def estimate_s(self, counts: np.ndarray, shadows: tuple[int, ...] | list[int], shape: ExpertShape) -> float:
+    @property
+    def rates(self) -> Rates:
+        """Its fixed rates (a calibrated layer's prior)."""
+        return Rates(self.link_bytes_per_s, self.link_bytes_per_s, self.flops_per_s, self.latency_s)
+
+    def estimate_s(self, counts: np.ndarray, shadows: tuple[int, ...] | list[int], shape: ExpertShape,
+                   transport: WireCost | None = None, rates: Rates | None = None) -> float:
         """Estimated layer time (s) for ``counts [P, E]`` (rows each rank routes to each position) with
-        ``shadows`` (positions) computed where their tokens are."""
+        ``shadows`` (positions) computed where their tokens are, over ``transport`` (``None``: flat) at
+        ``rates`` (``None``: :attr:`rates`)."""
+        rates = self.rates if rates is None else rates
+        wire_bytes = flat_wire_bytes if transport is None else transport.wire_bytes
         counts = np.asarray(counts, dtype=np.float64)
         world, num_experts = counts.shape
         local = num_experts // world
         shadowed = np.zeros(num_experts, dtype=bool)
         shadowed[list(shadows)] = True
         routed = np.where(shadowed, 0.0, counts)
-        to_rank = routed.reshape(world, world, local).sum(2)  # [src, dst] rows
-        remote = to_rank * (1 - np.eye(world))
-        busiest_port = max(remote.sum(1).max(), remote.sum(0).max())
-        comm = 4 * busiest_port * shape.row_bytes / self.link_bytes_per_s
-        rows_on_rank = to_rank.sum(0) + np.where(shadowed, counts, 0.0).sum(1)
-        compute = rows_on_rank.max() * shape.flops_per_row / self.flops_per_s
+        comm = 4 * wire_bytes(routed, shape.row_bytes) / rates.link_bytes_per_s
+        rows_on_rank = routed.reshape(world, world, local).sum(2).sum(0) + np.where(shadowed, counts, 0.0).sum(1)
+        compute = rows_on_rank.max() * shape.flops_per_row / rates.flops_per_s
         owners = len({p // local for p in shadows})
-        shadow = 2 * len(shadows) * shape.param_bytes / self.link_bytes_per_s + 4 * owners * self.latency_s
+        shadow = 2 * len(shadows) * shape.param_bytes / rates.shadow_bytes_per_s + 4 * owners * rates.latency_s
         return float(comm + compute + shadow)
 
-    def choose(self, counts: np.ndarray, shape: ExpertShape) -> tuple[int, ...]:
-        """The positions to shadow for ``counts [P, E]``, ascending."""
+    def choose(self, counts: np.ndarray, shape: ExpertShape, transport: WireCost | None = None,
+               rates: Rates | None = None) -> tuple[int, ...]:
+        """The positions to shadow for ``counts [P, E]``, ascending (``transport``, ``rates``: as
+        :meth:`estimate_s`)."""
         counts = np.asarray(counts, dtype=np.float64)
         load = counts.sum(0)
         limit = counts.shape[1] if self.max_shadows is None else self.max_shadows
         # Stable order: ties broken by position, so every rank makes the same choice.
         order = sorted(range(counts.shape[1]), key=lambda p: (-load[p], p))
         candidates = [p for p in order if load[p] > load.mean()][:limit]
-        best, best_length = self.estimate_s(counts, [], shape), 0
+        best, best_length = self.estimate_s(counts, [], shape, transport, rates), 0
         for length in range(1, len(candidates) + 1):
-            estimate = self.estimate_s(counts, candidates[:length], shape)
+            estimate = self.estimate_s(counts, candidates[:length], shape, transport, rates)
             if estimate < best:
                 best, best_length = estimate, length
         return tuple(sorted(candidates[:best_length]))
@@ -210,5 +258,5 @@ def imbalance(load: np.ndarray, placement: ExpertPlacement) -> float:
     return float(per_rank.max() / mean) if mean > 0 else 1.0
 
 
-__all__ = ["ExpertShape", "ShadowCostModel", "FixedShadows", "greedy_placement", "rank_loads", "moved_experts",
-           "imbalance"]
+__all__ = ["ExpertShape", "Rates", "WireCost", "flat_wire_bytes", "ShadowCostModel", "FixedShadows", "greedy_placement",
+           "rank_loads", "moved_experts", "imbalance"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,19 @@ def _parse_activation(activation: str) -> str:
     except ValueError:
         raise ValueError(f"activation {activation!r}: limit and alpha must be numbers") from None
     return activation_spec(name, *numbers)
+
+
+class ExpertWeights(NamedTuple):
+    """One set of stacked expert parameters: this module's own, or copies of other ranks' (shadows)."""
+
+    w_in: Tensor  # [n, d_model, F_in]
+    w_out: Tensor  # [n, d_ffn, d_model]
+    b_in: Tensor | None = None  # [n, F_in]
+    b_out: Tensor | None = None  # [n, d_model]
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> ExpertWeights:
+        """``fn`` of every parameter present (biases stay None where there are none)."""
+        return ExpertWeights(*(None if w is None else fn(w) for w in self))
 
 
 class GroupedExperts(nn.Module):
@@ -141,21 +156,22 @@ class GroupedExperts(nn.Module):
         """The global index of each expert held here, in the order of the stacked weights."""
         return self.placement.experts_of()
 
-    def forward(self, rows: Tensor, tokens_per_expert: Tensor, capacity: int | None = None) -> Tensor:
-        """``rows [N, d_model]`` grouped by expert → ``[N, d_model]``.
+    def weights(self) -> ExpertWeights:
+        return ExpertWeights(self.w_in, self.w_out, self.b_in, self.b_out)
+
+    def forward(self, rows: Tensor, tokens_per_expert: Tensor, capacity: int | None = None,
+                weights: ExpertWeights | None = None) -> Tensor:
+        """``rows [N, d_model]`` grouped by expert → ``[N, d_model]``: the one expert op,
+        :func:`moeflux.ops.expert_ffn`.
 
         Dropless: expert ``e``'s rows are the ``tokens_per_expert[e]`` rows after
         those of experts ``< e``. With a capacity every expert owns ``capacity``
         rows (zero padding past its count), so a batched matmul does the work.
+        ``weights``: other experts' parameters of this module's shape (copies of
+        other ranks' experts: FasterMoE's shadows); by default this module's own.
         """
-        return ops.expert_ffn(rows, self.w_in, self.w_out, tokens_per_expert, self.activation, capacity, self.b_in,
-                              self.b_out)
-
-    def ffn(self, rows: Tensor, tokens_per_expert: Tensor, w_in: Tensor, w_out: Tensor,
-            capacity: int | None = None) -> Tensor:
-        """:meth:`forward` with other experts' weights ``w_in [n, ...]``, ``w_out [n, ...]`` of this module's
-        shape (copies of other ranks' experts: FasterMoE's shadows)."""
-        return ops.expert_ffn(rows, w_in, w_out, tokens_per_expert, self.activation, capacity)
+        w = self.weights() if weights is None else weights
+        return ops.expert_ffn(rows, w.w_in, w.w_out, tokens_per_expert, self.activation, capacity, w.b_in, w.b_out)
 
     def extra_repr(self) -> str:
         return (f"experts {list(self.global_experts)}, d_model={self.d_model}, d_ffn={self.d_ffn}, "

@@ -218,12 +218,10 @@ def comm_stats(model: nn.Module | None = None, ranks_per_node: int | None = None
     global _active
     if _active is not None:
         raise RuntimeError("moeflux.comm_stats: already recording (blocks do not nest)")
-    from .moe import MoE  # the layer imports this module
-
     stats = CommStats(ranks_per_node)
     if model is not None:
         for name, module in model.named_modules():
-            if isinstance(module, MoE):
+            if hasattr(module, "stats_name"):  # a moeflux.MoE (the layer imports this module: no import back)
                 module.stats_name = name
     _C.drain_comm_stats()  # drop anything recorded before
     _active = stats

@@ -13,12 +13,10 @@ from torch import Tensor, nn
 from . import ops
 from .instrumentation import layer_scope
 from .distributed import ExpertParallelGroups, check_agreement
-from .balance import FixedShadows, ShadowCostModel
-from .exchange import Exchange, ShadowPolicy, check_exchange_options, failed_probe, make_exchange
+from .exchange import ExchangeConfig, ExchangeEngine, failed_probe, make_exchange
 from .experts import GroupedExperts, SharedExpert, activation_spec
 from .placement import ExpertPlacement
 from .router import Router
-from .topology import NodeGroups, node_groups_for
 
 DROP_POLICIES = ("position", "probability")
 _layer_numbers = itertools.count()
@@ -31,13 +29,13 @@ class MoE(nn.Module):
     the experts' outputs are summed with the routing weights::
 
         routing = router(x)                                 # route op: softmax + top-k
-        batch, plan = exchange.dispatch(x, routing.expert_ids, capacity)
-        y = exchange.combine(experts(batch), plan, routing.weights)
+        y, load = exchange.run(x, routing.expert_ids, routing.weights, capacity, experts)
 
-    :attr:`exchange` (a :class:`moeflux.exchange.Exchange`) moves the tokens:
-    within the process, or over the expert-parallel group by all-to-all;
-    :attr:`placement` (a :class:`moeflux.ExpertPlacement`) says which rank and
-    slot hold each expert.
+    :attr:`exchange` (a :class:`moeflux.exchange.ExchangeEngine`) moves the
+    tokens to their experts and back: within the process, or over the
+    expert-parallel group by the transport, schedule and shadowing its
+    :class:`moeflux.ExchangeConfig` names; :attr:`placement` (a
+    :class:`moeflux.ExpertPlacement`) says which rank and slot hold each expert.
 
     Args:
         d_model: model width.
@@ -50,8 +48,7 @@ class MoE(nn.Module):
             residual connection around the layer).
         activation: ``"swiglu"``, ``"gelu"`` or ``"clamped_swiglu"`` (GPT-OSS:
             ``g = min(gate, swiglu_limit)``, ``(clamp(up, ±swiglu_limit) + 1) * g * sigmoid(swiglu_alpha * g)``).
-        expert_bias: per-expert biases after each expert GEMM (GPT-OSS); every
-            schedule, not with shadowing.
+        expert_bias: per-expert biases after each expert GEMM (GPT-OSS).
         router_bias: a bias on the router's logits (GPT-OSS).
         renormalize: divide the top-k weights by their sum (top-k-then-softmax).
         weight_expert_input: scale each token by its routing weight before its
@@ -81,32 +78,11 @@ class MoE(nn.Module):
             or all of them raise. With a capacity every rank must route the same
             number of tokens (the capacity is computed from it); dropless
             routing takes any number, zero included.
-        schedule: how tokens cross the group (ignored without one): ``"bulk"``
-            (one all-to-all each way), ``"chunked"`` (in ``chunks`` stages whose
-            all-to-alls overlap the experts of another stage, forward and
-            backward) or ``"pairwise"`` (one stage per group of
-            ``pairwise_group_size`` ranks: stage ``s`` sends to group ``g + s``);
-            see :class:`moeflux.exchange.PipelinedExchange`. Outputs and
-            gradients are the same for every schedule.
-        shadowing: FasterMoE's dynamic shadowing of hot experts (bulk schedule,
-            expert parallelism; see :class:`moeflux.exchange.ShadowedExchange`):
-            ``"off"``, ``"auto"`` (a :class:`moeflux.ShadowCostModel` with rates
-            for the device: :meth:`moeflux.ShadowCostModel.default_for`), an int
-            (the same with at most that many shadows per step), or a policy
-            (a :class:`moeflux.ShadowCostModel` with your cluster's rates, or
-            :class:`moeflux.FixedShadows`). Outputs and gradients are unchanged.
-        hierarchical: node-aware exchange (bulk schedule, no shadowing; see
-            :class:`moeflux.hierarchical.HierarchicalExchange`): each token
-            crosses to a remote node once, to this rank's peer there, and fans
-            out to its experts inside that node; its slots on one node are
-            summed there before it returns. ``True``: nodes from the launcher
-            (torchrun's ``LOCAL_WORLD_SIZE``; the groups are made on first use,
-            collectively over the world, so every rank of the world must
-            build such a layer, and shared by every layer of the group); or
-            the :class:`moeflux.NodeGroups` of :func:`moeflux.init_node_groups`
-            (to declare nodes yourself).
-            Outputs and gradients equal the flat exchange's up to the order of
-            floating-point sums (and, in bf16/fp16, one rounding per node).
+        exchange: how tokens cross the group (ignored without one): a
+            :class:`moeflux.ExchangeConfig` (transport ``"flat"`` or
+            ``"hierarchical"``, schedule ``"bulk"``, ``"chunked"`` or
+            ``"pairwise"``, shadowing); ``None``: flat, bulk, no shadows. Every
+            combination works and gives the same outputs and gradients.
 
     After each forward, :attr:`aux_loss` holds ``aux_loss_weight * load_balancing
     + z_loss_weight * z_loss`` (differentiable: add it to the training loss, or
@@ -114,7 +90,7 @@ class MoE(nn.Module):
     :attr:`tokens_per_expert` the load of each expert.
     """
 
-    exchange: Exchange
+    exchange: ExchangeEngine
     placement: ExpertPlacement
     aux_loss: Tensor | None
     tokens_per_expert: Tensor | None  # [E] rows per expert; under expert parallelism [E / P], this rank's experts
@@ -150,11 +126,7 @@ class MoE(nn.Module):
         shared_expert_ffn: int = 0,
         shared_expert_gate: bool = False,
         ep_group: ExpertParallelGroups | dist.ProcessGroup | None = None,
-        schedule: str = "bulk",
-        chunks: int = 2,
-        pairwise_group_size: int = 1,
-        shadowing: str | int | ShadowPolicy = "off",
-        hierarchical: bool | NodeGroups = False,
+        exchange: ExchangeConfig | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -171,11 +143,11 @@ class MoE(nn.Module):
             _check_arguments(d_model, d_ffn, num_experts, top_k, capacity_factor, drop_policy, aux_loss_weight,
                              z_loss_weight, self.ep_size)
             activation_name = activation_spec(activation, swiglu_limit, swiglu_alpha)
-            if expert_bias and shadowing not in ("off", None):  # the shadows' FFN has no biases
-                raise ValueError(f"expert_bias=True works with shadowing='off' only, got shadowing={shadowing!r}")
             if weight_expert_input and top_k != 1:  # one weight per token: it scales the token before dispatch
                 raise ValueError(f"weight_expert_input=True needs top_k=1, got top_k={top_k}")
-            check_exchange_options(ep_group, schedule, shadowing, hierarchical)
+            if exchange is not None and not isinstance(exchange, ExchangeConfig):
+                raise TypeError(f"exchange must be a moeflux.ExchangeConfig or None, got {exchange!r}")
+            (exchange or ExchangeConfig()).check(ep_group)
             error = None
         except (ValueError, TypeError) as e:
             if ep_group is None:
@@ -189,9 +161,10 @@ class MoE(nn.Module):
                 expert_bias=expert_bias, router_bias=router_bias, renormalize=renormalize,
                 weight_expert_input=weight_expert_input, scoring=scoring,
                 num_groups=num_groups, top_groups=top_groups, group_score_top=group_score_top,
-                shared_expert_ffn=shared_expert_ffn, schedule=schedule, chunks=chunks,
-                pairwise_group_size=pairwise_group_size, shadowing=shadowing,
-                hierarchical=hierarchical.describe() if isinstance(hierarchical, NodeGroups) else hierarchical,
+                use_expert_bias=use_expert_bias, routed_scaling_factor=routed_scaling_factor,
+                router_dtype=router_dtype, noisy_gating=noisy_gating, shared_expert_ffn=shared_expert_ffn,
+                shared_expert_gate=shared_expert_gate,
+                **(exchange if isinstance(exchange, ExchangeConfig) else ExchangeConfig()).agreement_fields(),
             )
 
         self.d_model, self.d_ffn, self.num_experts, self.top_k = d_model, d_ffn, num_experts, top_k
@@ -214,8 +187,7 @@ class MoE(nn.Module):
             self.placement.local_experts, d_model, d_ffn, activation_name, bias=expert_bias, placement=self.placement,
             **factory
         )
-        self.exchange = make_exchange(self.placement, ep_group, schedule, chunks, pairwise_group_size,
-                                      _shadow_policy(shadowing, device), _node_groups(hierarchical, ep_group))
+        self.exchange = make_exchange(self.placement, ep_group, exchange, device)
         self.stats_name = f"moe{next(_layer_numbers)}"  # moeflux.comm_stats(model) renames it to its path
         self.aux_loss = None
         self.tokens_per_expert = None
@@ -329,27 +301,6 @@ def _count_slots(expert_ids: Tensor, num_experts: int) -> Tensor:
     ids = expert_ids.reshape(-1).long() + 1
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
     return counts.index_add_(0, ids, torch.ones_like(ids))[1:]
-
-
-def _node_groups(hierarchical: bool | NodeGroups, ep_group: dist.ProcessGroup | None) -> NodeGroups | None:
-    if isinstance(hierarchical, NodeGroups):
-        return hierarchical
-    return node_groups_for(ep_group) if hierarchical else None
-
-
-def _shadow_policy(shadowing: str | int | ShadowPolicy | None, device: torch.device | str | None
-                   ) -> ShadowPolicy | None:
-    if shadowing is None or shadowing == "off":
-        return None
-    if isinstance(shadowing, (ShadowCostModel, FixedShadows)):
-        return shadowing
-    device_type = torch.device(device).type if device is not None else "cpu"
-    if shadowing == "auto":
-        return ShadowCostModel.default_for(device_type)
-    if isinstance(shadowing, int) and not isinstance(shadowing, bool) and shadowing >= 0:
-        return ShadowCostModel.default_for(device_type, max_shadows=shadowing)
-    raise ValueError(f"shadowing must be 'off', 'auto', an int >= 0 or a ShadowCostModel / FixedShadows, "
-                     f"got {shadowing!r}")
 
 
 def aux_loss(model: nn.Module) -> Tensor:

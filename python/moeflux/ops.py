@@ -34,6 +34,7 @@ __all__ = [
     "DispatchPlan",
     "pipelined_moe",
     "routing_counts",
+    "count_exchange",
     "broadcast_expert_rows",
     "move_expert_rows",
     "collective_counts",
@@ -282,6 +283,7 @@ def pipelined_moe(
     group_size: int = 1,
     b_in: Tensor | None = None,
     b_out: Tensor | None = None,
+    routing_counts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """dispatch -> experts -> combine of one expert-parallel layer, in stages that overlap communication
     with expert compute, forward and backward.
@@ -291,6 +293,7 @@ def pipelined_moe(
     2F]``, gate half first) or ``"gelu"`` (``w_in [E_local, H, F]``); ``w_out [E_local, F, H]``; the biases
     ``b_in [E_local, F_in]``, ``b_out [E_local, H]`` are optional (GPT-OSS). ``schedule``:
 
+    - ``"bulk"``: one stage (the plain exchange, in this op's one autograd function);
     - ``"chunked"``: every (destination, expert) block of rows is split into ``chunks`` parts; stage ``i+1``'s
       dispatch all-to-all is on the wire while stage ``i``'s experts run, and stage ``i``'s combine while
       stage ``i+1`` computes (Lina's micro-ops);
@@ -299,10 +302,21 @@ def pipelined_moe(
 
     Equal to :func:`dispatch`, the experts and :func:`combine` in sequence (up to the order in which the
     expert weight gradients are summed). Token all-to-alls: 2 per stage forward, 2 per stage backward,
-    plus dispatch's count exchange when dropless. Returns ``(output [T, H], tokens_per_local_expert)``.
+    plus dispatch's count exchange when dropless, which ``routing_counts`` (:func:`routing_counts` of these
+    ``expert_ids``, dropless only) replaces, as in :func:`dispatch`. Returns ``(output [T, H],
+    tokens_per_local_expert)``.
     """
     return _ops.pipelined_moe(tokens, expert_ids, weights, w_in, w_out, activation, num_experts, capacity,
-                              _group_name(group), schedule, chunks, group_size, b_in, b_out)
+                              _group_name(group), schedule, chunks, group_size, b_in, b_out, routing_counts)
+
+
+def count_exchange(tokens: Tensor, counts: Tensor, num_experts: int,
+                   group: dist.ProcessGroup | str | None = None) -> tuple[Tensor, Tensor]:
+    """The one count/header exchange (the one :func:`dispatch` starts with): sends rank ``r`` the row counts
+    ``counts[r]`` (``[P, m]`` integers on the tokens' device) with this rank's hidden size, dtype and
+    ``num_experts``, which every rank checks (ranks that disagree all raise, naming the rank). Returns
+    ``(sent, received)``, ``[P, m]`` int64 on the host, read in one host synchronisation."""
+    return _ops.count_exchange(tokens, counts, num_experts, _group_name(group))
 
 
 def routing_counts(tokens: Tensor, expert_ids: Tensor, num_experts: int,
@@ -487,8 +501,14 @@ def _combine_fake(expert_out, row_map, regroup_map, send_splits, recv_splits, we
 
 @torch.library.register_fake("moeflux::pipelined_moe")
 def _pipelined_moe_fake(tokens, expert_ids, weights, w_in, w_out, activation, num_experts, capacity, group_name,
-                        schedule, chunks, group_size, b_in=None, b_out=None):
+                        schedule, chunks, group_size, b_in=None, b_out=None, routing_counts=None):
     return tokens.new_empty(tokens.shape), expert_ids.new_empty((num_experts // _group_size(group_name),))
+
+
+@torch.library.register_fake("moeflux::count_exchange")
+def _count_exchange_fake(tokens, counts, num_experts, group_name):
+    return (torch.empty(counts.shape, dtype=torch.int64, device="cpu"),
+            torch.empty(counts.shape, dtype=torch.int64, device="cpu"))
 
 
 @torch.library.register_fake("moeflux::combine_backward")

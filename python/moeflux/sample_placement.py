@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,11 +39,9 @@ from torch import Tensor
 from . import ops
 from .distributed import ExpertParallelGroups, dtype_code, dtype_name, exchange_checked
 from .instrumentation import layer_scope
+from .moe import MoE
 from .placement import ExpertPlacement
 from .topology import NodeGroups, launcher_ranks_per_node, node_layout
-
-if TYPE_CHECKING:
-    from .moe import MoE
 
 OBJECTIVES = ("hierarchical", "flat")
 
@@ -198,7 +195,7 @@ class SamplePlacement:
         nodes: its node layout: a :class:`moeflux.NodeGroups`, the ranks per node (global ranks ``r`` on node
             ``r // nodes``), or None (torchrun's ``LOCAL_WORLD_SIZE``; without it one node).
         objective: the exchange whose inter-node traffic is minimised: ``"hierarchical"`` (a token crosses to a
-            node once: ``MoE(hierarchical=...)``) or ``"flat"`` (once per slot).
+            node once: ``ExchangeConfig(transport="hierarchical")``) or ``"flat"`` (once per slot).
         move_cost: weight of a moved sample's vectors against the exchange's (0: ignore what moves cost).
 
     :meth:`place` and :meth:`restore` are collective over the group; every rank must hold the same number of
@@ -320,8 +317,6 @@ class SamplePlacement:
 def _input_error(x: Tensor, layer: MoE, group: dist.ProcessGroup, order: SampleOrder | None,
                  router_input: Tensor | None, expert_ids: Tensor | None) -> str | None:
     """What is wrong with :meth:`SamplePlacement.place`'s arguments on this rank (None: nothing)."""
-    from .moe import MoE  # the layer imports what this module imports
-
     if not isinstance(x, Tensor) or x.dim() == 0:
         return f"x must be a tensor [B, ...] of B samples, got {type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}"
     if not isinstance(layer, MoE):

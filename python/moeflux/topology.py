@@ -81,7 +81,7 @@ def init_node_groups(ep_group: dist.ProcessGroup | None = None, ranks_per_node: 
     """Make the node and rail groups of every expert-parallel group and return this rank's.
 
     Collective over the whole world (every rank calls it, with the same ``ranks_per_node``, so every rank must
-    build the layers that ask for it with ``hierarchical=True``): torch's
+    build the layers that ask for it with ``ExchangeConfig(transport="hierarchical")``): torch's
     ``new_group`` must be called by every rank for every group, so each rank learns every rank's
     expert-parallel group and all create the same groups in the same order. A bad or disagreeing
     ``ranks_per_node`` makes every rank raise the same error. The groups take ``ep_group``'s timeout unless

@@ -3,7 +3,7 @@ dynamic shadowing, SmartMoE's expert re-placement, or both, on recorded routing 
 
 The choices are the library's own, so the simulator and the layer choose alike: which experts to shadow is
 :meth:`moeflux.ShadowCostModel.choose` on the step's ``[P, E]`` counts by position (what
-:class:`moeflux.exchange.ShadowedExchange` passes it), where experts live is
+:class:`moeflux.exchange.shadowing.Shadowing` passes it), where experts live is
 :func:`moeflux.balance.greedy_placement` on the load of the previous ``window`` samples (what
 :class:`moeflux.ExpertReplacement` does, never the step's own load). "both" re-places first and shadows on the
 re-placed layout, as a layer with both does.

@@ -142,7 +142,7 @@ def all_to_all_phases(traffic: np.ndarray, topo: Topology, algorithm: Algorithm 
     ``dedup`` is the fraction of inter-node bytes saved in (A) and (B) because a token routed to several experts
     of one remote node crosses once (it is duplicated again in (C)).
 
-    ``node_aware`` (moeflux's :class:`moeflux.hierarchical.HierarchicalExchange`): (B) each rank sends its own
+    ``node_aware`` (moeflux's :class:`moeflux.exchange.transport.hierarchical.HierarchicalTransport`): (B) each rank sends its own
     remote-bound bytes to the rank with its local index on each other node (its rail; one message per remote
     node); then (C) every rank relays what it received, and its own same-node traffic, to the ranks of its node
     that hold the experts. ``dedup`` (a float, or an array of the traffic's batch shape) is the fraction of (B)'s

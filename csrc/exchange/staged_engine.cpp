@@ -1,14 +1,8 @@
-// pipelined_moe: one expert-parallel MoE layer (dispatch -> experts -> combine)
-// in stages, so that a stage's all-to-alls are on the wire while another
-// stage's experts compute, forward and backward.
-//
-// After permute, this rank's rows form one segment per (destination rank,
-// local expert). A schedule assigns a part of every segment to each stage:
-//   chunked  (Lina's micro-ops): stage c moves part c of n of every segment;
-//   pairwise (FasterMoE's smart schedule): ranks form groups of g; stage s
-//            sends to group (mine + s) mod n and receives from (mine - s) mod n.
-// Experts act row by row, so any split of the rows gives the layer's output
-// exactly; only the weight gradients add up stage by stage (a re-ordered sum).
+// The staged exchange engine (op pipelined_moe): one expert-parallel MoE layer
+// (dispatch -> experts -> combine) over the flat transport of one process
+// group, in the stages of a schedule (schedule.h: bulk is the one-stage case),
+// so that a stage's all-to-alls are on the wire while another stage's experts
+// compute, forward and backward:
 //
 //   forward:  start dispatch(0); for s: start dispatch(s+1); wait dispatch(s);
 //             experts(s); start combine(s)   ... wait combines; unpermute
@@ -20,8 +14,10 @@
 // dispatcher from this C++ autograd function so that backward can interleave
 // them with the gradient all-to-alls; autograd would otherwise run the stages
 // back to back. Dropless mode needs the same single count exchange (and host
-// synchronisation) as dispatch; every stage's splits and per-expert row counts
-// follow from those counts on every rank without another exchange or read.
+// synchronisation) as dispatch, or none when the caller already holds every
+// rank's routing counts (shadowing exchanged them to choose its shadows);
+// every stage's splits and per-expert row counts follow from those counts on
+// every rank without another exchange or read.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -29,6 +25,7 @@
 #include "csrc/checks.h"
 #include "csrc/distributed/all_to_all.h"
 #include "csrc/distributed/counts.h"
+#include "csrc/exchange/schedule.h"
 #include "csrc/experts/activation.h"
 #include "csrc/ops.h"
 
@@ -36,96 +33,6 @@ namespace moeflux {
 namespace {
 
 constexpr const char* kOp = "pipelined_moe";
-
-struct Schedule {
-  bool pairwise = false;
-  int64_t stages = 1;
-  int64_t group_size = 1;  // pairwise: ranks per group
-};
-
-Schedule parse_schedule(c10::string_view name, int64_t chunks, int64_t group_size, int64_t world) {
-  TORCH_CHECK(name == "chunked" || name == "pairwise", "moeflux.pipelined_moe: schedule must be 'chunked' or ",
-              "'pairwise', got '", std::string(name), "'");
-  if (name == "chunked") {
-    TORCH_CHECK(chunks >= 1, "moeflux.pipelined_moe: chunks must be >= 1, got ", chunks);
-    return {false, chunks, 1};
-  }
-  TORCH_CHECK(group_size >= 1 && world % group_size == 0, "moeflux.pipelined_moe: group_size must divide the ",
-              "expert-parallel group size ", world, ", got ", group_size);
-  return {true, world / group_size, group_size};
-}
-
-// The rows [begin, end) of a segment of `rows` rows that `stage` moves between this rank and `peer`.
-std::pair<int64_t, int64_t> stage_part(const Schedule& s, int64_t stage, int64_t rank, int64_t peer, int64_t rows,
-                                       bool sending) {
-  if (!s.pairwise) return {rows * stage / s.stages, rows * (stage + 1) / s.stages};
-  const int64_t groups = s.stages, mine = rank / s.group_size, theirs = peer / s.group_size;
-  const int64_t partner = sending ? (mine + stage) % groups : (mine - stage + groups) % groups;
-  return theirs == partner ? std::pair<int64_t, int64_t>{0, rows} : std::pair<int64_t, int64_t>{0, 0};
-}
-
-at::Tensor index_tensor(const std::vector<int64_t>& v, const at::Device& device) {
-  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
-  std::copy(v.begin(), v.end(), t.mutable_data_ptr<int64_t>());
-  if (device.is_cpu()) return t;
-  return t.pin_memory().to(device, /*non_blocking=*/true);  // no host synchronisation
-}
-
-// One stage's rows: what this rank sends (rows of its permuted block, by destination rank then local
-// expert), what it receives (by source rank then local expert), and which received row becomes each
-// expert row (by local expert then source).
-struct Stage {
-  std::vector<int64_t> send_splits, recv_splits;
-  at::Tensor send_index, regroup;
-  at::Tensor expert_rows;  // int32 [local] on the host: expert_ffn's segments without a device read
-};
-
-// sent[r][j] / received[q][j]: rows of the segment of (rank, local expert j) before staging;
-// start[r][j]: where this rank's segment for (r, j) begins in its permuted block.
-std::vector<Stage> plan_stages(const Schedule& schedule, int64_t rank, const at::Tensor& sent,
-                               const at::Tensor& received, const std::vector<int64_t>& start,
-                               const at::Device& device) {
-  const int64_t world = sent.size(0), local = sent.size(1);
-  const int64_t* out = sent.const_data_ptr<int64_t>();
-  const int64_t* in = received.const_data_ptr<int64_t>();
-  std::vector<Stage> stages(schedule.stages);
-  for (int64_t s = 0; s < schedule.stages; ++s) {
-    Stage& st = stages[s];
-    st.send_splits.assign(world, 0);
-    st.recv_splits.assign(world, 0);
-    std::vector<int32_t> expert_rows(local, 0);
-    std::vector<int64_t> send_index, recv_offset(world * local), recv_rows(world * local);
-    for (int64_t r = 0; r < world; ++r) {
-      for (int64_t j = 0; j < local; ++j) {
-        const auto [begin, end] = stage_part(schedule, s, rank, r, out[r * local + j], /*sending=*/true);
-        for (int64_t i = begin; i < end; ++i) send_index.push_back(start[r * local + j] + i);
-        st.send_splits[r] += end - begin;
-      }
-    }
-    int64_t offset = 0;
-    for (int64_t q = 0; q < world; ++q) {
-      for (int64_t j = 0; j < local; ++j) {
-        const auto [begin, end] = stage_part(schedule, s, rank, q, in[q * local + j], /*sending=*/false);
-        recv_offset[q * local + j] = offset;
-        recv_rows[q * local + j] = end - begin;
-        offset += end - begin;
-        st.recv_splits[q] += end - begin;
-        expert_rows[j] += static_cast<int32_t>(end - begin);
-      }
-    }
-    std::vector<int64_t> regroup;
-    regroup.reserve(offset);
-    for (int64_t j = 0; j < local; ++j) {
-      for (int64_t q = 0; q < world; ++q) {
-        for (int64_t i = 0; i < recv_rows[q * local + j]; ++i) regroup.push_back(recv_offset[q * local + j] + i);
-      }
-    }
-    st.send_index = index_tensor(send_index, device);
-    st.regroup = index_tensor(regroup, device);
-    st.expert_rows = at::tensor(expert_rows, at::kInt);
-  }
-  return stages;
-}
 
 // ---- the experts: the expert op, on each stage's rows
 
@@ -262,13 +169,13 @@ void check_args(const at::Tensor& tokens, const at::Tensor& expert_ids, const st
 Saved run_forward(const at::Tensor& tokens, const at::Tensor& expert_ids, const std::optional<at::Tensor>& weights,
                   const ExpertWeights& w, int64_t num_experts, std::optional<int64_t> capacity,
                   const std::string& group_name, c10::string_view schedule_name, int64_t chunks,
-                  int64_t group_size, at::Tensor& output) {
+                  int64_t group_size, const std::optional<at::Tensor>& routing_counts, at::Tensor& output) {
   Saved saved;
   Layer& layer = saved.layer;
   layer.group = resolve_group(group_name, kOp);
   const int64_t world = layer.group->getSize(), rank = layer.group->getRank();
   check_args(tokens, expert_ids, weights, w, num_experts, world);
-  const Schedule schedule = parse_schedule(schedule_name, chunks, group_size, world);
+  const Schedule schedule = parse_schedule(schedule_name, chunks, group_size, world, kOp);
   const int64_t local = num_experts / world;
   const DeviceKernels& kernels = kernels_for(tokens);
 
@@ -276,12 +183,16 @@ Saved run_forward(const at::Tensor& tokens, const at::Tensor& expert_ids, const 
   layer.row_map = row_map;
   layer.num_rows = permuted.size(0);
   at::Tensor sent, received;
+  TORCH_CHECK(!(capacity.has_value() && routing_counts.has_value()), "moeflux.pipelined_moe: routing_counts are ",
+              "for dropless routing (with a capacity the segments are fixed), got both");
   if (capacity.has_value()) {  // fixed segments: capacity rows per expert, padding included
     sent = at::full({world, local}, *capacity, at::kLong);
     received = sent.clone();
     layer.tokens_per_local_expert = at::full({local}, world * *capacity, tokens.options().dtype(at::kInt));
   } else {
-    ExchangedCounts counts = exchange_counts(tokens, tokens_per_expert, num_experts, *layer.group, kOp);
+    const ExchangedCounts counts =
+        routing_counts.has_value() ? counts_from_routing(*routing_counts, rank, world, tokens.device(), kOp)
+                                   : exchange_counts(tokens, tokens_per_expert, num_experts, *layer.group, kOp);
     sent = counts.sent;
     received = counts.received;
     layer.tokens_per_local_expert = counts.received_on_device.sum(0).to(at::kInt);
@@ -344,13 +255,14 @@ class PipelinedMoEFunction : public torch::autograd::Function<PipelinedMoEFuncti
                                const at::Tensor& w_out, c10::string_view activation, int64_t num_experts,
                                std::optional<int64_t> capacity, const std::string& group_name,
                                c10::string_view schedule, int64_t chunks, int64_t group_size,
-                               const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out) {
+                               const std::optional<at::Tensor>& b_in, const std::optional<at::Tensor>& b_out,
+                               const std::optional<at::Tensor>& routing_counts) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const ExpertWeights w = expert_weights(w_in, w_out, b_in, b_out, activation);
     auto holder = c10::make_intrusive<SavedHolder>();
     at::Tensor output;
     holder->saved = run_forward(tokens, expert_ids, weights, w, num_experts, capacity, group_name, schedule, chunks,
-                                group_size, output);
+                                group_size, routing_counts, output);
     const bool weighted = weights.has_value() && weights->defined();
     ctx->save_for_backward({w_in, w_out, weighted ? *weights : at::Tensor(), w.b_in.value_or(at::Tensor()),
                             w.b_out.value_or(at::Tensor())});
@@ -376,7 +288,7 @@ class PipelinedMoEFunction : public torch::autograd::Function<PipelinedMoEFuncti
     auto [grad_tokens, grad_weights, g] = run_backward(grad_output, saved, weights, w);
     const at::Tensor none;
     return {grad_tokens, none, weights ? grad_weights : none, g.w_in, g.w_out, none, none, none, none, none, none,
-            none, g.b_in, g.b_out};
+            none, g.b_in, g.b_out, none};
   }
 };
 
@@ -389,10 +301,12 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe(const at::Tensor& tokens, const
                                                  const std::string& group_name, c10::string_view schedule,
                                                  int64_t chunks, int64_t group_size,
                                                  const std::optional<at::Tensor>& b_in,
-                                                 const std::optional<at::Tensor>& b_out) {
+                                                 const std::optional<at::Tensor>& b_out,
+                                                 const std::optional<at::Tensor>& routing_counts) {
   at::Tensor output;
   const Saved saved = run_forward(tokens, expert_ids, weights, expert_weights(w_in, w_out, b_in, b_out, activation),
-                                  num_experts, capacity, group_name, schedule, chunks, group_size, output);
+                                  num_experts, capacity, group_name, schedule, chunks, group_size, routing_counts,
+                                  output);
   return {output, saved.layer.tokens_per_local_expert};
 }
 
@@ -404,9 +318,10 @@ std::tuple<at::Tensor, at::Tensor> pipelined_moe_autograd(const at::Tensor& toke
                                                           const std::string& group_name, c10::string_view schedule,
                                                           int64_t chunks, int64_t group_size,
                                                           const std::optional<at::Tensor>& b_in,
-                                                          const std::optional<at::Tensor>& b_out) {
+                                                          const std::optional<at::Tensor>& b_out,
+                                                          const std::optional<at::Tensor>& routing_counts) {
   auto out = PipelinedMoEFunction::apply(tokens, expert_ids, weights, w_in, w_out, activation, num_experts, capacity,
-                                         group_name, schedule, chunks, group_size, b_in, b_out);
+                                         group_name, schedule, chunks, group_size, b_in, b_out, routing_counts);
   return {out[0], out[1]};
 }
 
