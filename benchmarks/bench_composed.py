@@ -39,7 +39,9 @@ import bench_step  # noqa: E402  (model options, start_worker, train_step, summa
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (transport, schedule, shadowing, re-placement)
+# name -> (transport, schedule, shadowing, re-placement); shadowing True: the calibrated testbed's fixed rates,
+# "auto": moeflux's default, which calibrates its rates from its own broadcasts and all-to-alls
+
 VARIANTS = {
     "flat-bulk": ("flat", "bulk", False, False),
     "flat-chunked": ("flat", "chunked", False, False),
@@ -56,6 +58,8 @@ VARIANTS = {
     "hier-chunked+replace": ("hierarchical", "chunked", False, True),
     "flat-bulk+shadow+replace": ("flat", "bulk", True, True),
     "flat-chunked+shadow+replace": ("flat", "chunked", True, True),
+    "flat-bulk+auto": ("flat", "bulk", "auto", False),
+    "flat-chunked+auto": ("flat", "chunked", "auto", False),
 }
 ISSUE_VARIANTS = tuple(list(VARIANTS)[:10])  # the default: issue 27's ten, flat bulk first (the baseline)
 
@@ -99,7 +103,8 @@ def exchange_config(args: argparse.Namespace, name: str, policy):
 
     transport, schedule, shadow, _ = VARIANTS[name]
     return moeflux.ExchangeConfig(transport=transport, schedule=schedule, chunks=args.stage_chunks,
-                                  group_size=args.group_size, shadowing=policy if shadow else "off")
+                                  group_size=args.group_size,
+                                  shadowing="auto" if shadow == "auto" else policy if shadow else "off")
 
 
 def run_worker(args: argparse.Namespace) -> None:
