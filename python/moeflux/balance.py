@@ -78,7 +78,8 @@ class ShadowCostModel:
     - ``compute``: the busiest rank's expert rows (its own experts' tokens from every rank, plus its own tokens
       of shadowed experts) at ``flops_per_s``;
     - ``shadow``: a broadcast and a reduce of every shadowed expert's parameters at ``link_bytes_per_s``
-      (calibrated: the measured broadcast rate, :attr:`Rates.shadow_bytes_per_s`), plus ``latency_s`` for each of those collectives (two weights, one broadcast and one reduce per owner).
+      (calibrated: the measured broadcast rate, :attr:`Rates.shadow_bytes_per_s`), plus ``latency_s`` for each
+      of those collectives (two weights, one broadcast and one reduce per owner).
 
     The candidates are the experts busier than the mean expert, from the most loaded (a colder one moves
     no more than its share); the shadows are the prefix of that order with the lowest estimate (shadowing

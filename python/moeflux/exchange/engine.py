@@ -56,10 +56,10 @@ class ExchangeEngine:
         if self.shadowing is None:
             return self.transport.run(tokens, positions, weights, capacity, experts, self.schedule)
         routing = self.shadowing.transform(tokens, positions, self.placement, experts)
-        # The counts are those of the transformed routing: a flat transport skips its count exchange (and, with a
-        # capacity, travels packed: the positions already mark the slots the capacity dropped).
+        # The counts are those of the transformed routing: a flat transport skips its count exchange (and, given
+        # counts, travels packed with a capacity too: the positions already mark the slots the capacity dropped).
         span = self.shadowing.start_transport(tokens)  # timed for a calibrated cost model
-        out, _ = self.transport.run(tokens, routing.positions, weights, None, experts, self.schedule,
+        out, _ = self.transport.run(tokens, routing.positions, weights, capacity, experts, self.schedule,
                                     routing.routing_counts)
         self.shadowing.transport_done(span, routing)
         return self.shadowing.add(out, routing, tokens, weights, experts), routing.routed_per_local_expert
