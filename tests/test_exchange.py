@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 import moeflux
-from moeflux.exchange import FlatTransport, LocalTransport, make_exchange
+from moeflux.exchange import ExchangeEngine, FlatTransport, LocalTransport, Schedule, make_exchange
 from multiprocess import run_ranks
 
 # ---- placement
@@ -104,6 +104,16 @@ def test_local_exchange_matches_reference(placement, num_tokens, k, capacity, dr
     torch.testing.assert_close(tokens.grad, grad * (weights * factor).sum(1, keepdim=True))
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(name="zigzag"), "schedule must be one of"),
+    (dict(chunks=0), "chunks must be an int >= 1"),
+    (dict(group_size="2"), "group_size must be an int >= 1"),
+])
+def test_bad_schedules_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        Schedule(**options)
+
+
 def test_local_exchange_needs_every_expert():
     # Without an expert-parallel group the exchange is local: the placement must hold every expert on this rank.
     with pytest.raises(ValueError, match="ep_size"):
@@ -122,6 +132,7 @@ def check_all_to_all_exchange(rank, world, layout, capacity):
     assert not exchange.schedule.staged and exchange.placement is placement
     with pytest.raises(ValueError, match="placement.ep_size \\(1\\) must equal the size of the expert-parallel group"):
         make_exchange(moeflux.ExpertPlacement(num_experts), dist.group.WORLD)
+    check_part_errors(placement, num_experts)
     num_tokens = 8 if capacity is not None else 3 * rank  # dropless: uneven, rank 0 without tokens
     tokens, ids, weights = routed(num_tokens, num_experts, 2, seed=10 + rank)
     if capacity is not None:
@@ -134,6 +145,23 @@ def check_all_to_all_exchange(rank, world, layout, capacity):
     out.sum().backward()
     factor = torch.where(ids >= 0, ids.double() + 1, torch.zeros_like(ids, dtype=torch.float64))
     torch.testing.assert_close(tokens.grad, (weights * factor).sum(1, keepdim=True).expand_as(tokens))
+
+
+def check_part_errors(placement, num_experts):
+    """The parts' own checks, each raised on this rank before any collective (every rank fails alike)."""
+    with pytest.raises(ValueError, match="must be a multiple of the group's size"):
+        FlatTransport(num_experts + 1, dist.group.WORLD)
+    with pytest.raises(ValueError, match="the transport moves .* experts, the placement holds"):
+        ExchangeEngine(placement, FlatTransport(2 * num_experts, dist.group.WORLD), Schedule())
+    tokens = torch.zeros(2, 4)
+    with pytest.raises(RuntimeError, match="counts must be an integer"):
+        moeflux.ops.count_exchange(tokens, torch.zeros(dist.get_world_size(), 1), num_experts, dist.group.WORLD)
+    w_in, w_out = torch.zeros(num_experts // dist.get_world_size(), 4, 6), torch.zeros(
+        num_experts // dist.get_world_size(), 3, 4)
+    counts = torch.zeros(dist.get_world_size(), num_experts, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="routing_counts are for dropless routing"):
+        moeflux.ops.pipelined_moe(tokens, torch.zeros(2, 1, dtype=torch.int32), None, w_in, w_out, "swiglu",
+                                  num_experts, 2, dist.group.WORLD, "chunked", 2, 1, routing_counts=counts)
 
 
 def all_to_all_exchange_worker(rank, world):
