@@ -403,28 +403,37 @@ def sweep(args: argparse.Namespace):
 
 
 def run_cluster(args: argparse.Namespace, routing: str, path: Path) -> dict:
+    return run_on_cluster(args, "bench_balance.py", ["--routing", routing, *forwarded(args)], path, routing)
+
+
+def run_on_cluster(args: argparse.Namespace, script: str, worker_args: list[str], path: Path, tag: str) -> dict:
+    """One cluster run of ``benchmarks/<script>`` (its worker writes ``path``), after waiting for the machine to
+    be quiet; the machine's state before, during and after is added to the result. ``tag``: what the worker's
+    progress lines start with (after the rank prefix), the lines echoed here."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "cluster.py"), "--nodes", str(args.nodes), "--ranks-per-node",
            str(args.ranks_per_node), "--link", args.link, "--timeout", str(args.timeout), "--",
-           str(ROOT / "benchmarks" / "bench_balance.py"), "--routing", routing, "--json", str(path), *forwarded(args)]
-    print(f"== {routing}: {' '.join(cmd[1:])}", flush=True)
+           str(ROOT / "benchmarks" / script), "--json", str(path), *worker_args]
+    print(f"== {tag}: {' '.join(cmd[1:])}", flush=True)
     waited = wait_until_quiet(args.wait_quiet)
     before = machine_state()
     sampler = MachineSampler()
+    start = time.time()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 120)
     finally:
         during = sampler.stop()
+    wall = time.time() - start
     after = machine_state()
-    lines = [line for line in done.stdout.splitlines() if f"] {routing} " in line]
+    lines = [line for line in done.stdout.splitlines() if f"] {tag} " in line or line.startswith(f"{tag} ")]
     print("\n".join(lines) if lines else done.stdout[-3000:] + done.stderr[-3000:], flush=True)
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"bench_balance: the {routing} run failed (exit {done.returncode})")
+        raise SystemExit(f"{Path(script).stem}: the {tag} run failed (exit {done.returncode})")
     result = json.loads(path.read_text())
     result["machine"] = {"before": before, "after": after, "during": during, "waited_for_quiet_s": waited,
-                         "command": " ".join(cmd[1:])}
+                         "wall_s": wall, "command": " ".join(cmd[1:])}
     path.write_text(json.dumps(result, indent=1))
-    print(f"   machine: waited {waited:.0f} s for quiet; load {before['loadavg'][0]:.1f} -> "
+    print(f"   {wall:.0f} s; machine: waited {waited:.0f} s for quiet; load {before['loadavg'][0]:.1f} -> "
           f"{after['loadavg'][0]:.1f}; other pytest running in {during['samples_with_pytest']} of "
           f"{during['samples']} samples", flush=True)
     return result

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -260,33 +259,7 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 
 
 def run_cluster(args: argparse.Namespace, path: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "cluster.py"), "--nodes", str(args.nodes), "--ranks-per-node",
-           str(args.ranks_per_node), "--link", args.link, "--timeout", str(args.timeout), "--",
-           str(ROOT / "benchmarks" / "bench_composed.py"), "--json", str(path), *forwarded(args)]
-    print(f"== {' '.join(cmd[1:])}", flush=True)
-    waited = bench_balance.wait_until_quiet(args.wait_quiet)
-    before = bench_balance.machine_state()
-    sampler = bench_balance.MachineSampler()
-    start = time.time()
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 120)
-    finally:
-        during = sampler.stop()
-    wall = time.time() - start
-    after = bench_balance.machine_state()
-    lines = [line for line in done.stdout.splitlines() if "] composed " in line or line.startswith("composed ")]
-    print("\n".join(lines) if lines else done.stdout[-3000:] + done.stderr[-3000:], flush=True)
-    if done.returncode != 0:
-        print(done.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"bench_composed: the cluster run failed (exit {done.returncode})")
-    result = json.loads(path.read_text())
-    result["machine"] = {"before": before, "after": after, "during": during, "waited_for_quiet_s": waited,
-                         "wall_s": wall, "command": " ".join(cmd[1:])}
-    path.write_text(json.dumps(result, indent=1))
-    print(f"   {wall:.0f} s; machine: waited {waited:.0f} s for quiet; load {before['loadavg'][0]:.1f} -> "
-          f"{after['loadavg'][0]:.1f}; other pytest running in {during['samples_with_pytest']} of "
-          f"{during['samples']} samples", flush=True)
-    return result
+    return bench_balance.run_on_cluster(args, "bench_composed.py", forwarded(args), path, "composed")
 
 
 def main() -> None:
